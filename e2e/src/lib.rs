@@ -1,0 +1,1 @@
+//! corescale e2e harness

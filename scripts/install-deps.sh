@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs every system package corescale's build, tests and e2e need, from Debian's
+# registries only. Idempotent: a second run only checks.
+set -euo pipefail
+
+need_root() { if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root (apt-get)" >&2; exit 1; fi; }
+
+BACKPORTS=/etc/apt/sources.list.d/corescale-bookworm-backports.sources
+pkgs_main=(busybox-static cpio etcd-server prometheus curl jq zstd xz-utils python3-venv)
+# QEMU 10.0 from bookworm-backports: Debian 12's QEMU 7.2 crashes (double free) on the
+# first CPU device_add after a device_del under TCG.
+pkgs_bpo=(qemu-system-x86 qemu-utils)
+
+missing=()
+for p in "${pkgs_main[@]}" "${pkgs_bpo[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+qemu_ok=0
+if command -v qemu-system-x86_64 >/dev/null; then
+  v=$(qemu-system-x86_64 --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/')
+  [ "${v:-0}" -ge 10 ] && qemu_ok=1
+fi
+if [ ${#missing[@]} -eq 0 ] && [ $qemu_ok -eq 1 ]; then
+  echo "install-deps: all system packages present"; exit 0
+fi
+need_root
+if [ ! -f "$BACKPORTS" ]; then
+  cat > "$BACKPORTS" <<SRC
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${pkgs_main[@]}"
+apt-get install -y -qq --no-install-recommends -t bookworm-backports "${pkgs_bpo[@]}"
+qemu-system-x86_64 --version | head -1
