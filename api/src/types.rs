@@ -1,0 +1,462 @@
+//! The `VirtualMachine` custom resource (`corescale.dev/v1alpha1`).
+//!
+//! Every field carries a doc comment: it becomes the field's description in the generated
+//! CRD, which is what `kubectl explain cvm.spec.<field>` prints.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every corescale resource.
+pub const GROUP: &str = "corescale.dev";
+/// Largest number of vCPU slots one VM may have (x86 APIC ids of a q35 guest without an IOMMU).
+pub const MAX_VCPUS: u32 = 255;
+/// Label the operator sets on a placed VM; each node agent watches only its own value.
+pub const NODE_LABEL: &str = "corescale.dev/node";
+/// Label that matches exactly one VM; `status.selector` points at it (scale subresource).
+pub const VM_LABEL: &str = "corescale.dev/vm";
+/// Finalizer that keeps a VM object until its guest is stopped.
+pub const FINALIZER: &str = "corescale.dev/guest-stopped";
+
+/// Desired state of a virtual machine whose vCPUs corescale scales in place.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "corescale.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    shortname = "cvm",
+    category = "corescale",
+    status = "VirtualMachineStatus",
+    derive = "PartialEq",
+    doc = "A virtual machine whose online vCPUs follow spec.cpus, hot-plugged in place without a reboot or a migration.",
+    scale(
+        spec_replicas_path = ".spec.cpus",
+        status_replicas_path = ".status.cpus",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "CPUS", type_ = "integer", json_path = ".spec.cpus", description = "vCPUs wanted online"),
+    printcolumn(name = "ONLINE", type_ = "integer", json_path = ".status.cpus", description = "vCPUs the guest has online"),
+    printcolumn(name = "MAX", type_ = "integer", json_path = ".status.maxCpus", description = "vCPU slots of the VM"),
+    printcolumn(name = "NODE", type_ = "string", json_path = ".status.nodeName", description = "node running the guest"),
+    printcolumn(name = "PHASE", type_ = "string", json_path = ".status.phase", description = "lifecycle phase"),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it is used as a label value").reason(Reason::FieldValueInvalid)
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minCpus <= self.cpus").message("spec.minCpus must not exceed spec.cpus").reason(Reason::FieldValueInvalid).field_path(".minCpus"),
+    validation = Rule::new("!has(self.topology) || self.cpus <= self.topology.sockets * self.topology.cores * self.topology.threads").message("spec.cpus must not exceed the VM's maximum, spec.topology sockets*cores*threads").reason(Reason::FieldValueInvalid).field_path(".cpus"),
+    validation = Rule::new("!has(self.topology) || self.topology.sockets * self.topology.cores * self.topology.threads <= 255").message("spec.topology: sockets*cores*threads must be at most 255").reason(Reason::FieldValueInvalid).field_path(".topology"),
+    validation = Rule::new("self.granularity != 'Core' || !has(self.topology) || (self.cpus % self.topology.threads == 0 && self.minCpus % self.topology.threads == 0)").message("spec.cpus and spec.minCpus must be multiples of spec.topology.threads when spec.granularity is Core").reason(Reason::FieldValueInvalid).field_path(".cpus"),
+    validation = Rule::new("!has(oldSelf.topology) || (has(self.topology) && self.topology == oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
+    validation = Rule::new("!has(oldSelf.arch) || (has(self.arch) && self.arch == oldSelf.arch)").message("spec.arch is immutable").reason(Reason::FieldValueForbidden).field_path(".arch"),
+)]
+pub struct VirtualMachineSpec {
+    /// vCPUs the guest should have online. Written by people, `kubectl scale` and autoscalers
+    /// (through the /scale subresource). At least minCpus, at most sockets*cores*threads.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 255").message("spec.cpus must be between 1 and 255").reason(Reason::FieldValueInvalid))]
+    pub cpus: u32,
+
+    /// The vCPU topology; its product sockets*cores*threads is the VM's maximum vCPU count,
+    /// fixed for the VM's life. When omitted the operator sets sockets=1, cores=cpus, threads=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+
+    /// Unit of a plug or unplug: Thread (one vCPU) or Core (a whole core with all its SMT
+    /// threads; cpus must then be a multiple of threads). Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.granularity is immutable").reason(Reason::FieldValueForbidden))]
+    pub granularity: Granularity,
+
+    /// The floor an autoscaler may not go under (default 1).
+    #[serde(default = "default_min_cpus")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.minCpus must be at least 1").reason(Reason::FieldValueInvalid))]
+    pub min_cpus: u32,
+
+    /// Which free slots a plug fills first: Packed (lowest socket first) or Spread (balanced
+    /// across sockets; each socket is one virtual NUMA node).
+    #[serde(default)]
+    pub placement: Placement,
+
+    /// Guest memory, a quantity between 64Mi and 1Ti (default 256Mi). Immutable.
+    #[serde(default = "default_memory")]
+    #[schemars(schema_with = "memory_schema")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('63Mi')) && quantity(self).isLessThan(quantity('1025Gi'))").message("spec.memory must be between 64Mi and 1Ti").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.memory is immutable").reason(Reason::FieldValueForbidden))]
+    pub memory: Quantity,
+
+    /// Guest CPU architecture (default x86_64). Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
+
+    /// What to boot. Paths are resolved inside the node's guest image directory; empty means
+    /// the node's default guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+
+    /// The VMM that runs the guest. Qemu is the only value today. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.backend is immutable").reason(Reason::FieldValueForbidden))]
+    pub backend: Backend,
+
+    /// Always: keep the guest running (restart it if its VMM dies, reschedule it if its node
+    /// goes away). Halted: stop the guest and keep it stopped.
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+
+    /// Seconds to wait for the guest to release a vCPU on unplug before the attempt counts
+    /// as failed and the vCPU stays (1-600, default 10).
+    #[serde(default = "default_unplug_timeout")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 600").message("spec.unplugTimeoutSeconds must be between 1 and 600").reason(Reason::FieldValueInvalid))]
+    pub unplug_timeout_seconds: u32,
+
+    /// Run on this node; skips placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+
+    /// Run only on nodes whose labels match all of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn default_min_cpus() -> u32 {
+    1
+}
+fn default_memory() -> Quantity {
+    Quantity("256Mi".into())
+}
+fn memory_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "maxLength": 32,
+        "default": "256Mi",
+        "description": "Guest memory, a quantity between 64Mi and 1Ti (default 256Mi). Immutable."
+    })
+}
+fn default_unplug_timeout() -> u32 {
+    10
+}
+
+/// vCPU topology of a VM: sockets x cores x threads slots.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct Topology {
+    /// Sockets (1-16); each socket is one virtual NUMA node of the guest.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("spec.topology.sockets must be between 1 and 16").reason(Reason::FieldValueInvalid))]
+    pub sockets: u32,
+    /// Cores per socket (1-255).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 255").message("spec.topology.cores must be between 1 and 255").reason(Reason::FieldValueInvalid))]
+    pub cores: u32,
+    /// Threads per core (1-8).
+    #[serde(default = "default_threads")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 8").message("spec.topology.threads must be between 1 and 8").reason(Reason::FieldValueInvalid))]
+    pub threads: u32,
+}
+
+fn default_threads() -> u32 {
+    1
+}
+
+impl Topology {
+    /// The topology used when `spec.topology` is omitted: one socket, `cpus` cores, one thread.
+    pub fn default_for(cpus: u32) -> Self {
+        Topology {
+            sockets: 1,
+            cores: cpus.max(1),
+            threads: 1,
+        }
+    }
+    /// Number of vCPU slots (the VM's maximum vCPUs).
+    pub fn max_vcpus(&self) -> u32 {
+        self.sockets
+            .saturating_mul(self.cores)
+            .saturating_mul(self.threads)
+    }
+}
+
+/// Unit of a plug or unplug.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Granularity {
+    /// One vCPU at a time.
+    #[default]
+    Thread,
+    /// A whole core with all its SMT threads.
+    Core,
+}
+
+/// Which free slots a plug fills first.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Placement {
+    /// The lowest free slot first (fills socket 0, then socket 1, ...).
+    #[default]
+    Packed,
+    /// The socket (NUMA node) with the fewest vCPUs first.
+    Spread,
+}
+
+/// The VMM that runs the guest.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// QEMU driven over QMP, with KVM where the node can, else TCG.
+    #[default]
+    Qemu,
+}
+
+/// Guest CPU architecture.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// 64-bit x86 (q35 machine, ACPI CPU hot-plug).
+    #[default]
+    #[serde(rename = "x86_64")]
+    X86_64,
+}
+
+/// Whether the guest should run.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RunStrategy {
+    /// Keep the guest running.
+    #[default]
+    Always,
+    /// Keep the guest stopped.
+    Halted,
+}
+
+/// What to boot: paths relative to the node's guest image directory.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Boot {
+    /// Kernel image (an uncompressed vmlinux with a PVH note, or a bzImage), relative to the
+    /// node's image directory. Empty: the node's default kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("spec.boot.kernel must be a relative path inside the node's image directory, without '..'").reason(Reason::FieldValueInvalid))]
+    pub kernel: Option<String>,
+    /// Initial ramdisk, relative to the node's image directory. Empty: the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("spec.boot.initrd must be a relative path inside the node's image directory, without '..'").reason(Reason::FieldValueInvalid))]
+    pub initrd: Option<String>,
+    /// Extra kernel command line, appended to the node's console settings (at most 1024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    #[x_kube(validation = Rule::new("size(self) <= 1024").message("spec.boot.cmdline must be at most 1024 characters").reason(Reason::FieldValueInvalid))]
+    pub cmdline: Option<String>,
+}
+
+/// Observed state of a virtual machine, written only from what was observed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// Lifecycle phase: Pending, Scheduled, Starting, Running, Stopped or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Node whose agent runs (or will run) the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// vCPUs the guest has online, as the guest agent reports them (present vCPUs when the
+    /// guest has no agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// vCPU slots of the VM (sockets*cores*threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
+    /// The topology in force (spec.topology or its default), fixed at first placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+    /// Label selector that matches only this VM (used by the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The accelerator the VMM uses: kvm or tcg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+    /// Whether a guest agent answers: Connected, or Absent (online state then unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<String>,
+    /// One entry per possible vCPU slot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]
+    pub vcpus: Vec<VcpuStatus>,
+    /// Scheduled, Running, Ready, ResizePending (reason Deferred or Infeasible) and
+    /// ResizeInProgress (reason Error when the last attempt failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The last resize attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resize: Option<LastResize>,
+}
+
+/// Lifecycle phase of a VM.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Not placed on a node yet.
+    Pending,
+    /// Placed; the node agent has not started it yet.
+    Scheduled,
+    /// The VMM runs; the guest is booting.
+    Starting,
+    /// The guest runs.
+    Running,
+    /// The guest is stopped (runStrategy Halted).
+    Stopped,
+    /// The guest cannot run; see the conditions.
+    Failed,
+}
+
+impl Phase {
+    /// Every phase, for metrics that export one series per phase.
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Scheduled,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopped,
+        Phase::Failed,
+    ];
+    /// The phase's name as it appears in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Stopped => "Stopped",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// State of one vCPU slot.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum VcpuState {
+    /// No vCPU in this slot.
+    #[default]
+    Absent,
+    /// Plug requested; the guest has not confirmed it yet.
+    Plugging,
+    /// The guest has the vCPU but it is offline (or the guest has no agent to tell).
+    Present,
+    /// The guest has the vCPU online.
+    Online,
+    /// Unplug requested; the guest has not released it yet.
+    Unplugging,
+    /// The last operation on this slot failed.
+    Failed,
+}
+
+impl VcpuState {
+    /// Every state, for metrics.
+    pub const ALL: [VcpuState; 6] = [
+        VcpuState::Absent,
+        VcpuState::Plugging,
+        VcpuState::Present,
+        VcpuState::Online,
+        VcpuState::Unplugging,
+        VcpuState::Failed,
+    ];
+    /// The state's name as it appears in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VcpuState::Absent => "Absent",
+            VcpuState::Plugging => "Plugging",
+            VcpuState::Present => "Present",
+            VcpuState::Online => "Online",
+            VcpuState::Unplugging => "Unplugging",
+            VcpuState::Failed => "Failed",
+        }
+    }
+    /// Whether a vCPU occupies the slot in the guest (it counts toward the current size).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VcpuState::Plugging | VcpuState::Present | VcpuState::Online
+        )
+    }
+}
+
+/// One vCPU slot of the VM.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuStatus {
+    /// Slot index: ((socket * cores) + core) * threads + thread.
+    pub index: u32,
+    /// Socket of the slot.
+    pub socket: u32,
+    /// Core within the socket.
+    pub core: u32,
+    /// Thread within the core.
+    pub thread: u32,
+    /// Virtual NUMA node of the slot (its socket).
+    pub numa_node: u32,
+    /// Absent, Plugging, Present, Online, Unplugging or Failed.
+    pub state: VcpuState,
+    /// When the slot entered its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// The guest's logical CPU number (cpuN) while present, as the guest agent reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpu: Option<u32>,
+}
+
+/// The last resize attempt.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastResize {
+    /// vCPUs online before.
+    pub from: u32,
+    /// Target vCPUs.
+    pub to: u32,
+    /// When the attempt started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Wall time of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Seconds until the VMM accepted the last plug or unplug (phase applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_seconds: Option<f64>,
+    /// Seconds until the guest acknowledged the last plug or unplug (phase acked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_seconds: Option<f64>,
+    /// Seconds until the guest had the new vCPUs online (phase online; plugs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_seconds: Option<f64>,
+    /// Succeeded, Failed or InProgress.
+    pub result: ResizeResult,
+    /// What went wrong, when the result is Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Outcome of a resize attempt.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ResizeResult {
+    /// Still acting.
+    InProgress,
+    /// The guest reached the target.
+    Succeeded,
+    /// A step failed; see the message and the ResizeInProgress condition.
+    Failed,
+}
+
+impl VirtualMachineSpec {
+    /// The topology in force: spec.topology, or the default for the current cpus.
+    pub fn effective_topology(&self) -> Topology {
+        self.topology
+            .unwrap_or_else(|| Topology::default_for(self.cpus))
+    }
+    /// The architecture in force.
+    pub fn effective_arch(&self) -> Arch {
+        self.arch.unwrap_or_default()
+    }
+}

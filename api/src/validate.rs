@@ -1,0 +1,189 @@
+//! Validation of a spec in Rust, mirroring the CRD's CEL rules.
+//!
+//! The API server enforces the CEL rules at admission; the node agent and the operator run
+//! these same checks again before acting, so a spec that reached them some other way (an
+//! older API server, a CRD installed without rules) is refused with the same field-naming
+//! message, and the running guest is left untouched.
+
+use crate::types::{Granularity, VirtualMachineSpec, MAX_VCPUS};
+use thiserror::Error;
+
+/// A spec field that breaks a rule. Messages name the field as `kubectl explain` does.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum ValidationError {
+    /// A field is outside its allowed range.
+    #[error("{field} must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        /// Field path.
+        field: &'static str,
+        /// Given value.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// spec.minCpus > spec.cpus.
+    #[error("spec.minCpus ({min}) must not exceed spec.cpus ({cpus})")]
+    MinAboveCpus {
+        /// spec.minCpus.
+        min: u32,
+        /// spec.cpus.
+        cpus: u32,
+    },
+    /// spec.cpus above the topology's product.
+    #[error("spec.cpus ({cpus}) must not exceed the VM's maximum, spec.topology sockets*cores*threads ({max})")]
+    AboveMax {
+        /// spec.cpus.
+        cpus: u32,
+        /// The product.
+        max: u32,
+    },
+    /// Core granularity with a count that is not whole cores.
+    #[error("{field} ({value}) must be a multiple of spec.topology.threads ({threads}) when spec.granularity is Core")]
+    NotWholeCores {
+        /// Field path.
+        field: &'static str,
+        /// Its value.
+        value: u32,
+        /// Threads per core.
+        threads: u32,
+    },
+    /// A boot path leaves the image directory.
+    #[error("{field} must be a relative path inside the node's image directory, without '..': {value:?}")]
+    BootPath {
+        /// Field path.
+        field: &'static str,
+        /// Given path.
+        value: String,
+    },
+    /// spec.memory is not a quantity in bounds.
+    #[error("spec.memory must be a quantity between 64Mi and 1Ti, got {0:?}")]
+    Memory(String),
+    /// spec.boot.cmdline is too long.
+    #[error("spec.boot.cmdline must be at most 1024 characters, got {0}")]
+    CmdlineTooLong(usize),
+}
+
+/// Check a spec; the first broken rule is returned.
+pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
+    range("spec.cpus", spec.cpus.into(), 1, MAX_VCPUS.into())?;
+    range("spec.minCpus", spec.min_cpus.into(), 1, MAX_VCPUS.into())?;
+    range(
+        "spec.unplugTimeoutSeconds",
+        spec.unplug_timeout_seconds.into(),
+        1,
+        600,
+    )?;
+    if spec.min_cpus > spec.cpus {
+        return Err(ValidationError::MinAboveCpus {
+            min: spec.min_cpus,
+            cpus: spec.cpus,
+        });
+    }
+    if let Some(t) = spec.topology {
+        range("spec.topology.sockets", t.sockets.into(), 1, 16)?;
+        range("spec.topology.cores", t.cores.into(), 1, 255)?;
+        range("spec.topology.threads", t.threads.into(), 1, 8)?;
+        let max = t.max_vcpus();
+        range(
+            "spec.topology (sockets*cores*threads)",
+            max.into(),
+            1,
+            MAX_VCPUS.into(),
+        )?;
+        if spec.cpus > max {
+            return Err(ValidationError::AboveMax {
+                cpus: spec.cpus,
+                max,
+            });
+        }
+        if spec.granularity == Granularity::Core {
+            for (field, value) in [("spec.cpus", spec.cpus), ("spec.minCpus", spec.min_cpus)] {
+                if !value.is_multiple_of(t.threads) {
+                    return Err(ValidationError::NotWholeCores {
+                        field,
+                        value,
+                        threads: t.threads,
+                    });
+                }
+            }
+        }
+    }
+    let bytes = parse_quantity(&spec.memory.0)
+        .ok_or_else(|| ValidationError::Memory(spec.memory.0.clone()))?;
+    if !(64 << 20..=1 << 40).contains(&bytes) {
+        return Err(ValidationError::Memory(spec.memory.0.clone()));
+    }
+    if let Some(boot) = &spec.boot {
+        for (field, value) in [
+            ("spec.boot.kernel", &boot.kernel),
+            ("spec.boot.initrd", &boot.initrd),
+        ] {
+            if let Some(v) = value {
+                if v.starts_with('/') || v.contains("..") {
+                    return Err(ValidationError::BootPath {
+                        field,
+                        value: v.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(c) = &boot.cmdline {
+            if c.chars().count() > 1024 {
+                return Err(ValidationError::CmdlineTooLong(c.chars().count()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ValidationError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ValidationError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// Parse a Kubernetes quantity of bytes (`256Mi`, `1G`, `1073741824`) into bytes.
+/// Fractions and exponents are not accepted: memory sizes are whole numbers.
+pub fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("256Mi"), Some(256 << 20));
+        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1024"), Some(1024));
+        assert_eq!(parse_quantity("1.5Gi"), None);
+        assert_eq!(parse_quantity("Mi"), None);
+        assert_eq!(parse_quantity("99999999999999999999Ti"), None);
+    }
+}
