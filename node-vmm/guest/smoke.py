@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""End-to-end smoke test of vCPU hot-plug with corescale's guest image under QEMU/TCG.
+
+Boots real QEMU guests with the recipe documented in README.md, drives them over QMP
+(unix socket) and the QEMU guest agent (QGA, on an isa-serial port), and proves the
+sequence the node-vmm QEMU backend relies on:
+
+  device_add -> ACPI_DEVICE_OST (insert) -> agent sees the CPU offline -> guest-set-vcpus
+  onlines it -> topology read back through guest-file-* -> device_del -> ACPI_DEVICE_OST
+  (eject) -> the CPU is gone from the agent and from query-cpus-fast.
+
+Python 3 standard library only. Exits non-zero on the first failed check. Every QMP/QGA
+message is written to a JSON-lines transcript (--transcript) so the exact protocol can be
+read back. Timings of every phase are printed.
+
+Usage: smoke.py [--kernel PATH] [--initrd PATH] [--qemu BIN] [--case NAME ...]
+                [--workdir DIR] [--transcript FILE] [--verbose]
+"""
+
+import argparse
+import base64
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+CACHE = os.environ.get("CORESCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "corescale")
+DEFAULT_GUEST_DIR = os.path.join(CACHE, "guest", "x86_64")
+READY_MARKER = b"corescale-guest: ready"
+# TCG's CPU models report vendor AuthenticAMD without TOPOEXT, and Linux then ignores SMT
+# siblings (every thread looks like its own core). With an Intel vendor string the guest
+# reads CPUID leaf 0xB and sees the real socket/core/thread layout.
+DEFAULT_CPU = "qemu64,vendor=GenuineIntel"
+T0 = time.monotonic()
+
+
+class SmokeError(Exception):
+    """A check failed; the message says which one."""
+
+
+def now():
+    return time.monotonic()
+
+
+def check(cond, what):
+    if not cond:
+        raise SmokeError(what)
+
+
+class Transcript:
+    def __init__(self, path, verbose):
+        self.fh = open(path, "w", encoding="utf-8") if path else None
+        self.verbose = verbose
+        self.case = ""
+
+    def log(self, channel, direction, msg):
+        rec = {"t": round(now() - T0, 4), "case": self.case, "ch": channel, "dir": direction, "msg": msg}
+        if self.fh:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
+        if self.verbose:
+            print(f"    [{rec['t']:8.3f}] {channel} {direction} {json.dumps(msg)}", flush=True)
+
+    def note(self, text):
+        self.log("note", "-", text)
+
+
+class Timings:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, case, phase, seconds):
+        self.rows.append((case, phase, seconds))
+        print(f"  {phase:<58} {seconds * 1000:9.1f} ms", flush=True)
+
+
+def connect_unix(path, deadline):
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if now() > deadline:
+                raise SmokeError(f"cannot connect to {path}")
+            time.sleep(0.01)
+
+
+class Qmp:
+    """Synchronous QMP client. Events are kept in order with their host arrival time."""
+
+    def __init__(self, path, transcript, timeout=10.0):
+        self.tr = transcript
+        self.sock = connect_unix(path, now() + timeout)
+        self.buf = b""
+        self.events = []  # (arrival monotonic time, event dict)
+        self.greeting = self._read(timeout)
+        self.tr.log("qmp", "<", self.greeting)
+        check("QMP" in self.greeting, f"QMP greeting expected, got {self.greeting}")
+
+    def _read(self, timeout):
+        deadline = now() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - now()
+            if left <= 0:
+                raise SmokeError("timed out waiting for QMP data")
+            r, _, _ = select.select([self.sock], [], [], left)
+            if r:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise SmokeError("QMP socket closed by QEMU")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _pump(self, timeout):
+        msg = self._read(timeout)
+        self.tr.log("qmp", "<", msg)
+        if "event" in msg:
+            self.events.append((now(), msg))
+            return None
+        return msg
+
+    def execute(self, cmd, args=None, timeout=10.0, allow_error=False):
+        req = {"execute": cmd}
+        if args is not None:
+            req["arguments"] = args
+        self.tr.log("qmp", ">", req)
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        deadline = now() + timeout
+        while True:
+            msg = self._pump(max(0.0, deadline - now()))
+            if msg is None:
+                continue
+            if "error" in msg and not allow_error:
+                raise SmokeError(f"QMP {cmd} failed: {json.dumps(msg)}")
+            return msg
+
+    def wait_event(self, pred, timeout, what, since=0.0):
+        """Return the first (time, event) with arrival >= since that satisfies pred."""
+        deadline = now() + timeout
+        while True:
+            for item in self.events:
+                if item[0] >= since and pred(item[1]):
+                    return item
+            left = deadline - now()
+            if left <= 0:
+                raise SmokeError(f"timed out after {timeout}s waiting for {what}")
+            try:
+                self._pump(left)
+            except SmokeError:
+                if now() >= deadline:
+                    raise SmokeError(f"timed out after {timeout}s waiting for {what}")
+                raise
+
+    def drain(self, seconds):
+        """Read whatever arrives during `seconds` (events only)."""
+        deadline = now() + seconds
+        while now() < deadline:
+            r, _, _ = select.select([self.sock], [], [], max(0.0, deadline - now()))
+            if not r:
+                break
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                msg = json.loads(line)
+                self.tr.log("qmp", "<", msg)
+                if "event" in msg:
+                    self.events.append((now(), msg))
+
+
+class Qga:
+    """QEMU guest agent over an isa-serial chardev socket.
+
+    The serial line has no framing and may hold garbage (a half-written request from an
+    earlier client, output from before the agent started). Resync: send 0xFF (the agent's
+    JSON lexer resets on it), then guest-sync-delimited with a fresh id; the agent answers
+    0xFF followed by {"return": id}. Everything before the 0xFF and any object that is not
+    our id is discarded.
+    """
+
+    def __init__(self, path, transcript):
+        self.path = path
+        self.tr = transcript
+        self.sock = None
+        self.buf = b""
+        self.next_id = int(time.time()) % 100000 * 1000
+
+    def connect(self, timeout=10.0):
+        self.sock = connect_unix(self.path, now() + timeout)
+        self.buf = b""
+
+    def close(self):
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+    def _send(self, obj, prefix=b""):
+        self.tr.log("qga", ">", obj if not prefix else {"raw_prefix": prefix.hex(), "json": obj})
+        self.sock.sendall(prefix + json.dumps(obj).encode() + b"\n")
+
+    def _fill(self, deadline):
+        left = deadline - now()
+        if left <= 0:
+            return False
+        r, _, _ = select.select([self.sock], [], [], left)
+        if not r:
+            return False
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise SmokeError("QGA socket closed by QEMU")
+        self.buf += chunk
+        return True
+
+    def _next_obj(self, deadline):
+        dec = json.JSONDecoder()
+        while True:
+            text = self.buf.lstrip(b" \t\r\n\xff")
+            if text:
+                try:
+                    obj, end = dec.raw_decode(text.decode("utf-8", errors="replace"))
+                    consumed = len(text.decode("utf-8", errors="replace")[:end].encode("utf-8", errors="replace"))
+                    self.buf = text[consumed:]
+                    return obj
+                except ValueError:
+                    if b"\n" in text:
+                        # Not JSON (garbage on the line): drop up to the newline.
+                        self.buf = text.split(b"\n", 1)[1]
+                        continue
+            if not self._fill(deadline):
+                return None
+
+    def sync(self, timeout=30.0, attempt_timeout=1.0):
+        """Resynchronise the line; returns the number of attempts it took."""
+        deadline = now() + timeout
+        attempts = 0
+        while now() < deadline:
+            attempts += 1
+            self.next_id += 1
+            sid = self.next_id
+            self._send({"execute": "guest-sync-delimited", "arguments": {"id": sid}}, prefix=b"\xff")
+            until = min(deadline, now() + attempt_timeout)
+            # Skip to the agent's 0xFF delimiter, then read objects until our id comes back.
+            while now() < until:
+                if b"\xff" in self.buf:
+                    self.buf = self.buf[self.buf.rindex(b"\xff") + 1:]
+                    break
+                self._fill(until)
+            while now() < until:
+                obj = self._next_obj(until)
+                if obj is None:
+                    break
+                self.tr.log("qga", "<", obj)
+                if obj == {"return": sid}:
+                    return attempts
+        raise SmokeError(f"guest agent did not answer guest-sync-delimited within {timeout}s")
+
+    def execute(self, cmd, args=None, timeout=10.0, allow_error=False, expect_reply=True):
+        req = {"execute": cmd}
+        if args is not None:
+            req["arguments"] = args
+        self._send(req)
+        if not expect_reply:
+            return None
+        deadline = now() + timeout
+        obj = self._next_obj(deadline)
+        if obj is None:
+            raise SmokeError(f"guest agent gave no reply to {cmd} within {timeout}s")
+        self.tr.log("qga", "<", obj)
+        if "error" in obj and not allow_error:
+            raise SmokeError(f"QGA {cmd} failed: {json.dumps(obj)}")
+        return obj
+
+    def read_file(self, path, allow_error=False):
+        """Read a whole guest file; returns bytes, or the error object when allow_error."""
+        r = self.execute("guest-file-open", {"path": path, "mode": "r"}, allow_error=allow_error)
+        if "error" in r:
+            return r
+        handle = r["return"]
+        check(isinstance(handle, int), f"guest-file-open returned a non-integer handle: {r}")
+        data = b""
+        try:
+            while True:
+                rr = self.execute("guest-file-read", {"handle": handle, "count": 65536})["return"]
+                data += base64.b64decode(rr["buf-b64"])
+                if rr["eof"] or rr["count"] == 0:
+                    break
+        finally:
+            self.execute("guest-file-close", {"handle": handle})
+        return data
+
+    def vcpus(self):
+        r = self.execute("guest-get-vcpus")["return"]
+        return {v["logical-id"]: v for v in r}
+
+
+class Guest:
+    def __init__(self, args, name, smp, extra, tr, accel="tcg,thread=multi"):
+        self.args = args
+        self.name = name
+        self.tr = tr
+        self.dir = os.path.join(args.workdir, name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.qga_path = os.path.join(self.dir, "qga.sock")
+        self.serial_path = os.path.join(self.dir, "serial.log")
+        self.cmd = [
+            args.qemu,
+            "-machine", "q35",
+            "-accel", accel,
+            "-cpu", args.cpu,
+            "-m", "256M",
+            "-smp", smp,
+            *extra,
+            "-kernel", args.kernel,
+            "-initrd", args.initrd,
+            "-append", "console=ttyS0 panic=-1",
+            "-display", "none",
+            "-serial", f"file:{self.serial_path}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-chardev", f"socket,path={self.qga_path},server=on,wait=off,id=qga0",
+            "-device", "isa-serial,chardev=qga0",
+            "-sandbox", "on",
+            "-no-reboot",
+        ]
+        self.proc = None
+        self.qmp = None
+        self.qga = None
+
+    def start(self, timings):
+        print(f"  command: {' '.join(self.cmd)}", flush=True)
+        self.tr.note({"command": self.cmd})
+        t_start = now()
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
+                                     stdout=open(os.path.join(self.dir, "qemu.out"), "wb"),
+                                     stderr=subprocess.STDOUT)
+        self.qmp = Qmp(self.qmp_path, self.tr)
+        t_qmp = now()
+        self.qmp.execute("qmp_capabilities")
+        timings.add(self.name, "qemu start -> QMP greeting", t_qmp - t_start)
+        deadline = now() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise SmokeError(f"QEMU exited with {self.proc.returncode} during boot: {self.qemu_output()}")
+            data = self.serial()
+            if READY_MARKER in data:
+                break
+            check(now() < deadline, f"no '{READY_MARKER.decode()}' on the serial console within 120s; tail: {data[-2000:]!r}")
+            time.sleep(0.01)
+        t_ready = now()
+        timings.add(self.name, "qemu start -> console 'corescale-guest: ready'", t_ready - t_start)
+        self.qga = Qga(self.qga_path, self.tr)
+        self.qga.connect()
+        attempts = self.qga.sync()
+        t_agent = now()
+        timings.add(self.name, f"qemu start -> agent answers guest-sync-delimited ({attempts} tries)", t_agent - t_start)
+        return t_agent - t_start
+
+    def serial(self):
+        try:
+            with open(self.serial_path, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return b""
+
+    def qemu_output(self):
+        try:
+            with open(os.path.join(self.dir, "qemu.out"), "rb") as fh:
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_exit(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if self.wait_exit(10) is None:
+                self.proc.kill()
+                self.proc.wait()
+        if self.qga:
+            self.qga.close()
+
+
+# ---- helpers over a running guest -----------------------------------------------------------
+
+def hotpluggable(g):
+    return g.qmp.execute("query-hotpluggable-cpus")["return"]
+
+
+def cpus_fast(g):
+    return g.qmp.execute("query-cpus-fast")["return"]
+
+
+def slot_of(slots, **props):
+    for s in slots:
+        if all(s["props"].get(k) == v for k, v in props.items()):
+            return s
+    raise SmokeError(f"no hot-pluggable slot with props {props} in {slots}")
+
+
+def is_ost(ev, device, source):
+    return ev["event"] == "ACPI_DEVICE_OST" and ev["data"]["info"].get("device") == device \
+        and ev["data"]["info"].get("source") == source
+
+
+def is_final_eject(ev, slot):
+    if ev["event"] != "ACPI_DEVICE_OST":
+        return False
+    info = ev["data"]["info"]
+    return info.get("slot-type") == "CPU" and info.get("slot") == slot and info.get("source") == 3 \
+        and info.get("status") != 0x84
+
+
+def wait_vcpus(g, pred, timeout, what):
+    deadline = now() + timeout
+    while True:
+        v = g.qga.vcpus()
+        if pred(v):
+            return v
+        check(now() < deadline, f"timed out after {timeout}s waiting until {what}; agent says {v}")
+        time.sleep(0.01)
+
+
+def read_text(g, path):
+    r = g.qga.read_file(path, allow_error=True)
+    if isinstance(r, dict):
+        return None, r
+    return r.decode(errors="replace").strip(), None
+
+
+def topology(g, n):
+    """Topology of guest logical CPU n read through the agent (only complete when online)."""
+    out = {}
+    base = f"/sys/devices/system/cpu/cpu{n}"
+    for f in ("topology/physical_package_id", "topology/core_id", "topology/thread_siblings_list",
+              "topology/core_siblings_list", "topology/die_id"):
+        text, err = read_text(g, f"{base}/{f}")
+        out[f.split("/")[-1]] = text if err is None else {"error": err["error"]}
+    # firmware_node is the ACPI0007 processor device: its _UID and AML path exist even offline.
+    for f in ("firmware_node/uid", "firmware_node/path"):
+        text, err = read_text(g, f"{base}/{f}")
+        out[f.replace("/", ".")] = text if err is None else {"error": err["error"]}
+    return out
+
+
+def cpuinfo_apicids(g):
+    text, err = read_text(g, "/proc/cpuinfo")
+    check(err is None, f"/proc/cpuinfo unreadable through the agent: {err}")
+    res = {}
+    cur = None
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        k, v = (x.strip() for x in line.split(":", 1))
+        if k == "processor":
+            cur = int(v)
+            res[cur] = {}
+        elif cur is not None and k in ("physical id", "core id", "apicid", "initial apicid"):
+            res[cur][k] = int(v)
+    return res
+
+
+def plug(g, tm, slot, dev_id, extra_props=None):
+    """device_add the slot; wait for the insert OST and for the agent to see the new CPU offline.
+
+    Returns the guest's logical id of the new CPU.
+    """
+    before = set(g.qga.vcpus())
+    args = {"driver": slot["type"], "id": dev_id, **slot["props"], **(extra_props or {})}
+    t0 = now()
+    r = g.qmp.execute("device_add", args)
+    t_add = now()
+    check(r == {"return": {}}, f"device_add returned {r}")
+    tm.add(g.name, f"device_add {dev_id} -> QMP return", t_add - t0)
+    t_ev, ev = g.qmp.wait_event(lambda e: is_ost(e, dev_id, 1), 20, f"insert ACPI_DEVICE_OST for {dev_id}", since=t0)
+    info = ev["data"]["info"]
+    check(info["status"] == 0 and info["slot-type"] == "CPU", f"insert OST not successful: {ev}")
+    tm.add(g.name, f"device_add {dev_id} -> ACPI_DEVICE_OST insert (source 1)", t_ev - t0)
+    v = wait_vcpus(g, lambda v: len(set(v) - before) == 1, 20, f"the agent lists the new CPU for {dev_id}")
+    t_seen = now()
+    new = (set(v) - before).pop()
+    tm.add(g.name, f"device_add {dev_id} -> agent lists cpu{new}", t_seen - t0)
+    check(v[new]["online"] is False, f"hot-added cpu{new} arrived online (the guest must not online it itself): {v[new]}")
+    return new
+
+
+def online(g, tm, n, state=True):
+    t0 = now()
+    r = g.qga.execute("guest-set-vcpus", {"vcpus": [{"logical-id": n, "online": state}]}, timeout=30)
+    check(r == {"return": 1}, f"guest-set-vcpus returned {r}")
+    t1 = now()
+    v = g.qga.vcpus()
+    check(v[n]["online"] is state, f"cpu{n} online={v[n]['online']} after guest-set-vcpus online={state}")
+    tm.add(g.name, f"guest-set-vcpus cpu{n} online={str(state).lower()} -> return", t1 - t0)
+    return v
+
+
+def wait_eject(g, tm, dev_id, t0, label):
+    """Wait for the two OSTs of an eject: 'in progress' (0x84, names the device) then the final one.
+
+    The final OST arrives after QEMU unrealized the CPU: it has no "device" field, only the slot.
+    """
+    t_ev, ev = g.qmp.wait_event(lambda e: is_ost(e, dev_id, 3), 30, f"eject-request ACPI_DEVICE_OST for {dev_id}", since=t0)
+    info = ev["data"]["info"]
+    check(info["status"] == 0x84, f"first eject OST should be status 0x84 (eject in progress): {ev}")
+    tm.add(g.name, f"{label} -> OST source 3 status 0x84 (device {dev_id})", t_ev - t0)
+    slot = info["slot"]
+    t_ev, ev = g.qmp.wait_event(lambda e: is_final_eject(e, slot), 30,
+                                f"final eject ACPI_DEVICE_OST for slot {slot} ({dev_id})", since=t0)
+    info = ev["data"]["info"]
+    check(info["status"] == 0 and "device" not in info, f"final eject OST should be status 0 without device: {ev}")
+    tm.add(g.name, f"{label} -> OST source 3 status 0 (slot {slot}, no device)", t_ev - t0)
+    return t_ev
+
+
+def unplug(g, tm, dev_id, n, note=""):
+    t0 = now()
+    r = g.qmp.execute("device_del", {"id": dev_id})
+    check(r == {"return": {}}, f"device_del returned {r}")
+    label = f"device_del {dev_id}{note}"
+    wait_eject(g, tm, dev_id, t0, label)
+    wait_vcpus(g, lambda v: n not in v, 20, f"cpu{n} is gone from guest-get-vcpus")
+    tm.add(g.name, f"{label} -> cpu{n} gone from the agent", now() - t0)
+    deadline = now() + 10
+    while any(c["qom-path"].endswith("/" + dev_id) for c in cpus_fast(g)):
+        check(now() < deadline, f"{dev_id} still in query-cpus-fast 10s after its eject")
+        time.sleep(0.01)
+    tm.add(g.name, f"{label} -> gone from query-cpus-fast", now() - t0)
+    g.qmp.drain(0.2)
+    other = [e for t, e in g.qmp.events if t >= t0 and e["event"] != "ACPI_DEVICE_OST"]
+    g.tr.note({"non_ost_events_after_device_del": other})
+    print(f"  other events after device_del {dev_id}: {json.dumps(other)}", flush=True)
+    return other
+
+
+def expect_qmp_error(g, cmd, args, what):
+    r = g.qmp.execute(cmd, args, allow_error=True)
+    check("error" in r, f"{what}: expected a QMP error, got {r}")
+    check(set(r["error"]) >= {"class", "desc"}, f"{what}: error lacks class/desc: {r}")
+    print(f"  {what}: {json.dumps(r)}", flush=True)
+    return r
+
+
+# ---- cases ----------------------------------------------------------------------------------
+
+def case_sockets1(args, tr, tm):
+    """1 socket x 4 cores: plug/online/unplug twice (online vs offlined first), stop/cont, errors."""
+    g = Guest(args, "sockets1", "1,maxcpus=4,sockets=1,cores=4,threads=1", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        info = g.qga.execute("guest-info")["return"]
+        tr.note({"qga_version": info["version"]})
+        slots = hotpluggable(g)
+        check(len(slots) == 4, f"query-hotpluggable-cpus: expected 4 slots, got {len(slots)}")
+        present = [s for s in slots if "qom-path" in s]
+        check(len(present) == 1 and present[0]["props"] == {"socket-id": 0, "core-id": 0, "thread-id": 0},
+              f"exactly the boot CPU (0/0/0) should be present: {present}")
+        check(all(s["vcpus-count"] == 1 for s in slots), f"vcpus-count must be 1: {slots}")
+        fast = cpus_fast(g)
+        check(len(fast) == 1 and isinstance(fast[0]["thread-id"], int), f"query-cpus-fast: {fast}")
+        check(fast[0]["qom-path"] == present[0]["qom-path"], "query-cpus-fast qom-path != hotpluggable qom-path")
+        v = g.qga.vcpus()
+        check(list(v) == [0] and v[0]["online"] and v[0]["can-offline"] is False, f"guest-get-vcpus at boot: {v}")
+
+        # Errors that must not consume one of the maxcpus vCPU threads.
+        boot = present[0]
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "dup", **boot["props"]},
+                         "device_add of an occupied slot")
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "bad", "socket-id": 0, "core-id": 9, "thread-id": 0},
+                         "device_add with core-id out of range")
+        expect_qmp_error(g, "device_del", {"id": boot["qom-path"]}, "device_del of the boot CPU")
+        expect_qmp_error(g, "device_del", {"id": "no-such-cpu"}, "device_del of an unknown id")
+
+        # A: plug core 1, online through the agent, read topology, unplug while ONLINE.
+        s1 = slot_of(slots, **{"core-id": 1})
+        n = plug(g, tm, s1, "cpu-s0-c1-t0")
+        tr.note({"offline_cpu_files": topology(g, n)})
+        expect_qmp_error(g, "device_add", {"driver": s1["type"], "id": "cpu-s0-c1-t0", **s1["props"]},
+                         "device_add of a slot plugged a moment ago (same id)")
+        expect_qmp_error(g, "device_add", {"driver": s1["type"], "id": "cpu-other", **s1["props"]},
+                         "device_add of a plugged slot (new id)")
+        online(g, tm, n)
+        topo = topology(g, n)
+        tr.note({"online_cpu_files": topo})
+        print(f"  cpu{n} topology via agent: {json.dumps(topo)}", flush=True)
+        check(topo["physical_package_id"] == "0" and topo["core_id"] == "1",
+              f"cpu{n} topology should be package 0 core 1: {topo}")
+        check(topo["thread_siblings_list"] == str(n), f"cpu{n} has no SMT siblings: {topo}")
+        apic = cpuinfo_apicids(g)
+        tr.note({"cpuinfo": apic})
+        check(apic[n]["apicid"] == 1, f"cpu{n} apicid should be 1: {apic}")
+        slots = hotpluggable(g)
+        check(slot_of(slots, **{"core-id": 1}).get("qom-path") == "/machine/peripheral/cpu-s0-c1-t0",
+              f"plugged slot's qom-path: {slots}")
+        fast = cpus_fast(g)
+        check(len(fast) == 2 and len({c["thread-id"] for c in fast}) == 2, f"query-cpus-fast after plug: {fast}")
+        unplug(g, tm, "cpu-s0-c1-t0", n, " (guest CPU online)")
+
+        # B: plug core 2, online, offline through the agent, then unplug.
+        n = plug(g, tm, slot_of(slots, **{"core-id": 2}), "cpu-s0-c2-t0")
+        online(g, tm, n, True)
+        online(g, tm, n, False)
+        unplug(g, tm, "cpu-s0-c2-t0", n, " (guest CPU offlined first)")
+
+        # C: plug core 3, online; stop the VM; device_del; the eject needs the guest to run.
+        n = plug(g, tm, slot_of(slots, **{"core-id": 3}), "cpu-s0-c3-t0")
+        online(g, tm, n)
+        g.qmp.execute("stop")
+        t0 = now()
+        r = g.qmp.execute("device_del", {"id": "cpu-s0-c3-t0"})
+        check(r == {"return": {}}, f"device_del while stopped returned {r}")
+        g.qmp.drain(2.0)
+        stopped_ost = [e for t, e in g.qmp.events if t >= t0 and e["event"] == "ACPI_DEVICE_OST"]
+        tr.note({"ost_while_stopped": stopped_ost})
+        check(not stopped_ost, f"no OST can come while the guest is stopped: {stopped_ost}")
+        still = any(c["qom-path"].endswith("/cpu-s0-c3-t0") for c in cpus_fast(g))
+        check(still, "the vCPU must still exist while the guest is stopped")
+        t_cont = now()
+        g.qmp.execute("cont")
+        wait_eject(g, tm, "cpu-s0-c3-t0", t_cont, "cont after device_del while stopped")
+        wait_vcpus(g, lambda v: n not in v, 20, f"cpu{n} gone after cont")
+
+        # Clean poweroff through the agent: no reply, QMP SHUTDOWN, QEMU exits 0.
+        t0 = now()
+        g.qga.execute("guest-shutdown", {"mode": "powerdown"}, expect_reply=False)
+        t_ev, ev = g.qmp.wait_event(lambda e: e["event"] == "SHUTDOWN", 30, "SHUTDOWN after guest-shutdown", since=t0)
+        tr.note({"shutdown_event": ev})
+        check(ev["data"] == {"guest": True, "reason": "guest-shutdown"}, f"SHUTDOWN event data: {ev}")
+        rc = g.wait_exit(30)
+        check(rc == 0, f"QEMU exit code after guest-shutdown: {rc}")
+        tm.add(g.name, "guest-shutdown -> QEMU exited 0", now() - t0)
+    finally:
+        g.kill()
+
+
+def case_numa2(args, tr, tm):
+    """2 sockets, one NUMA node each (memdev); plug a CPU into socket 1 / node 1."""
+    extra = [
+        "-object", "memory-backend-ram,id=mem0,size=128M",
+        "-object", "memory-backend-ram,id=mem1,size=128M",
+        "-numa", "node,nodeid=0,memdev=mem0",
+        "-numa", "node,nodeid=1,memdev=mem1",
+        "-numa", "cpu,node-id=0,socket-id=0",
+        "-numa", "cpu,node-id=1,socket-id=1",
+    ]
+    g = Guest(args, "numa2", "1,maxcpus=4,sockets=2,cores=2,threads=1", extra, tr)
+    try:
+        tm.boot.append(g.start(tm))
+        slots = hotpluggable(g)
+        check(len(slots) == 4, f"expected 4 slots: {slots}")
+        for s in slots:
+            check(s["props"].get("node-id") == s["props"]["socket-id"], f"node-id must follow socket-id: {s}")
+        fast = cpus_fast(g)
+        check(fast[0]["props"].get("node-id") == 0, f"query-cpus-fast props carry node-id: {fast}")
+        s = slot_of(slots, **{"socket-id": 1, "core-id": 0})
+        wrong = dict(s["props"], **{"node-id": 0})
+        expect_qmp_error(g, "device_add", {"driver": s["type"], "id": "cpu-wrong-node", **wrong},
+                         "device_add with a node-id that contradicts -numa cpu")
+        n = plug(g, tm, s, "cpu-s1-c0-t0")
+        online(g, tm, n)
+        topo = topology(g, n)
+        print(f"  cpu{n} topology via agent: {json.dumps(topo)}", flush=True)
+        check(topo["physical_package_id"] == "1" and topo["core_id"] == "0", f"cpu{n} should be package 1 core 0: {topo}")
+        node1, err = read_text(g, "/sys/devices/system/node/node1/cpulist")
+        tr.note({"node1_cpulist": node1, "error": err})
+        check(node1 == str(n), f"node1's cpulist should be {n}: {node1} {err}")
+        apic = cpuinfo_apicids(g)
+        check(apic[n]["apicid"] == 2, f"socket 1 core 0 has APIC id 2 (2 cores per socket): {apic}")
+        unplug(g, tm, "cpu-s1-c0-t0", n, " (numa node 1)")
+        # ACPI power button -> acpid -> poweroff.
+        t0 = now()
+        g.qmp.execute("system_powerdown")
+        t_ev, ev = g.qmp.wait_event(lambda e: e["event"] == "SHUTDOWN" and e["data"].get("guest"), 30,
+                                    "guest SHUTDOWN after system_powerdown", since=t0)
+        tr.note({"shutdown_event": ev})
+        rc = g.wait_exit(30)
+        check(rc == 0, f"QEMU exit code after system_powerdown: {rc}")
+        tm.add(g.name, "system_powerdown -> QEMU exited", now() - t0)
+    finally:
+        g.kill()
+
+
+def case_smt2(args, tr, tm):
+    """1 socket x 2 cores x 2 threads: plug the boot core's second thread."""
+    g = Guest(args, "smt2", "1,maxcpus=4,sockets=1,cores=2,threads=2", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        slots = hotpluggable(g)
+        check(len(slots) == 4 and all(s["vcpus-count"] == 1 for s in slots), f"4 single-thread slots: {slots}")
+        n = plug(g, tm, slot_of(slots, **{"core-id": 0, "thread-id": 1}), "cpu-s0-c0-t1")
+        online(g, tm, n)
+        topo = topology(g, n)
+        print(f"  cpu{n} topology via agent: {json.dumps(topo)}", flush=True)
+        siblings = "0-1" if n == 1 else f"0,{n}"
+        check(topo["core_id"] == "0" and topo["thread_siblings_list"] == siblings,
+              f"cpu{n} should be core 0's SMT sibling of cpu0 (siblings {siblings}): {topo}")
+        apic = cpuinfo_apicids(g)
+        check(apic[n]["apicid"] == 1, f"core 0 thread 1 has APIC id 1: {apic}")
+        n2 = plug(g, tm, slot_of(slots, **{"core-id": 1, "thread-id": 0}), "cpu-s0-c1-t0")
+        online(g, tm, n2)
+        topo2 = topology(g, n2)
+        check(topo2["core_id"] == "1", f"cpu{n2} should be core 1: {topo2}")
+        apic = cpuinfo_apicids(g)
+        check(apic[n2]["apicid"] == 2, f"core 1 thread 0 has APIC id 2: {apic}")
+        unplug(g, tm, "cpu-s0-c0-t1", n, " (SMT sibling)")
+        unplug(g, tm, "cpu-s0-c1-t0", n2, " (core 1)")
+        t0 = now()
+        g.qmp.execute("quit")
+        rc = g.wait_exit(30)
+        check(rc == 0, f"QEMU exit code after quit: {rc}")
+        tm.add(g.name, "quit -> QEMU exited", now() - t0)
+    finally:
+        g.kill()
+
+
+def qemu_died(g, timeout=5.0):
+    rc = g.wait_exit(timeout)
+    return rc, g.qemu_output().strip()
+
+
+def case_budget(args, tr, tm):
+    """What one QEMU process survives: re-plugging a slot, and TCG's threading modes.
+
+    multi-threaded TCG (the recipe): QEMU sizes its TCG contexts for maxcpus vCPU threads
+    for its whole life and does not reuse an unplugged vCPU's thread, so the (maxcpus+1)-th
+    vCPU creation aborts QEMU ("tcg_register_thread: assertion failed: (n < tcg_max_ctxs)").
+    single-threaded TCG is no way out: there unplugging a vCPU aborts QEMU
+    ("qemu_thread_join: Resource deadlock avoided"). Both are recorded with maxcpus=2.
+    """
+    # multi: boot 1 + plug 1 = maxcpus threads; unplug; the next plug is one too many.
+    g = Guest(args, "budget-multi", "1,maxcpus=2,sockets=1,cores=2,threads=1", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        s1 = slot_of(hotpluggable(g), **{"core-id": 1})
+        n = plug(g, tm, s1, "cpu-a")
+        online(g, tm, n)
+        unplug(g, tm, "cpu-a", n)
+        try:
+            r = g.qmp.execute("device_add", {"driver": s1["type"], "id": "cpu-b", **s1["props"]},
+                              allow_error=True, timeout=20)
+        except (SmokeError, OSError) as e:
+            r = {"no_reply": str(e)}
+        rc, out = qemu_died(g)
+        tr.note({"replug_multi": {"reply": r, "qemu_exit": rc, "qemu_output": out}})
+        print(f"  thread=multi, 3rd vCPU creation with maxcpus=2: reply {json.dumps(r)}, exit {rc}, output {out!r}",
+              flush=True)
+        if rc is None:
+            check(r == {"return": {}}, f"QEMU neither plugged nor died on the 3rd vCPU creation: {r}")
+            print("  note: this QEMU re-plugs past maxcpus under multi-threaded TCG: the budget is gone", flush=True)
+        else:
+            check("tcg_max_ctxs" in out, f"QEMU died for another reason: {out}")
+            print("  confirmed: multi-threaded TCG aborts on the (maxcpus+1)-th vCPU creation", flush=True)
+    finally:
+        g.kill()
+
+    # single: plug and online work; record what device_del does.
+    g = Guest(args, "budget-single", "1,maxcpus=2,sockets=1,cores=2,threads=1", [], tr, accel="tcg,thread=single")
+    try:
+        tm.boot.append(g.start(tm))
+        s1 = slot_of(hotpluggable(g), **{"core-id": 1})
+        n = plug(g, tm, s1, "cpu-a")
+        online(g, tm, n)
+        try:
+            r = g.qmp.execute("device_del", {"id": "cpu-a"})
+            g.qmp.wait_event(lambda e: is_final_eject(e, "1"), 20, "final eject OST under thread=single")
+        except (SmokeError, OSError) as e:
+            r = {"no_reply_or_event": str(e)}
+        rc, out = qemu_died(g, 2.0)
+        tr.note({"unplug_single": {"reply": r, "qemu_exit": rc, "qemu_output": out}})
+        print(f"  thread=single, device_del of a hot-added vCPU: {json.dumps(r)}, exit {rc}, output {out!r}", flush=True)
+        if rc is not None:
+            check("qemu_thread_join" in out, f"QEMU died for another reason: {out}")
+            print("  confirmed: single-threaded TCG aborts when a vCPU is unplugged: do not use thread=single",
+                  flush=True)
+        else:
+            print("  note: this QEMU unplugs under single-threaded TCG", flush=True)
+    finally:
+        g.kill()
+
+
+CASES = {"sockets1": case_sockets1, "numa2": case_numa2, "smt2": case_smt2, "budget": case_budget}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", default=os.path.join(DEFAULT_GUEST_DIR, "vmlinux"))
+    ap.add_argument("--initrd", default=os.path.join(DEFAULT_GUEST_DIR, "initramfs.cpio.gz"))
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU -cpu model (default: {DEFAULT_CPU})")
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="run only these cases (repeatable)")
+    ap.add_argument("--workdir", default=None, help="where sockets and logs go (default: a temp dir, kept on failure)")
+    ap.add_argument("--transcript", default=None, help="write every QMP/QGA message as JSON lines here")
+    ap.add_argument("--verbose", action="store_true", help="print every QMP/QGA message")
+    args = ap.parse_args()
+
+    for what, path in (("kernel", args.kernel), ("initrd", args.initrd)):
+        if not os.path.isfile(path):
+            print(f"smoke.py: {what} {path} not found: run node-vmm/guest/build.sh first", file=sys.stderr)
+            return 2
+    if shutil.which(args.qemu) is None:
+        print(f"smoke.py: {args.qemu} not found: install qemu-system-x86 (scripts/install-deps.sh)", file=sys.stderr)
+        return 2
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="corescale-smoke.")
+    os.makedirs(args.workdir, exist_ok=True)
+
+    tr = Transcript(args.transcript, args.verbose)
+    tm = Timings()
+    tm.boot = []
+    failed = []
+    for name in args.case or list(CASES):
+        print(f"== case {name}", flush=True)
+        tr.case = name
+        try:
+            CASES[name](args, tr, tm)
+            print(f"   {name}: ok", flush=True)
+        except SmokeError as e:
+            print(f"   {name}: FAILED: {e}", flush=True)
+            failed.append(name)
+    if tm.boot:
+        print(f"boot to agent ready: min {min(tm.boot):.2f}s max {max(tm.boot):.2f}s over {len(tm.boot)} boots")
+    ran = len(args.case or CASES)
+    print(f"{ran - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        print(f"logs kept in {args.workdir}", file=sys.stderr)
+        return 1
+    if own_workdir:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+//! The seam between the node agent and whatever runs the guest.
+//!
+//! The agent decides (with the pure planner) and reports; a [`Backend`] starts, adopts and
+//! stops guests, and a [`VmHandle`] acts on one running guest and observes it. The agent
+//! never names QEMU: the QEMU backend (and later a built-in microVM, or the scale
+//! simulator) live behind these traits.
+
+use corescale_api::{Arch, Granularity, Placement, Plan, Topology, VcpuState};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Namespace and name of a VM: the key of everything per VM on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmKey {
+    /// Namespace of the VirtualMachine object.
+    pub namespace: String,
+    /// Name of the VirtualMachine object.
+    pub name: String,
+}
+
+impl std::fmt::Display for VmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Hardware accelerator for a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation (tests, and hosts whose KVM cannot run the guest).
+    Tcg,
+}
+
+impl Accel {
+    /// The name used in QEMU's `-accel` and in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything a backend needs to start one guest. Paths are already resolved inside the
+/// node's image directory (see `images`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VmSpec {
+    /// Namespace of the VM.
+    pub namespace: String,
+    /// Name of the VM.
+    pub name: String,
+    /// UID of the VirtualMachine object this guest belongs to (a re-created object with the
+    /// same name is a different VM).
+    pub uid: String,
+    /// Slot topology.
+    pub topology: Topology,
+    /// Plug unit.
+    pub granularity: Granularity,
+    /// Which free slots a plug fills first.
+    pub placement: Placement,
+    /// vCPUs present at boot (`-smp N` boots slots `0..N`).
+    pub boot_vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line (the backend adds its console settings).
+    pub cmdline: String,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+impl VmSpec {
+    /// The VM's key.
+    pub fn key(&self) -> VmKey {
+        VmKey { namespace: self.namespace.clone(), name: self.name.clone() }
+    }
+}
+
+
+/// What the backend observed of one vCPU slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotObservation {
+    /// Absent, Present (in the guest, offline or online state unknown), Online, or
+    /// Unplugging (an eject was requested and the vCPU is still there).
+    pub state: VcpuState,
+    /// The guest's logical CPU number, when the guest agent maps it.
+    pub guest_cpu: Option<u32>,
+    /// Host thread id of the vCPU, when the VMM reports it.
+    pub host_thread: Option<i32>,
+}
+
+/// A snapshot of one guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// One entry per slot, in slot index order.
+    pub slots: Vec<SlotObservation>,
+    /// Whether the guest agent answered (without it, online state is unknown and plugged
+    /// vCPUs are reported Present).
+    pub guest_agent: bool,
+}
+
+impl Observation {
+    /// vCPUs the guest has online; without a guest agent, the vCPUs present.
+    pub fn online(&self) -> u32 {
+        let want = if self.guest_agent { VcpuState::Online } else { VcpuState::Present };
+        let n = self
+            .slots
+            .iter()
+            .filter(|s| s.state == want || (!self.guest_agent && s.state == VcpuState::Online))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+/// Direction of a hot-plug operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Adding a vCPU.
+    Plug,
+    /// Removing a vCPU.
+    Unplug,
+}
+
+impl Direction {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Plug => "plug",
+            Direction::Unplug => "unplug",
+        }
+    }
+}
+
+/// Timing and outcome of one slot's plug or unplug.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Slot index.
+    pub slot: u32,
+    /// Plug or unplug.
+    pub direction: Direction,
+    /// Until the VMM accepted the request (QMP device_add/device_del returned).
+    pub applied: Option<Duration>,
+    /// Until the guest acknowledged it (ACPI _OST insert/eject success).
+    pub acked: Option<Duration>,
+    /// Until the guest agent saw the vCPU online (plugs only, guests with an agent).
+    pub online: Option<Duration>,
+    /// The error of this step, if it failed.
+    pub error: Option<BackendError>,
+}
+
+/// What a resize did, step by step. A resize never stops at the first failure of an
+/// unplug deadline: every slot of the plan is tried, and each has its own outcome.
+#[derive(Debug, Clone, Default)]
+pub struct ResizeReport {
+    /// One entry per slot acted on, in the order acted on.
+    pub steps: Vec<StepReport>,
+}
+
+impl ResizeReport {
+    /// The first error, if any step failed.
+    pub fn first_error(&self) -> Option<&BackendError> {
+        self.steps.iter().find_map(|s| s.error.as_ref())
+    }
+}
+
+/// Deadlines of one resize.
+#[derive(Debug, Clone, Copy)]
+pub struct ResizeOptions {
+    /// How long the guest may take to release a vCPU (spec.unplugTimeoutSeconds).
+    pub unplug_timeout: Duration,
+    /// How long the guest may take to acknowledge and online a plugged vCPU.
+    pub plug_timeout: Duration,
+}
+
+/// Errors of a backend, each with a message that says what to fix.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum BackendError {
+    /// The VMM binary is not installed.
+    #[error("VMM binary {binary:?} not found: {hint}")]
+    MissingBinary {
+        /// What was looked for.
+        binary: String,
+        /// How to install it.
+        hint: String,
+    },
+    /// A boot path is missing or leaves the image directory.
+    #[error("{field}: {message}")]
+    BootPath {
+        /// The spec field (spec.boot.kernel, spec.boot.initrd).
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The VMM refused a command.
+    #[error("QEMU refused {command} ({class}): {desc}")]
+    Qmp {
+        /// The QMP command.
+        command: String,
+        /// QMP error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// The guest did not finish an operation in time.
+    #[error("the guest did not {what} vCPU slot {slot} within {seconds} s; it stays as it is and the next attempt may retry")]
+    Timeout {
+        /// "release" or "acknowledge" etc.
+        what: &'static str,
+        /// Slot index.
+        slot: u32,
+        /// Deadline in seconds.
+        seconds: f64,
+    },
+    /// The guest agent failed or answered nonsense.
+    #[error("guest agent: {0}")]
+    GuestAgent(String),
+    /// The VMM process is gone.
+    #[error("the VMM of {0} is not running")]
+    NotRunning(String),
+    /// The launcher failed or is unreachable.
+    #[error("launcher: {0}")]
+    Launcher(String),
+    /// The VMM sent something that is not valid protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The plan does not fit this VM (a bug in the caller, or a stale plan).
+    #[error("invalid plan: {0}")]
+    InvalidPlan(String),
+    /// The per-VM state directory is damaged.
+    #[error("state directory {path}: {message}")]
+    State {
+        /// The directory or file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An I/O error.
+    #[error("{context}: {message}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// A bounded category for metric labels (never the message itself).
+    pub fn category(&self) -> &'static str {
+        match self {
+            BackendError::MissingBinary { .. } => "missing_binary",
+            BackendError::BootPath { .. } => "boot_path",
+            BackendError::Qmp { .. } => "vmm_refused",
+            BackendError::Timeout { .. } => "timeout",
+            BackendError::GuestAgent(_) => "guest_agent",
+            BackendError::NotRunning(_) => "not_running",
+            BackendError::Launcher(_) => "launcher",
+            BackendError::Protocol(_) => "protocol",
+            BackendError::InvalidPlan(_) => "invalid_plan",
+            BackendError::State { .. } => "state",
+            BackendError::Io { .. } => "io",
+        }
+    }
+    /// Wrap an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, e: &std::io::Error) -> Self {
+        BackendError::Io { context: context.into(), message: e.to_string() }
+    }
+}
+
+/// Events a running guest reports by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VMM process exited (QMP connection closed and the process is gone).
+    Exited {
+        /// Exit status as the launcher saw it, if known.
+        status: Option<i32>,
+    },
+    /// The guest shut itself down or reset.
+    GuestStopped,
+}
+
+/// Starts, adopts and lists guests on this node.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// Short name for logs and status ("qemu", "simulator").
+    fn name(&self) -> &'static str;
+    /// Start a guest and return its handle once the VMM answers (the guest may still boot).
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
+    /// Guests that are running on this node now (found in the state directory), so a
+    /// restarted agent can adopt them instead of starting them again.
+    async fn running(&self) -> Result<Vec<VmSpec>, BackendError>;
+    /// Re-attach to a running guest.
+    async fn adopt(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
+    /// Remove what is left of a guest that is not running (sockets, per-VM files).
+    async fn cleanup(&self, key: &VmKey) -> Result<(), BackendError>;
+}
+
+/// One running guest. Calls on one handle are serialized by the caller (one plan at a
+/// time per VM); implementations also serialize internally so no two VMM operations
+/// overlap.
+#[async_trait::async_trait]
+pub trait VmHandle: Send + Sync {
+    /// The spec the guest was started with.
+    fn spec(&self) -> &VmSpec;
+    /// Whether the guest agent has answered since boot (boot is complete enough to resize).
+    async fn guest_ready(&self) -> bool;
+    /// Observe every slot now, from the VMM and (where present) the guest agent.
+    async fn observe(&self) -> Result<Observation, BackendError>;
+    /// Carry out a plan: plug (and online through the guest agent), or offline and unplug.
+    async fn resize(&self, plan: &Plan, opts: ResizeOptions) -> ResizeReport;
+    /// CPU seconds consumed so far by each present vCPU's host thread, by slot index.
+    async fn vcpu_cpu_seconds(&self) -> Result<Vec<(u32, f64)>, BackendError>;
+    /// Wait for the next event (VMM exit, guest stop). Returns None when the handle is closed.
+    async fn next_event(&self) -> Option<VmEvent>;
+    /// Stop the guest: ask it to power off, and after `grace` kill the VMM. Idempotent.
+    async fn stop(&self, grace: Duration) -> Result<(), BackendError>;
+}
