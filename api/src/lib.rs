@@ -3,6 +3,8 @@
 //!
 //! Nothing in this crate does I/O.
 
+pub mod conditions;
+pub mod node;
 pub mod planner;
 pub mod types;
 pub mod validate;

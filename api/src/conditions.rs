@@ -1,0 +1,89 @@
+//! Condition types and reasons, and a helper that keeps `lastTransitionTime` honest.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// The operator placed the VM on a node.
+pub const SCHEDULED: &str = "Scheduled";
+/// The VMM runs.
+pub const RUNNING: &str = "Running";
+/// The guest runs with the vCPUs it was asked for.
+pub const READY: &str = "Ready";
+/// A resize waits: reason Deferred (may fit later) or Infeasible (never fits).
+pub const RESIZE_PENDING: &str = "ResizePending";
+/// A resize is being carried out; reason Error when the last attempt failed.
+pub const RESIZE_IN_PROGRESS: &str = "ResizeInProgress";
+
+/// Reason: may fit later.
+pub const REASON_DEFERRED: &str = "Deferred";
+/// Reason: can never fit.
+pub const REASON_INFEASIBLE: &str = "Infeasible";
+/// Reason: the last attempt failed.
+pub const REASON_ERROR: &str = "Error";
+
+/// Set (or replace) the condition of `type_` in `conditions`. `lastTransitionTime` moves
+/// only when the status changes, as the Kubernetes API conventions ask.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    let status_s = if status { "True" } else { "False" }.to_string();
+    let transition = conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .filter(|c| c.status == status_s)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(to_timestamp(now)));
+    let new = Condition {
+        type_: type_.to_string(),
+        status: status_s,
+        reason: reason.to_string(),
+        message: message.into(),
+        observed_generation,
+        last_transition_time: transition,
+    };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => *c = new,
+        None => conditions.push(new),
+    }
+}
+
+/// The condition of `type_`, if present.
+pub fn get_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Whether the condition of `type_` is present and True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    get_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+fn to_timestamp(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_nanosecond(t.timestamp_nanos_opt().unwrap_or(0).into())
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let t0 = DateTime::from_timestamp(1_000, 0).unwrap();
+        let t1 = DateTime::from_timestamp(2_000, 0).unwrap();
+        let mut c = Vec::new();
+        set_condition(&mut c, READY, false, "Booting", "a", Some(1), t0);
+        set_condition(&mut c, READY, false, "Booting", "b", Some(2), t1);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].message, "b");
+        assert_eq!(c[0].last_transition_time.0.as_second(), 1_000);
+        set_condition(&mut c, READY, true, "Running", "c", Some(2), t1);
+        assert_eq!(c[0].last_transition_time.0.as_second(), 2_000);
+        assert!(is_true(&c, READY));
+    }
+}

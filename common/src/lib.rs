@@ -1,0 +1,5 @@
+//! Runtime pieces shared by the operator and the node agent.
+
+pub mod http;
+pub mod lease;
+pub mod logging;

@@ -1,0 +1,649 @@
+//! The operator's reconcile loop, as a pipeline of small steps:
+//! observe (stores) -> decide (pure, [`decide`]) -> act (one API write per step) -> report
+//! (status by server-side apply, Events, metrics).
+
+use crate::metrics::Metrics;
+use crate::placement::{choose_node, Candidate};
+use corescale_api::conditions::{self, set_condition};
+use corescale_api::node::{NodeAnnouncement, AGENT_LEASE_PREFIX};
+use corescale_api::{
+    validate_spec, Phase, RunStrategy, Topology, VirtualMachine, VirtualMachineStatus, FINALIZER,
+    NODE_LABEL, VM_LABEL,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Field manager of the operator's writes.
+pub const MANAGER: &str = "corescale-operator";
+
+/// Errors of one reconcile.
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    /// A write or read against the API server failed.
+    #[error("{action} failed: {source}")]
+    Api {
+        /// What was being done.
+        action: &'static str,
+        /// The client error.
+        source: kube::Error,
+    },
+    /// The object has no namespace (the CRD is namespaced, so this is a bug).
+    #[error("VirtualMachine {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl ReconcileError {
+    /// A bounded category for the errors metric.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ReconcileError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 409 => "conflict",
+            ReconcileError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 404 => "not_found",
+            ReconcileError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 403 => "forbidden",
+            ReconcileError::Api {
+                source: kube::Error::Api(_),
+                ..
+            } => "api_refused",
+            ReconcileError::Api { .. } => "api_unreachable",
+            ReconcileError::NoNamespace(_) => "invalid_object",
+        }
+    }
+}
+
+/// Settings of the operator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Namespace holding the node agents' Leases.
+    pub system_namespace: String,
+    /// How often to retry placing a VM that fits nowhere.
+    pub unschedulable_retry: Duration,
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: Config,
+    /// Node-agent Leases in the system namespace.
+    pub leases: Store<Lease>,
+    /// Node objects (for nodeSelector).
+    pub nodes: Store<Node>,
+    /// All VirtualMachines (for node load).
+    pub vms: Store<VirtualMachine>,
+    /// Placements made but maybe not yet seen in `vms` (the store lags the writes).
+    pub recent: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
+}
+
+/// What one reconcile decided to do. Each variant is one write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Nothing to do now.
+    Nothing,
+    /// The VM is being deleted and its node's agent is alive: it stops the guest and then
+    /// removes the finalizer.
+    WaitForAgent(String),
+    /// Remove our finalizer (never placed, or the node's agent is gone).
+    RemoveFinalizer(String),
+    /// Add our finalizer so deletion waits for the guest to stop.
+    AddFinalizer,
+    /// Write the defaulted topology into the spec so it is fixed for the VM's life.
+    DefaultTopology(Topology),
+    /// The spec breaks a rule that admission should have enforced.
+    Invalid(String),
+    /// Place the VM on `node`; `from` is set when moving off a lost node.
+    Place {
+        /// Target node.
+        node: String,
+        /// Node the VM is moved away from.
+        from: Option<String>,
+    },
+    /// Make sure the labels the node agent selects on are set.
+    Label(String),
+    /// No node fits now.
+    Unschedulable(String),
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Nodes and their agents' announcements.
+    pub candidates: Vec<Candidate>,
+    /// vCPUs wanted per node by the VMs placed there, not counting this VM.
+    pub load: BTreeMap<String, u32>,
+}
+
+impl View {
+    fn live(&self, node: &str) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| c.live && c.announcement.node == node)
+    }
+}
+
+/// Decide the next step for one VM. Pure: unit-tested from fixtures.
+pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
+    let status = vm.status.clone().unwrap_or_default();
+    let has_finalizer = vm.finalizers().iter().any(|f| f == FINALIZER);
+    if vm.meta().deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Decision::Nothing;
+        }
+        return match &status.node_name {
+            Some(n) if view.live(n) => Decision::WaitForAgent(n.clone()),
+            Some(n) => Decision::RemoveFinalizer(format!(
+                "node {n}'s agent is gone; its guest is stopped when the agent returns"
+            )),
+            None => Decision::RemoveFinalizer("the VM was never placed".into()),
+        };
+    }
+    if !has_finalizer {
+        return Decision::AddFinalizer;
+    }
+    if let Err(e) = validate_spec(&vm.spec) {
+        return Decision::Invalid(e.to_string());
+    }
+    let Some(topology) = vm.spec.topology else {
+        return Decision::DefaultTopology(Topology::default_for(vm.spec.cpus));
+    };
+    let max = topology.max_vcpus();
+    match &status.node_name {
+        Some(n) if view.live(n) => {
+            let labelled = vm.labels().get(NODE_LABEL) == Some(n)
+                && vm.labels().get(VM_LABEL) == Some(&vm.name_any());
+            if labelled {
+                Decision::Nothing
+            } else {
+                Decision::Label(n.clone())
+            }
+        }
+        Some(n) if vm.spec.run_strategy == RunStrategy::Halted => {
+            // A halted VM on a lost node has no guest to move; it stays assigned.
+            let _ = n;
+            Decision::Nothing
+        }
+        Some(n) => match choose_node(&vm.spec, max, &view.candidates, &view.load, Some(n)) {
+            Ok(node) => Decision::Place {
+                node,
+                from: Some(n.clone()),
+            },
+            Err(e) => Decision::Unschedulable(format!("node {n}'s agent is gone and {e}")),
+        },
+        None => match choose_node(&vm.spec, max, &view.candidates, &view.load, None) {
+            Ok(node) => Decision::Place { node, from: None },
+            Err(e) => Decision::Unschedulable(e.to_string()),
+        },
+    }
+}
+
+impl Context {
+    /// Build the [`View`] for one VM from the stores.
+    pub fn view(&self, vm: &VirtualMachine) -> View {
+        let now = Timestamp::now();
+        let nodes: HashMap<String, BTreeMap<String, String>> = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
+        let candidates = self
+            .leases
+            .state()
+            .iter()
+            .filter(|l| l.name_any().starts_with(AGENT_LEASE_PREFIX))
+            .filter_map(|l| {
+                let ann = l.annotations();
+                match NodeAnnouncement::from_lease(&l.name_any(), ann) {
+                    Ok(a) => Some(Candidate {
+                        labels: nodes.get(&a.node).cloned().unwrap_or_default(),
+                        live: corescale_common::lease::is_live(l, now),
+                        announcement: a,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring malformed node-agent lease");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let me = ObjectRef::from_obj(vm);
+        let recent = self.recent.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut load = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for other in self.vms.state() {
+            let r = ObjectRef::from_obj(other.as_ref());
+            if r == me {
+                continue;
+            }
+            let node = other.status.as_ref().and_then(|s| s.node_name.clone());
+            let node = recent.get(&r).cloned().or(node);
+            if let Some(n) = node {
+                *load.entry(n).or_insert(0) += other.spec.cpus;
+            }
+            seen.insert(r);
+        }
+        for (r, n) in &recent {
+            if r != &me && !seen.contains(r) {
+                // Placed moments ago and not in the store yet: count it with one vCPU at
+                // least, so a burst of placements does not pile onto one node.
+                *load.entry(n.clone()).or_insert(0) += 1;
+            }
+        }
+        View { candidates, load }
+    }
+}
+
+/// The status the operator owns after placing a VM on `node`.
+fn placed_status(vm: &VirtualMachine, node: &str, message: &str) -> VirtualMachineStatus {
+    let topology = vm.spec.effective_topology();
+    let mut conds = Vec::new();
+    let existing = vm
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if let Some(c) = conditions::get_condition(&existing, conditions::SCHEDULED) {
+        conds.push(c.clone());
+    }
+    set_condition(
+        &mut conds,
+        conditions::SCHEDULED,
+        true,
+        "Placed",
+        message,
+        vm.meta().generation,
+        chrono::Utc::now(),
+    );
+    VirtualMachineStatus {
+        phase: Some(Phase::Scheduled),
+        node_name: Some(node.to_string()),
+        max_cpus: Some(topology.max_vcpus()),
+        topology: Some(topology),
+        selector: Some(format!("{VM_LABEL}={}", vm.name_any())),
+        conditions: conds,
+        ..Default::default()
+    }
+}
+
+fn pending_status(vm: &VirtualMachine, reason: &str, message: &str) -> VirtualMachineStatus {
+    let existing = vm
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut conds: Vec<_> = conditions::get_condition(&existing, conditions::SCHEDULED)
+        .cloned()
+        .into_iter()
+        .collect();
+    set_condition(
+        &mut conds,
+        conditions::SCHEDULED,
+        false,
+        reason,
+        message,
+        vm.meta().generation,
+        chrono::Utc::now(),
+    );
+    let phase = if reason == "InvalidSpec" {
+        Phase::Failed
+    } else {
+        Phase::Pending
+    };
+    VirtualMachineStatus {
+        phase: Some(phase),
+        selector: Some(format!("{VM_LABEL}={}", vm.name_any())),
+        conditions: conds,
+        ..Default::default()
+    }
+}
+
+/// Whether applying `want` would change what the object shows.
+fn status_differs(vm: &VirtualMachine, want: &VirtualMachineStatus) -> bool {
+    let have = vm.status.clone().unwrap_or_default();
+    let cond = |s: &VirtualMachineStatus| {
+        conditions::get_condition(&s.conditions, conditions::SCHEDULED)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    have.phase != want.phase
+        || have.node_name != want.node_name
+        || have.selector != want.selector
+        || have.topology != want.topology
+        || have.max_cpus != want.max_cpus
+        || cond(&have) != cond(want)
+}
+
+async fn apply_status(
+    api: &Api<VirtualMachine>,
+    name: &str,
+    status: &VirtualMachineStatus,
+) -> Result<(), ReconcileError> {
+    let body = json!({
+        "apiVersion": "corescale.dev/v1alpha1",
+        "kind": "VirtualMachine",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        action: "apply status",
+        source,
+    })?;
+    Ok(())
+}
+
+async fn set_finalizers(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    finalizers: Vec<String>,
+) -> Result<(), ReconcileError> {
+    // The resourceVersion makes this a compare-and-swap: a concurrent change of the list
+    // (another controller's finalizer) makes it fail with 409 and we retry on fresh data.
+    let body = json!({"metadata": {
+        "resourceVersion": vm.resource_version(),
+        "finalizers": finalizers,
+    }});
+    api.patch(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        action: "patch finalizers",
+        source,
+    })?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+        tracing::warn!(error = %e, vm = %vm.name_any(), reason, "cannot publish event");
+    }
+}
+
+/// Reconcile one VM: decide, then carry out the one write the decision needs.
+pub async fn reconcile(
+    vm: Arc<VirtualMachine>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let timer = ctx.metrics.reconcile_duration.start_timer();
+    let ns = vm
+        .namespace()
+        .ok_or_else(|| ReconcileError::NoNamespace(vm.name_any()))?;
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = vm.name_any();
+    let view = ctx.view(&vm);
+    let decision = decide(&vm, &view);
+    tracing::debug!(vm = %format!("{ns}/{name}"), ?decision, "reconcile");
+    let action = match decision {
+        Decision::Nothing => Action::requeue(Duration::from_secs(300)),
+        Decision::WaitForAgent(_) => Action::requeue(Duration::from_secs(10)),
+        Decision::RemoveFinalizer(why) => {
+            let rest = vm
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            set_finalizers(&api, &vm, rest).await?;
+            publish(&ctx, &vm, EventType::Normal, "FinalizerRemoved", why).await;
+            forget(&ctx, &vm);
+            Action::await_change()
+        }
+        Decision::AddFinalizer => {
+            let mut all = vm.finalizers().to_vec();
+            all.push(FINALIZER.to_string());
+            set_finalizers(&api, &vm, all).await?;
+            Action::await_change()
+        }
+        Decision::DefaultTopology(t) => {
+            let body = json!({"spec": {"topology": t}});
+            api.patch(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&body))
+                .await
+                .map_err(|source| ReconcileError::Api {
+                    action: "default spec.topology",
+                    source,
+                })?;
+            Action::await_change()
+        }
+        Decision::Invalid(msg) => {
+            let want = pending_status(&vm, "InvalidSpec", &msg);
+            if status_differs(&vm, &want) {
+                apply_status(&api, &name, &want).await?;
+                publish(&ctx, &vm, EventType::Warning, "InvalidSpec", msg).await;
+            }
+            Action::await_change()
+        }
+        Decision::Label(node) => {
+            let body = json!({"metadata": {"labels": {NODE_LABEL: node, VM_LABEL: name}}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|source| ReconcileError::Api {
+                    action: "label VM",
+                    source,
+                })?;
+            Action::requeue(Duration::from_secs(300))
+        }
+        Decision::Place { node, from } => {
+            let free = view
+                .candidates
+                .iter()
+                .find(|c| c.announcement.node == node)
+                .map(|c| {
+                    i64::from(c.announcement.capacity_vcpus)
+                        - i64::from(view.load.get(&node).copied().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            let message = match &from {
+                Some(old) => {
+                    format!("moved from {old} (its agent stopped renewing its lease) to {node}")
+                }
+                None => format!("placed on {node} ({free} free vCPUs)"),
+            };
+            // Status first: the agent acts on the label, and must find nodeName set.
+            apply_status(&api, &name, &placed_status(&vm, &node, &message)).await?;
+            let body = json!({"metadata": {"labels": {NODE_LABEL: node, VM_LABEL: name}}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|source| ReconcileError::Api {
+                    action: "label VM",
+                    source,
+                })?;
+            if let Ok(mut r) = ctx.recent.lock() {
+                r.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
+            }
+            let reason = if from.is_some() {
+                "Rescheduled"
+            } else {
+                "Scheduled"
+            };
+            publish(&ctx, &vm, EventType::Normal, reason, message).await;
+            Action::requeue(Duration::from_secs(300))
+        }
+        Decision::Unschedulable(msg) => {
+            let want = pending_status(&vm, "Unschedulable", &msg);
+            if status_differs(&vm, &want) {
+                apply_status(&api, &name, &want).await?;
+                publish(&ctx, &vm, EventType::Warning, "FailedScheduling", msg).await;
+            }
+            Action::requeue(ctx.config.unschedulable_retry)
+        }
+    };
+    timer.observe_duration();
+    Ok(action)
+}
+
+fn forget(ctx: &Context, vm: &VirtualMachine) {
+    if let Ok(mut r) = ctx.recent.lock() {
+        r.remove(&ObjectRef::from_obj(vm));
+    }
+}
+
+/// Back off after a failed reconcile, and count the failure by category.
+pub fn error_policy(_vm: Arc<VirtualMachine>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[err.category()])
+        .inc();
+    tracing::warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::Candidate;
+    use corescale_api::node::NodeAnnouncement;
+
+    fn vm(yaml: &str) -> VirtualMachine {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn view(live: &[(&str, bool)]) -> View {
+        View {
+            candidates: live
+                .iter()
+                .map(|(n, l)| Candidate {
+                    announcement: NodeAnnouncement {
+                        node: (*n).into(),
+                        capacity_vcpus: 8,
+                        host_cpus: 2,
+                        max_vcpus_per_vm: 64,
+                        accelerator: "tcg".into(),
+                        arches: vec!["x86_64".into()],
+                        version: "t".into(),
+                    },
+                    live: *l,
+                    labels: BTreeMap::new(),
+                })
+                .collect(),
+            load: BTreeMap::new(),
+        }
+    }
+
+    const BASE: &str = "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: x\n  namespace: d\n";
+
+    #[test]
+    fn pipeline_order_finalizer_then_topology_then_place() {
+        let v = vm(&format!("{BASE}spec: {{cpus: 2}}"));
+        assert_eq!(decide(&v, &view(&[("a", true)])), Decision::AddFinalizer);
+        let v = vm(&format!(
+            "{BASE}  finalizers: [{FINALIZER}]\nspec: {{cpus: 2}}"
+        ));
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::DefaultTopology(Topology {
+                sockets: 1,
+                cores: 2,
+                threads: 1
+            })
+        );
+        let v = vm(&format!(
+            "{BASE}  finalizers: [{FINALIZER}]\nspec: {{cpus: 2, topology: {{sockets: 1, cores: 4, threads: 1}}}}"
+        ));
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::Place {
+                node: "a".into(),
+                from: None
+            }
+        );
+        assert!(
+            matches!(decide(&v, &view(&[])), Decision::Unschedulable(m) if m.contains("no node agent is alive"))
+        );
+    }
+
+    #[test]
+    fn placed_vm_is_labelled_then_left_alone_then_moved_when_its_node_is_lost() {
+        let placed = format!(
+            "{BASE}  finalizers: [{FINALIZER}]\nspec: {{cpus: 1, topology: {{sockets: 1, cores: 2, threads: 1}}}}\nstatus: {{nodeName: a}}"
+        );
+        let v = vm(&placed);
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::Label("a".into())
+        );
+        let labelled = placed.replace(
+            "  finalizers:",
+            &format!("  labels: {{{NODE_LABEL}: a, {VM_LABEL}: x}}\n  finalizers:"),
+        );
+        let v = vm(&labelled);
+        assert_eq!(decide(&v, &view(&[("a", true)])), Decision::Nothing);
+        assert_eq!(
+            decide(&v, &view(&[("a", false), ("b", true)])),
+            Decision::Place {
+                node: "b".into(),
+                from: Some("a".into())
+            }
+        );
+        let halted = labelled.replace("cpus: 1,", "cpus: 1, runStrategy: Halted,");
+        assert_eq!(
+            decide(&vm(&halted), &view(&[("a", false), ("b", true)])),
+            Decision::Nothing
+        );
+    }
+
+    #[test]
+    fn deletion_waits_for_a_live_agent_else_releases() {
+        let del = format!(
+            "{BASE}  deletionTimestamp: '2026-01-01T00:00:00Z'\n  finalizers: [{FINALIZER}]\nspec: {{cpus: 1}}\nstatus: {{nodeName: a}}"
+        );
+        let v = vm(&del);
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::WaitForAgent("a".into())
+        );
+        assert!(matches!(
+            decide(&v, &view(&[("a", false)])),
+            Decision::RemoveFinalizer(_)
+        ));
+        let never = del.replace("\nstatus: {nodeName: a}", "");
+        assert!(
+            matches!(decide(&vm(&never), &view(&[])), Decision::RemoveFinalizer(m) if m.contains("never placed"))
+        );
+    }
+
+    #[test]
+    fn invalid_spec_is_reported_not_acted_on() {
+        let v = vm(&format!(
+            "{BASE}  finalizers: [{FINALIZER}]\nspec: {{cpus: 9, topology: {{sockets: 1, cores: 4, threads: 1}}}}"
+        ));
+        assert!(
+            matches!(decide(&v, &view(&[("a", true)])), Decision::Invalid(m) if m.contains("spec.cpus"))
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! Wiring: command-line options, leader election, watches and the controller.
+
+use crate::controller::{self, Config, Context};
+use crate::metrics::Metrics;
+use clap::Parser;
+use corescale_api::node::{NodeAnnouncement, AGENT_LEASE_LABEL};
+use corescale_api::VirtualMachine;
+use corescale_common::lease::{self, LeaseClaim};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// corescale operator: places VirtualMachines on nodes and owns their lifecycle.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// Watch VirtualMachines in this namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespace of the operator's own Lease and of the node agents' Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "corescale-system")]
+    pub system_namespace: String,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Identity in leader election (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Run without leader election (a single replica only).
+    #[arg(long)]
+    pub no_leader_elect: bool,
+    /// Name of the operator's leader-election Lease.
+    #[arg(long, default_value = "corescale-operator")]
+    pub lease_name: String,
+    /// Seconds a leader may go without renewing before another replica takes over.
+    #[arg(long, default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Seconds between placement retries of a VM that fits nowhere.
+    #[arg(long, default_value_t = 15)]
+    pub unschedulable_retry_seconds: u64,
+    /// Log as JSON lines (default) or as text (`--log-format text`).
+    #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+/// Run the operator until it loses leadership or is told to stop.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    corescale_common::logging::init(args.log_format == "json");
+    let client = Client::try_default().await?;
+    let metrics = Metrics::new()?;
+    let health = Arc::new(corescale_common::http::Health::default());
+    let addr =
+        corescale_common::http::serve(args.metrics_addr, metrics.registry.clone(), health.clone())
+            .await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("corescale-operator-{}", std::process::id()));
+    if !args.no_leader_elect {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let claim = LeaseClaim {
+            name: args.lease_name.clone(),
+            holder: identity.clone(),
+            duration: Duration::from_secs(args.lease_seconds),
+            labels: Default::default(),
+            annotations: Default::default(),
+        };
+        let api: Api<Lease> = Api::namespaced(client.clone(), &args.system_namespace);
+        tokio::spawn(lease::hold_forever(api, claim, tx));
+        tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+        rx.wait_for(|l| *l).await?;
+        tracing::info!(%identity, "leading");
+        metrics.leader.set(1);
+        tokio::spawn(async move {
+            // Losing the lease means another replica may act: stop at once, like
+            // controller-runtime does, and let the Deployment restart us as a follower.
+            let _ = rx.wait_for(|l| !*l).await;
+            tracing::error!("lost leadership; exiting");
+            std::process::exit(1);
+        });
+    }
+
+    let vms: Api<VirtualMachine> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &args.system_namespace);
+    let (lease_store, lease_writer) = reflector::store();
+    let lease_stream = reflector(
+        lease_writer,
+        watcher(
+            leases_api,
+            watcher::Config::default().labels(&format!("{AGENT_LEASE_LABEL}=true")),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let (node_store, node_writer) = reflector::store();
+    let node_stream = reflector(node_writer, watcher(nodes_api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+
+    let controller = Controller::new(vms, watcher::Config::default());
+    let vm_store = controller.store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "corescale-operator".into(),
+                instance: Some(identity),
+            },
+        ),
+        metrics: metrics.clone(),
+        config: Config {
+            system_namespace: args.system_namespace.clone(),
+            unschedulable_retry: Duration::from_secs(args.unschedulable_retry_seconds),
+        },
+        leases: lease_store.clone(),
+        nodes: node_store.clone(),
+        vms: vm_store.clone(),
+        recent: Default::default(),
+    });
+
+    // Reconcile every VM when the set of live nodes or their announcements change (an agent
+    // appears, dies, or changes capacity) — not on every Lease renewal, which would make
+    // the work grow with nodes x VMs.
+    let (trigger_tx, trigger_rx) = tokio::sync::mpsc::channel::<()>(1);
+    {
+        let leases = lease_store.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = k8s_openapi::jiff::Timestamp::now();
+                let mut fp: Vec<String> = leases
+                    .state()
+                    .iter()
+                    .filter(|l| lease::is_live(l, now))
+                    .filter_map(|l| {
+                        NodeAnnouncement::from_lease(&l.name_any(), l.annotations()).ok()
+                    })
+                    .map(|a| format!("{a:?}"))
+                    .collect();
+                fp.sort();
+                let fp = fp.join("|");
+                if fp != last {
+                    tracing::info!(nodes = %fp, "live node agents changed");
+                    last = fp;
+                    let _ = trigger_tx.try_send(());
+                }
+            }
+        });
+    }
+    // Phase gauges, recounted from the store.
+    {
+        let store = vm_store.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.count_phases(store.state().iter().map(|v| v.as_ref()));
+            }
+        });
+    }
+    tokio::spawn(lease_stream.for_each(|_| futures::future::ready(())));
+    tokio::spawn(node_stream.for_each(|_| futures::future::ready(())));
+    let trigger = tokio_stream_from(trigger_rx);
+    health.set_ready(true);
+    controller
+        .reconcile_all_on(trigger)
+        .shutdown_on_signal()
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    Ok(())
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
