@@ -1,0 +1,46 @@
+# One entry point per common task. README and .ci/run call these targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+export CORESCALE_CACHE ?= $(HOME)/.cache/corescale
+CRD := crds/virtualmachines.corescale.dev.yaml
+CHART_CRD := charts/corescale/crds/virtualmachines.corescale.dev.yaml
+
+.PHONY: help deps generate check-generated lint test guest e2e bench demo ci clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+deps: ## Install system packages (QEMU 10 from bookworm-backports, etcd, Prometheus, busybox)
+	bash scripts/install-deps.sh
+
+generate: ## Regenerate the CRD into crds/ and the chart
+	$(CARGO) run -q -p corescale-api --bin crdgen > $(CRD).tmp && mv $(CRD).tmp $(CRD)
+	cp $(CRD) $(CHART_CRD)
+
+check-generated: generate ## Fail when generated files differ from the committed ones
+	@git diff --exit-code -- crds charts/corescale/crds || { echo "generated files drifted: run 'make generate' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- crds charts/corescale/crds)" || { echo "untracked generated files: run 'make generate' and commit" >&2; exit 1; }
+
+lint: ## rustfmt and clippy (warnings are errors)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+guest: ## Build (or reuse) the test guest image from Debian packages
+	bash node-vmm/guest/build.sh
+
+test: guest ## Unit and integration tests, real QEMU guests included
+	$(CARGO) test --workspace
+
+e2e: guest ## The whole system: real kube-apiserver, operator, node agents, QEMU guests, Prometheus
+	bash e2e/run.sh
+
+bench: guest ## Benchmarks (print figures; not pass/fail)
+	bash e2e/bench.sh
+
+demo: deps guest ## Bring up a local cluster, apply the example VM and scale it
+	bash e2e/demo.sh
+
+ci: deps check-generated lint test e2e ## Everything CI runs
+
+clean:
+	$(CARGO) clean
