@@ -331,7 +331,7 @@ class Guest:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", f"socket,path={self.qga_path},server=on,wait=off,id=qga0",
             "-device", "isa-serial,chardev=qga0",
-            "-sandbox", "on",
+            "-sandbox", args.sandbox,
             "-no-reboot",
         ]
         self.proc = None
@@ -557,6 +557,51 @@ def expect_qmp_error(g, cmd, args, what):
     return r
 
 
+def qga_protocol_probes(g, tr):
+    """Record the agent's answers to the calls and mistakes a backend will make."""
+    q = g.qga
+    check(q.execute("guest-ping") == {"return": {}}, "guest-ping")
+    q.next_id += 1
+    r = q.execute("guest-sync", {"id": q.next_id})
+    check(r == {"return": q.next_id}, f"guest-sync echoes its id: {r}")
+    r = q.execute("guest-set-vcpus", {"vcpus": [{"logical-id": 0, "online": False}]}, allow_error=True)
+    print(f"  guest-set-vcpus offline cpu0: {json.dumps(r)}", flush=True)
+    check("error" in r, f"offlining cpu0 must fail: {r}")
+    r = q.execute("guest-set-vcpus", {"vcpus": [{"logical-id": 7, "online": True}]}, allow_error=True)
+    print(f"  guest-set-vcpus of an absent cpu7: {json.dumps(r)}", flush=True)
+    check("error" in r, f"onlining an absent CPU must fail: {r}")
+    r = q.execute("guest-set-vcpus", {"vcpus": [{"logical-id": 0, "online": True}]})
+    check(r == {"return": 1}, f"onlining an online CPU is a no-op that counts 1: {r}")
+    r = q.execute("guest-set-vcpus", {"vcpus": [{"logical-id": 0, "online": True}, {"logical-id": 7, "online": True}]},
+                  allow_error=True)
+    print(f"  guest-set-vcpus [cpu0 ok, cpu7 absent]: {json.dumps(r)}", flush=True)
+    check(r == {"return": 1}, f"a batch stops at the first failure and returns how many it did: {r}")
+    # A request's "id" comes back in its reply: a way to pair replies with requests.
+    q._send({"execute": "guest-ping", "id": "corr-1"})
+    r = q._next_obj(now() + 5)
+    tr.log("qga", "<", r)
+    check(r == {"return": {}, "id": "corr-1"}, f"the agent echoes a request's id: {r}")
+    r = q.execute("guest-no-such-command", allow_error=True)
+    check(r.get("error", {}).get("class") == "CommandNotFound", f"unknown command: {r}")
+    # Garbage on the line: the agent answers with an error object (or nothing) and keeps going.
+    q._send({"garbage": "not a command"})
+    r = q._next_obj(now() + 3)
+    tr.log("qga", "<", r)
+    print(f"  agent's answer to a JSON object without 'execute': {json.dumps(r)}", flush=True)
+    # A client that dies mid-request leaves a half-written object in the agent's lexer.
+    q.sock.sendall(b'{"execute": "guest-get-vcpus", "argu')
+    tr.log("qga", ">", {"raw": '{"execute": "guest-get-vcpus", "argu', "then": "disconnect"})
+    q.close()
+    q.connect()
+    t0 = now()
+    attempts = q.sync()
+    tr.note({"resync_after_half_request": {"attempts": attempts, "seconds": round(now() - t0, 4)}})
+    print(f"  resync after a half-written request: {attempts} guest-sync-delimited tries, "
+          f"{(now() - t0) * 1000:.1f} ms", flush=True)
+    v = q.vcpus()
+    check(list(v) == [0], f"agent usable after resync: {v}")
+
+
 # ---- cases ----------------------------------------------------------------------------------
 
 def case_sockets1(args, tr, tm):
@@ -577,6 +622,8 @@ def case_sockets1(args, tr, tm):
         check(fast[0]["qom-path"] == present[0]["qom-path"], "query-cpus-fast qom-path != hotpluggable qom-path")
         v = g.qga.vcpus()
         check(list(v) == [0] and v[0]["online"] and v[0]["can-offline"] is False, f"guest-get-vcpus at boot: {v}")
+
+        qga_protocol_probes(g, tr)
 
         # Errors that must not consume one of the maxcpus vCPU threads.
         boot = present[0]
@@ -802,6 +849,7 @@ def main():
     ap.add_argument("--kernel", default=os.path.join(DEFAULT_GUEST_DIR, "vmlinux"))
     ap.add_argument("--initrd", default=os.path.join(DEFAULT_GUEST_DIR, "initramfs.cpio.gz"))
     ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--sandbox", default="on", help="QEMU -sandbox value (default: on)")
     ap.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU -cpu model (default: {DEFAULT_CPU})")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="run only these cases (repeatable)")
     ap.add_argument("--workdir", default=None, help="where sockets and logs go (default: a temp dir, kept on failure)")
