@@ -216,7 +216,8 @@ pub fn boot_vcpus(
     })
 }
 
-/// Plan the next resize. Slots in `Unplugging` are neither counted nor reused; slots in
+/// Plan the next resize. Slots in `Unplugging` (an unplug that did not finish before its
+/// deadline) are neither counted nor reused, and their unplug is retried first; slots in
 /// `Failed` are reused only after every `Absent` slot.
 pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let t = &input.topology;
@@ -235,6 +236,11 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let current = count_u32(input.slots.iter().filter(|s| s.state.is_active()).count());
 
     let mut plan = Plan::default();
+    plan.unplug.extend(
+        ids.iter()
+            .filter(|s| state(s) == VcpuState::Unplugging && s.index != 0)
+            .map(|s| s.index),
+    );
     if input.target > current {
         let need_units = (input.target - current).div_ceil(unit_u32(unit));
         let free: Vec<&[SlotId]> = units
@@ -427,6 +433,24 @@ mod tests {
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
         assert!(p.plug.is_empty());
         assert_eq!(p.shortfall, 1);
+        assert_eq!(p.unplug, vec![1], "the stuck unplug is retried");
+    }
+
+    #[test]
+    fn stuck_unplugs_are_retried_before_anything_else() {
+        let t = topo(1, 4, 1);
+        let mut s = booted(&t, 3);
+        s[3] = SlotView {
+            state: VcpuState::Unplugging,
+            plugged_seq: 9,
+        };
+        // At target: only the retry.
+        let p = plan(&input(t, Granularity::Thread, Placement::Packed, 3, &s)).unwrap();
+        assert_eq!(p.unplug, vec![3]);
+        assert!(p.plug.is_empty());
+        // Shrinking further: the retry first, then the newest active slot.
+        let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
+        assert_eq!(p.unplug, vec![3, 2]);
     }
 
     #[test]

@@ -243,6 +243,25 @@ pub enum BackendError {
         /// What is wrong.
         message: String,
     },
+    /// The spec cannot run on this backend (the field names what to change).
+    #[error("{field}: {message}")]
+    InvalidSpec {
+        /// The spec field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The VMM process cannot create more vCPUs in its life (QEMU under TCG creates at
+    /// most maxcpus vCPU threads per process, unplugged ones included).
+    #[error("this QEMU process has created {used} of its lifetime budget of {max} vCPU threads (TCG cannot reuse an unplugged vCPU's thread), so it cannot plug {wanted} more; restart the guest (or run it under KVM) to plug again")]
+    VcpuBudget {
+        /// vCPU threads created so far (boot vCPUs included).
+        used: u32,
+        /// The budget: the VM's slot count.
+        max: u32,
+        /// vCPUs the refused step needed.
+        wanted: u32,
+    },
     /// An I/O error.
     #[error("{context}: {message}")]
     Io {
@@ -267,6 +286,8 @@ impl BackendError {
             BackendError::Protocol(_) => "protocol",
             BackendError::InvalidPlan(_) => "invalid_plan",
             BackendError::State { .. } => "state",
+            BackendError::InvalidSpec { .. } => "invalid_spec",
+            BackendError::VcpuBudget { .. } => "vcpu_budget",
             BackendError::Io { .. } => "io",
         }
     }
@@ -288,11 +309,43 @@ pub enum VmEvent {
     GuestStopped,
 }
 
+/// What a node can run, as the backend sees it; announced on the node-agent Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    /// Host CPUs.
+    pub host_cpus: u32,
+    /// Largest VM (vCPU slots) the backend can run.
+    pub max_vcpus_per_vm: u32,
+    /// Accelerator guests get.
+    pub accel: Accel,
+    /// Guest architectures it can run (e.g. "x86_64").
+    pub arches: Vec<String>,
+}
+
+impl NodeCapacity {
+    /// This host's CPUs, 255-slot VMs, TCG, x86_64: what any QEMU can do.
+    pub fn host_default() -> Self {
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        NodeCapacity {
+            host_cpus,
+            max_vcpus_per_vm: corescale_api::MAX_VCPUS,
+            accel: Accel::Tcg,
+            arches: vec!["x86_64".into()],
+        }
+    }
+}
+
 /// Starts, adopts and lists guests on this node.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync {
     /// Short name for logs and status ("qemu", "simulator").
     fn name(&self) -> &'static str;
+    /// What this node can run.
+    fn capacity(&self) -> NodeCapacity {
+        NodeCapacity::host_default()
+    }
     /// Start a guest and return its handle once the VMM answers (the guest may still boot).
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
     /// Guests that are running on this node now (found in the state directory), so a

@@ -3,3 +3,7 @@
 //! VMM processes, and the backends that run guests (QEMU over QMP today).
 
 pub mod backend;
+pub mod agent;
+pub mod images;
+pub mod metrics;
+pub mod sim;

@@ -1,0 +1,1068 @@
+//! One task per VM on this node: it owns the VM's guest handle, takes the latest spec
+//! (level-triggered: bursts of writes coalesce, only the newest target matters), acts one
+//! plan at a time, and reports only what it observed.
+
+use super::decide::{self, Feasibility, SlotBook, Want};
+use super::Shared;
+use crate::backend::{
+    BackendError, Direction, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey,
+    VmSpec,
+};
+use chrono::{DateTime, Utc};
+use corescale_api::conditions::{self as cond, set_condition};
+use corescale_api::{
+    planner, LastResize, Phase, Plan, ResizeResult, VcpuState, VcpuStatus, VirtualMachine,
+    VirtualMachineStatus, FINALIZER,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Field manager of the agent's status writes.
+pub const MANAGER: &str = "node-vmm";
+/// Condition types this agent owns in status (the operator owns Scheduled).
+const OWNED: [&str; 4] = [
+    cond::RUNNING,
+    cond::READY,
+    cond::RESIZE_PENDING,
+    cond::RESIZE_IN_PROGRESS,
+];
+/// How often an idle running VM is observed again (drift, per-vCPU CPU time).
+const IDLE_OBSERVE: Duration = Duration::from_secs(5);
+/// How long a guest may take to boot before the status says so.
+const BOOT_WARN: Duration = Duration::from_secs(120);
+
+/// What the loop waits for after a step.
+enum Next {
+    /// Only a spec change (or a VMM event).
+    Change,
+    /// A spec change, a VMM event, or this much time.
+    After(Duration),
+    /// A spec change, a VMM event, or freed budget.
+    Budget,
+    /// Run again now.
+    Now,
+    /// The worker is done (the guest is gone for good).
+    Exit,
+}
+
+/// The per-VM worker.
+pub struct Worker {
+    key: VmKey,
+    shared: Arc<Shared>,
+    rx: watch::Receiver<Option<Arc<VirtualMachine>>>,
+    handle: Option<Box<dyn VmHandle>>,
+    started_at: Option<Instant>,
+    book: SlotBook,
+    overrides: BTreeMap<u32, VcpuState>,
+    conds: Vec<Condition>,
+    last_resize: Option<LastResize>,
+    phase: Phase,
+    guest_agent: bool,
+    failures: u32,
+    last_applied: Option<serde_json::Value>,
+    last_event: Option<(String, String)>,
+    cpu_seen: HashMap<u32, f64>,
+    max_vcpus: u32,
+    seeded: bool,
+}
+
+impl Worker {
+    /// A worker for `key`, possibly with a guest adopted after an agent restart.
+    pub fn new(
+        key: VmKey,
+        shared: Arc<Shared>,
+        rx: watch::Receiver<Option<Arc<VirtualMachine>>>,
+        adopted: Option<Box<dyn VmHandle>>,
+    ) -> Self {
+        shared.metrics.register_vm(&key.namespace, &key.name);
+        Worker {
+            key,
+            shared,
+            rx,
+            started_at: adopted.as_ref().map(|_| Instant::now()),
+            handle: adopted,
+            book: SlotBook::default(),
+            overrides: BTreeMap::new(),
+            conds: Vec::new(),
+            last_resize: None,
+            phase: Phase::Scheduled,
+            guest_agent: false,
+            failures: 0,
+            last_applied: None,
+            last_event: None,
+            cpu_seen: HashMap::new(),
+            max_vcpus: 0,
+            seeded: false,
+        }
+    }
+
+    /// Run until the VM leaves this node.
+    pub async fn run(mut self) {
+        loop {
+            let vm = self.rx.borrow_and_update().clone();
+            if let Some(vm) = &vm {
+                self.seed_from(vm);
+            }
+            let guest_uid = self.handle.as_ref().map(|h| h.spec().uid.clone());
+            let next = match decide::want(vm.as_deref(), &self.shared.node, guest_uid.as_deref()) {
+                Want::Gone if vm.is_some() => {
+                    // The object was re-created under the same name: stop the old guest and
+                    // start over as a fresh worker for the new object.
+                    self.stop_guest("VM re-created with a new UID").await;
+                    self.reset();
+                    Next::Now
+                }
+                Want::Gone | Want::Leave => {
+                    self.stop_guest("VM left this node").await;
+                    Next::Exit
+                }
+                Want::Delete => {
+                    let vm = vm.expect("Delete implies an object");
+                    self.delete(&vm).await
+                }
+                Want::Halt => {
+                    let vm = vm.expect("Halt implies an object");
+                    self.halt(&vm).await
+                }
+                Want::Run => {
+                    let vm = vm.expect("Run implies an object");
+                    self.run_step(&vm).await
+                }
+            };
+            if !self.wait(next).await {
+                break;
+            }
+        }
+        self.shared.budget.release(&self.key);
+        self.shared
+            .metrics
+            .forget_vm(&self.key.namespace, &self.key.name, self.max_vcpus);
+        tracing::info!(vm = %self.key, "worker done");
+    }
+
+    /// Wait for what `next` asks; false when the worker should end.
+    async fn wait(&mut self, next: Next) -> bool {
+        let sleep = match next {
+            Next::Exit => return false,
+            Next::Now => return true,
+            Next::After(d) => d,
+            Next::Change | Next::Budget => Duration::from_secs(3600),
+        };
+        let budget = matches!(next, Next::Budget);
+        enum Woke {
+            Spec(bool),
+            Vmm(Option<VmEvent>),
+            Other,
+        }
+        let shared = self.shared.clone();
+        let handle = &self.handle;
+        let rx = &mut self.rx;
+        let event = async {
+            match handle {
+                Some(h) => h.next_event().await,
+                None => std::future::pending().await,
+            }
+        };
+        let woke = tokio::select! {
+            r = rx.changed() => Woke::Spec(r.is_ok()),
+            ev = event => Woke::Vmm(ev),
+            _ = shared.budget.freed(), if budget => Woke::Other,
+            _ = tokio::time::sleep(sleep) => Woke::Other,
+        };
+        match woke {
+            // The dispatcher dropped the sender: the agent is shutting down.
+            Woke::Spec(alive) => alive,
+            Woke::Vmm(ev) => {
+                self.on_vmm_event(ev).await;
+                true
+            }
+            Woke::Other => true,
+        }
+    }
+
+    fn seed_from(&mut self, vm: &VirtualMachine) {
+        self.max_vcpus = decide::topology_of(vm).max_vcpus();
+        if self.seeded {
+            return;
+        }
+        self.seeded = true;
+        if let Some(st) = &vm.status {
+            if st.node_name.as_deref() == Some(self.shared.node.as_str()) {
+                self.book.seed(&st.vcpus);
+                self.conds = st
+                    .conditions
+                    .iter()
+                    .filter(|c| OWNED.contains(&c.type_.as_str()))
+                    .cloned()
+                    .collect();
+                self.last_resize = st.last_resize.clone();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.handle = None;
+        self.started_at = None;
+        self.book = SlotBook::default();
+        self.overrides.clear();
+        self.conds.clear();
+        self.last_resize = None;
+        self.phase = Phase::Scheduled;
+        self.failures = 0;
+        self.last_applied = None;
+        self.cpu_seen.clear();
+        self.seeded = false;
+    }
+
+    async fn on_vmm_event(&mut self, ev: Option<VmEvent>) {
+        let what = match ev {
+            Some(VmEvent::Exited { status }) => format!("the VMM exited (status {status:?})"),
+            Some(VmEvent::GuestStopped) => "the guest powered off".to_string(),
+            None => "the VMM connection closed".to_string(),
+        };
+        tracing::warn!(vm = %self.key, %what, "guest lost");
+        if let Some(h) = self.handle.take() {
+            let _ = h.stop(Duration::from_secs(1)).await;
+        }
+        let _ = self.shared.backend.cleanup(&self.key).await;
+        self.started_at = None;
+        self.book = SlotBook::default();
+        self.overrides.clear();
+        self.failures += 1;
+        self.shared
+            .metrics
+            .vmm_restarts
+            .with_label_values(&[&self.key.namespace, &self.key.name])
+            .inc();
+        let now = Utc::now();
+        set_condition(
+            &mut self.conds,
+            cond::RUNNING,
+            false,
+            "VmmExited",
+            what.clone(),
+            None,
+            now,
+        );
+        set_condition(
+            &mut self.conds,
+            cond::READY,
+            false,
+            "VmmExited",
+            what.clone(),
+            None,
+            now,
+        );
+        let vm = self.rx.borrow().clone();
+        if let Some(vm) = vm {
+            self.event(
+                &vm,
+                EventType::Warning,
+                "VmmExited",
+                format!("{what}; restarting per runStrategy"),
+            )
+            .await;
+        }
+        self.phase = Phase::Starting;
+    }
+
+    async fn stop_guest(&mut self, why: &str) {
+        if let Some(h) = self.handle.take() {
+            tracing::info!(vm = %self.key, why, "stopping guest");
+            if let Err(e) = h.stop(self.shared.config.stop_grace).await {
+                tracing::warn!(vm = %self.key, error = %e, "stop failed");
+            }
+        }
+        if let Err(e) = self.shared.backend.cleanup(&self.key).await {
+            tracing::warn!(vm = %self.key, error = %e, "cleanup failed");
+        }
+        self.shared.budget.release(&self.key);
+    }
+
+    async fn delete(&mut self, vm: &VirtualMachine) -> Next {
+        let had_guest = self.handle.is_some();
+        self.stop_guest("VM deleted").await;
+        if had_guest {
+            self.event(
+                vm,
+                EventType::Normal,
+                "Stopped",
+                "guest stopped: the VM is being deleted".into(),
+            )
+            .await;
+        }
+        if vm.finalizers().iter().any(|f| f == FINALIZER) {
+            let rest: Vec<String> = vm
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            let body =
+                json!({"metadata": {"resourceVersion": vm.resource_version(), "finalizers": rest}});
+            match self
+                .api(vm)
+                .patch(
+                    &vm.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&body),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(vm = %self.key, error = %e, "cannot remove finalizer; retrying");
+                    return Next::After(Duration::from_secs(2));
+                }
+            }
+        }
+        Next::Exit
+    }
+
+    async fn halt(&mut self, vm: &VirtualMachine) -> Next {
+        if self.handle.is_some() {
+            self.stop_guest("runStrategy Halted").await;
+            self.event(
+                vm,
+                EventType::Normal,
+                "Stopped",
+                "guest stopped: runStrategy is Halted".into(),
+            )
+            .await;
+        }
+        self.phase = Phase::Stopped;
+        self.book = SlotBook::default();
+        let now = Utc::now();
+        let g = vm.meta().generation;
+        set_condition(
+            &mut self.conds,
+            cond::RUNNING,
+            false,
+            "Halted",
+            "runStrategy is Halted",
+            g,
+            now,
+        );
+        set_condition(
+            &mut self.conds,
+            cond::READY,
+            false,
+            "Halted",
+            "runStrategy is Halted",
+            g,
+            now,
+        );
+        self.report(vm, None).await;
+        Next::Change
+    }
+
+    /// Start, wait for boot, check feasibility, resize, report.
+    async fn run_step(&mut self, vm: &VirtualMachine) -> Next {
+        let now = Utc::now();
+        let generation = vm.meta().generation;
+        let topology = decide::topology_of(vm);
+        if self.handle.is_none() {
+            return self.start(vm).await;
+        }
+        let handle = self.handle.as_ref().expect("checked above");
+        if !handle.guest_ready().await {
+            self.phase = Phase::Starting;
+            let waited = self.started_at.map(|t| t.elapsed()).unwrap_or_default();
+            let msg = if waited > BOOT_WARN {
+                format!(
+                    "the guest agent has not answered for {} s",
+                    waited.as_secs()
+                )
+            } else {
+                "waiting for the guest agent".to_string()
+            };
+            set_condition(
+                &mut self.conds,
+                cond::READY,
+                false,
+                "Booting",
+                msg,
+                generation,
+                now,
+            );
+            self.report(vm, None).await;
+            return Next::After(Duration::from_millis(100));
+        }
+        let obs = match handle.observe().await {
+            Ok(o) => o,
+            Err(e) => return self.observe_failed(vm, e).await,
+        };
+        self.absorb(&obs, now);
+        self.phase = Phase::Running;
+        set_condition(
+            &mut self.conds,
+            cond::RUNNING,
+            true,
+            "Running",
+            "the VMM runs the guest",
+            generation,
+            now,
+        );
+        self.update_cpu_metrics().await;
+
+        let current = obs.online().max(active(&obs));
+        let budget = &self.shared.budget;
+        let feas = decide::feasibility(
+            &vm.spec,
+            &topology,
+            &self.shared.capacity,
+            budget.total(),
+            budget.held_by_others(&self.key),
+            current,
+        );
+        budget.hold(&self.key, current);
+        match feas {
+            Feasibility::Infeasible(msg) => {
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_PENDING,
+                    true,
+                    cond::REASON_INFEASIBLE,
+                    msg.clone(),
+                    generation,
+                    now,
+                );
+                self.set_ready(vm, &obs, now);
+                self.event(vm, EventType::Warning, "Infeasible", msg).await;
+                self.report(vm, Some(&obs)).await;
+                return Next::Change;
+            }
+            Feasibility::Deferred(msg) => {
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_PENDING,
+                    true,
+                    cond::REASON_DEFERRED,
+                    msg.clone(),
+                    generation,
+                    now,
+                );
+                self.set_ready(vm, &obs, now);
+                self.event(vm, EventType::Normal, "Deferred", msg).await;
+                self.report(vm, Some(&obs)).await;
+                return Next::Budget;
+            }
+            Feasibility::Fits => {
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_PENDING,
+                    false,
+                    "Fits",
+                    "",
+                    generation,
+                    now,
+                );
+            }
+        }
+        let plan = match decide::plan_for(vm, &self.book) {
+            Ok(p) => p,
+            Err(e) => {
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_PENDING,
+                    true,
+                    cond::REASON_INFEASIBLE,
+                    e.to_string(),
+                    generation,
+                    now,
+                );
+                self.report(vm, Some(&obs)).await;
+                return Next::Change;
+            }
+        };
+        if plan.is_empty() {
+            self.set_ready(vm, &obs, now);
+            if self.failures == 0 || obs.online() == vm.spec.cpus {
+                self.failures = 0;
+                if cond::get_condition(&self.conds, cond::RESIZE_IN_PROGRESS)
+                    .is_some_and(|c| c.status == "True")
+                {
+                    set_condition(
+                        &mut self.conds,
+                        cond::RESIZE_IN_PROGRESS,
+                        false,
+                        "Done",
+                        "",
+                        generation,
+                        now,
+                    );
+                }
+            }
+            self.report(vm, Some(&obs)).await;
+            return if plan.shortfall > 0 {
+                Next::After(self.backoff())
+            } else {
+                Next::After(IDLE_OBSERVE)
+            };
+        }
+        self.resize(vm, &obs, plan).await
+    }
+
+    async fn start(&mut self, vm: &VirtualMachine) -> Next {
+        let now = Utc::now();
+        let generation = vm.meta().generation;
+        let topology = decide::topology_of(vm);
+        let budget = &self.shared.budget;
+        let boot = planner::boot_vcpus(
+            &topology,
+            vm.spec.granularity,
+            vm.spec.placement,
+            vm.spec.cpus,
+        );
+        let feas = decide::feasibility(
+            &vm.spec,
+            &topology,
+            &self.shared.capacity,
+            budget.total(),
+            budget.held_by_others(&self.key),
+            0,
+        );
+        let reason_msg = match (&feas, &boot) {
+            (Feasibility::Infeasible(m), _) => Some((cond::REASON_INFEASIBLE, m.clone())),
+            (_, Err(e)) => Some((cond::REASON_INFEASIBLE, e.to_string())),
+            (Feasibility::Deferred(m), _) => Some((cond::REASON_DEFERRED, m.clone())),
+            (Feasibility::Fits, Ok(_)) => None,
+        };
+        if let Some((reason, msg)) = reason_msg {
+            set_condition(
+                &mut self.conds,
+                cond::RESIZE_PENDING,
+                true,
+                reason,
+                msg.clone(),
+                generation,
+                now,
+            );
+            set_condition(
+                &mut self.conds,
+                cond::RUNNING,
+                false,
+                reason,
+                msg.clone(),
+                generation,
+                now,
+            );
+            self.phase = if reason == cond::REASON_INFEASIBLE {
+                Phase::Failed
+            } else {
+                Phase::Scheduled
+            };
+            self.event(vm, EventType::Warning, reason, msg).await;
+            self.report(vm, None).await;
+            return if reason == cond::REASON_DEFERRED {
+                Next::Budget
+            } else {
+                Next::Change
+            };
+        }
+        let boot = boot.unwrap_or(1);
+        let spec = match self.shared.vm_spec(vm, topology, boot) {
+            Ok(s) => s,
+            Err(e) => return self.start_failed(vm, e).await,
+        };
+        let restarted = self.failures > 0;
+        match self.shared.backend.start(&spec).await {
+            Ok(h) => {
+                self.handle = Some(h);
+                self.started_at = Some(Instant::now());
+                self.phase = Phase::Starting;
+                budget.hold(&self.key, boot);
+                set_condition(
+                    &mut self.conds,
+                    cond::RUNNING,
+                    true,
+                    "Started",
+                    format!("{} started the guest", self.shared.backend.name()),
+                    generation,
+                    now,
+                );
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_PENDING,
+                    false,
+                    "Fits",
+                    "",
+                    generation,
+                    now,
+                );
+                let (reason, what) = if restarted {
+                    ("VmmRestarted", "restarted")
+                } else {
+                    ("Started", "started")
+                };
+                let msg = format!(
+                    "guest {what} on {} with {boot} of {} vCPUs ({})",
+                    self.shared.node,
+                    topology.max_vcpus(),
+                    spec.accel.as_str()
+                );
+                self.event(vm, EventType::Normal, reason, msg).await;
+                self.report(vm, None).await;
+                Next::Now
+            }
+            Err(e) => self.start_failed(vm, e).await,
+        }
+    }
+
+    async fn start_failed(&mut self, vm: &VirtualMachine, e: BackendError) -> Next {
+        let now = Utc::now();
+        self.failures += 1;
+        self.phase = Phase::Failed;
+        let msg = e.to_string();
+        set_condition(
+            &mut self.conds,
+            cond::RUNNING,
+            false,
+            "StartFailed",
+            msg.clone(),
+            vm.meta().generation,
+            now,
+        );
+        self.event(vm, EventType::Warning, "StartFailed", msg).await;
+        self.report(vm, None).await;
+        Next::After(self.backoff())
+    }
+
+    async fn observe_failed(&mut self, vm: &VirtualMachine, e: BackendError) -> Next {
+        tracing::warn!(vm = %self.key, error = %e, "cannot observe guest");
+        let now = Utc::now();
+        set_condition(
+            &mut self.conds,
+            cond::READY,
+            false,
+            "ObserveFailed",
+            e.to_string(),
+            vm.meta().generation,
+            now,
+        );
+        self.report(vm, None).await;
+        Next::After(Duration::from_secs(1))
+    }
+
+    fn absorb(&mut self, obs: &Observation, now: DateTime<Utc>) {
+        self.guest_agent = obs.guest_agent;
+        self.book.update(obs, &self.overrides, now);
+    }
+
+    fn set_ready(&mut self, vm: &VirtualMachine, obs: &Observation, now: DateTime<Utc>) {
+        let online = obs.online();
+        let g = vm.meta().generation;
+        if online == vm.spec.cpus {
+            let how = if obs.guest_agent {
+                "online"
+            } else {
+                "present (no guest agent to tell online state)"
+            };
+            set_condition(
+                &mut self.conds,
+                cond::READY,
+                true,
+                "Ready",
+                format!("{online} vCPUs {how}"),
+                g,
+                now,
+            );
+        } else {
+            let msg = format!("{online} of {} vCPUs online", vm.spec.cpus);
+            set_condition(&mut self.conds, cond::READY, false, "Resizing", msg, g, now);
+        }
+    }
+
+    async fn resize(&mut self, vm: &VirtualMachine, before: &Observation, plan: Plan) -> Next {
+        let started = Utc::now();
+        let t0 = Instant::now();
+        let generation = vm.meta().generation;
+        let from = before.online();
+        let to = vm.spec.cpus;
+        let shared = self.shared.clone();
+        let budget = &shared.budget;
+        budget.hold(&self.key, from.max(to));
+        for &s in &plan.plug {
+            self.overrides.insert(s, VcpuState::Plugging);
+        }
+        for &s in &plan.unplug {
+            self.overrides.insert(s, VcpuState::Unplugging);
+        }
+        self.book.update(before, &self.overrides, started);
+        let msg = format!("{from} -> {to} vCPUs");
+        set_condition(
+            &mut self.conds,
+            cond::RESIZE_IN_PROGRESS,
+            true,
+            "Resizing",
+            msg.clone(),
+            generation,
+            started,
+        );
+        self.last_resize = Some(LastResize {
+            from,
+            to,
+            started_at: started,
+            finished_at: None,
+            seconds: None,
+            applied_seconds: None,
+            acked_seconds: None,
+            online_seconds: None,
+            result: ResizeResult::InProgress,
+            message: None,
+        });
+        self.report(vm, Some(before)).await;
+
+        let opts = ResizeOptions {
+            unplug_timeout: Duration::from_secs(vm.spec.unplug_timeout_seconds.into()),
+            plug_timeout: self.shared.config.plug_timeout,
+        };
+        let handle = self.handle.as_ref().expect("resize needs a guest");
+        let report = handle.resize(&plan, opts).await;
+        let after = handle.observe().await;
+        let finished = Utc::now();
+        let seconds = t0.elapsed().as_secs_f64();
+        self.record_metrics(&report, seconds);
+
+        // Slots whose step failed keep an honest state: a failed plug that the guest did
+        // not get is Failed; a failed unplug that the guest still has stays Unplugging.
+        self.overrides.clear();
+        for step in report.steps.iter().filter(|s| s.error.is_some()) {
+            let st = match step.direction {
+                Direction::Plug => VcpuState::Failed,
+                Direction::Unplug => VcpuState::Unplugging,
+            };
+            self.overrides.insert(step.slot, st);
+        }
+        let after = match after {
+            Ok(o) => o,
+            Err(e) => return self.observe_failed(vm, e).await,
+        };
+        // An Unplugging override only holds while the guest still has the vCPU.
+        self.overrides.retain(|s, st| {
+            *st != VcpuState::Unplugging
+                || after
+                    .slots
+                    .get(usize::try_from(*s).unwrap_or(usize::MAX))
+                    .is_some_and(|o| o.state.is_active())
+        });
+        self.absorb(&after, finished);
+        let online = after.online();
+        budget.hold(&self.key, online.max(active(&after)));
+        let phase_max = |f: fn(&crate::backend::StepReport) -> Option<Duration>| {
+            report
+                .steps
+                .iter()
+                .filter_map(f)
+                .map(|d| d.as_secs_f64())
+                .reduce(f64::max)
+        };
+        let err = report.first_error().cloned();
+        let result = if err.is_none() && online == to {
+            ResizeResult::Succeeded
+        } else {
+            ResizeResult::Failed
+        };
+        let message = match (&err, result) {
+            (Some(e), _) => Some(e.to_string()),
+            (None, ResizeResult::Failed) => {
+                Some(format!("the guest has {online} vCPUs online, not {to}"))
+            }
+            _ => None,
+        };
+        self.last_resize = Some(LastResize {
+            from,
+            to,
+            started_at: started,
+            finished_at: Some(finished),
+            seconds: Some(seconds),
+            applied_seconds: phase_max(|s| s.applied),
+            acked_seconds: phase_max(|s| s.acked),
+            online_seconds: phase_max(|s| s.online),
+            result,
+            message: message.clone(),
+        });
+        self.set_ready(vm, &after, finished);
+        let next = if result == ResizeResult::Succeeded {
+            self.failures = 0;
+            set_condition(
+                &mut self.conds,
+                cond::RESIZE_IN_PROGRESS,
+                false,
+                "Done",
+                format!("{from} -> {online} vCPUs in {seconds:.2} s"),
+                generation,
+                finished,
+            );
+            self.event(
+                vm,
+                EventType::Normal,
+                "Resized",
+                format!("{from} -> {online} vCPUs in {seconds:.2} s"),
+            )
+            .await;
+            Next::Now
+        } else {
+            self.failures += 1;
+            let m = message.unwrap_or_default();
+            set_condition(
+                &mut self.conds,
+                cond::RESIZE_IN_PROGRESS,
+                true,
+                cond::REASON_ERROR,
+                m.clone(),
+                generation,
+                finished,
+            );
+            self.event(
+                vm,
+                EventType::Warning,
+                "ResizeFailed",
+                format!("{from} -> {to} vCPUs stopped at {online}: {m}"),
+            )
+            .await;
+            Next::After(self.backoff())
+        };
+        self.report(vm, Some(&after)).await;
+        next
+    }
+
+    fn record_metrics(&self, report: &ResizeReport, _seconds: f64) {
+        let m = &self.shared.metrics;
+        let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
+        for s in &report.steps {
+            let d = s.direction.as_str();
+            let result = if s.error.is_some() {
+                "failure"
+            } else {
+                "success"
+            };
+            m.hotplug_ops
+                .with_label_values(&[ns, name, d, result])
+                .inc();
+            let phases = [
+                ("applied", s.applied),
+                ("acked", s.acked),
+                ("online", s.online),
+            ];
+            for (p, v) in phases {
+                if let Some(v) = v {
+                    m.hotplug_seconds
+                        .with_label_values(&[ns, name, d, p])
+                        .observe(v.as_secs_f64());
+                }
+            }
+            if s.error.is_none() {
+                let total = s.online.or(s.acked).or(s.applied);
+                if let Some(t) = total {
+                    m.hotplug_seconds
+                        .with_label_values(&[ns, name, d, "total"])
+                        .observe(t.as_secs_f64());
+                }
+            }
+        }
+    }
+
+    async fn update_cpu_metrics(&mut self) {
+        let Some(h) = &self.handle else { return };
+        let Ok(times) = h.vcpu_cpu_seconds().await else {
+            return;
+        };
+        for (slot, secs) in times {
+            let seen = self.cpu_seen.entry(slot).or_insert(0.0);
+            if secs > *seen {
+                self.shared
+                    .metrics
+                    .vcpu_cpu_seconds
+                    .with_label_values(&[&self.key.namespace, &self.key.name, &slot.to_string()])
+                    .inc_by(secs - *seen);
+            }
+            *seen = secs;
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        let exp = self.failures.min(6);
+        Duration::from_secs(1u64 << exp).min(Duration::from_secs(60))
+    }
+
+    fn api(&self, vm: &VirtualMachine) -> Api<VirtualMachine> {
+        Api::namespaced(
+            self.shared.client.clone(),
+            &vm.namespace().unwrap_or_default(),
+        )
+    }
+
+    async fn event(&mut self, vm: &VirtualMachine, type_: EventType, reason: &str, note: String) {
+        // Repeated identical decisions (a Deferred VM re-checked) make one Event, not many.
+        let key = (reason.to_string(), note.clone());
+        if self.last_event.as_ref() == Some(&key) {
+            return;
+        }
+        self.last_event = Some(key);
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.shared.recorder.publish(&ev, &vm.object_ref(&())).await {
+            tracing::warn!(vm = %self.key, error = %e, reason, "cannot publish event");
+        }
+    }
+
+    /// Build the status from what was observed and apply it (server-side apply, manager
+    /// `node-vmm`), unless it equals what was applied last.
+    async fn report(&mut self, vm: &VirtualMachine, obs: Option<&Observation>) {
+        let status = self.status(vm, obs);
+        self.export_gauges(vm, &status);
+        let body = json!({
+            "apiVersion": "corescale.dev/v1alpha1",
+            "kind": "VirtualMachine",
+            "status": status,
+        });
+        if self.last_applied.as_ref() == Some(&body) {
+            return;
+        }
+        let pp = PatchParams::apply(MANAGER).force();
+        match self
+            .api(vm)
+            .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => self.last_applied = Some(body),
+            Err(e) => {
+                // The API server may be down: the guest is untouched, and the next step
+                // applies the status again.
+                tracing::warn!(vm = %self.key, error = %e, "cannot apply status");
+                self.last_applied = None;
+            }
+        }
+    }
+
+    /// The status this agent owns, from the book (observed states) and the conditions.
+    fn status(&self, vm: &VirtualMachine, obs: Option<&Observation>) -> VirtualMachineStatus {
+        let topology = decide::topology_of(vm);
+        let running = self.handle.is_some();
+        let vcpus: Vec<VcpuStatus> = corescale_api::planner::slots(&topology)
+            .into_iter()
+            .map(|s| {
+                let (state, since) = match self.book.slots.get(&s.index) {
+                    Some((st, t)) if running => (*st, Some(*t)),
+                    _ => (VcpuState::Absent, None),
+                };
+                let guest_cpu = obs
+                    .and_then(|o| o.slots.get(usize::try_from(s.index).ok()?))
+                    .and_then(|o| o.guest_cpu);
+                VcpuStatus {
+                    index: s.index,
+                    socket: s.socket,
+                    core: s.core,
+                    thread: s.thread,
+                    numa_node: s.numa_node(),
+                    state,
+                    since,
+                    guest_cpu,
+                }
+            })
+            .collect();
+        let cpus = obs.map(Observation::online).unwrap_or(0);
+        let cpus = if running { Some(cpus) } else { Some(0) };
+        VirtualMachineStatus {
+            phase: Some(self.phase),
+            cpus,
+            vcpus,
+            accelerator: running.then(|| self.shared.capacity.accel.as_str().to_string()),
+            guest_agent: running.then(|| {
+                if self.guest_agent {
+                    "Connected"
+                } else {
+                    "Absent"
+                }
+                .to_string()
+            }),
+            conditions: self.conds.clone(),
+            observed_generation: vm.meta().generation,
+            last_resize: self.last_resize.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn export_gauges(&self, vm: &VirtualMachine, status: &VirtualMachineStatus) {
+        let m = &self.shared.metrics;
+        let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
+        let count = |st: VcpuState| {
+            i64::try_from(status.vcpus.iter().filter(|v| v.state == st).count()).unwrap_or(i64::MAX)
+        };
+        let present = count(VcpuState::Present) + count(VcpuState::Online);
+        let values = [
+            ("desired", i64::from(vm.spec.cpus)),
+            ("online", i64::from(status.cpus.unwrap_or(0))),
+            ("present", present),
+            ("plugging", count(VcpuState::Plugging)),
+            ("unplugging", count(VcpuState::Unplugging)),
+            ("max", i64::from(decide::topology_of(vm).max_vcpus())),
+        ];
+        for (state, v) in values {
+            m.vcpus.with_label_values(&[ns, name, state]).set(v);
+        }
+        m.set_phase(ns, name, self.phase);
+        for reason in crate::metrics::PENDING_REASONS {
+            let on = cond::get_condition(&status.conditions, cond::RESIZE_PENDING)
+                .is_some_and(|c| c.status == "True" && c.reason == reason);
+            m.resize_pending
+                .with_label_values(&[ns, name, reason])
+                .set(i64::from(on));
+        }
+    }
+}
+
+fn active(obs: &Observation) -> u32 {
+    u32::try_from(obs.slots.iter().filter(|s| s.state.is_active()).count()).unwrap_or(u32::MAX)
+}
+
+/// Build the backend's start request for a VM.
+pub fn vm_spec_of(
+    vm: &VirtualMachine,
+    topology: corescale_api::Topology,
+    boot_vcpus: u32,
+    accel: crate::backend::Accel,
+    kernel: std::path::PathBuf,
+    initrd: Option<std::path::PathBuf>,
+) -> Result<VmSpec, BackendError> {
+    let bytes = corescale_api::validate::parse_quantity(&vm.spec.memory.0).ok_or_else(|| {
+        BackendError::InvalidPlan(format!(
+            "spec.memory {:?} is not a quantity",
+            vm.spec.memory.0
+        ))
+    })?;
+    Ok(VmSpec {
+        namespace: vm.namespace().unwrap_or_default(),
+        name: vm.name_any(),
+        uid: vm.uid().unwrap_or_default(),
+        topology,
+        granularity: vm.spec.granularity,
+        placement: vm.spec.placement,
+        boot_vcpus,
+        memory_mib: bytes / (1 << 20),
+        arch: vm.spec.effective_arch(),
+        kernel,
+        initrd,
+        cmdline: vm
+            .spec
+            .boot
+            .as_ref()
+            .and_then(|b| b.cmdline.clone())
+            .unwrap_or_default(),
+        accel,
+    })
+}

@@ -1,0 +1,417 @@
+//! The node agent's decide/act/report steps against a mocked API server (tower-test) and
+//! the simulated backend: every status write and Event the worker sends is recorded and
+//! checked. The same worker drives real QEMU guests in the e2e suite.
+
+use corescale_api::{VirtualMachine, FINALIZER};
+use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
+use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity, VmKey};
+use corescale_node_vmm::metrics::Metrics;
+use corescale_node_vmm::sim::{SimBackend, SimDelays};
+use http::{Request, Response};
+use kube::client::Body;
+use kube::Client;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+struct Call {
+    method: String,
+    uri: String,
+    body: Value,
+}
+
+/// A mocked API server that answers every request and records it.
+fn api() -> (Client, Arc<Mutex<Vec<Call>>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let rec = calls.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let reply = if uri.contains("/events") {
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}})
+            } else {
+                json!({"apiVersion": "corescale.dev/v1alpha1", "kind": "VirtualMachine",
+                       "metadata": {"name": "x", "namespace": "d"}, "spec": {"cpus": 1}})
+            };
+            rec.lock().unwrap().push(Call { method, uri, body });
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(reply.to_string().into_bytes()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(svc, "default"), calls)
+}
+
+fn fast() -> SimDelays {
+    SimDelays {
+        boot: Duration::from_millis(20),
+        applied: Duration::from_millis(1),
+        acked: Duration::from_millis(5),
+        online: Duration::from_millis(5),
+    }
+}
+
+fn setup(host_cpus: u32, overcommit: f64) -> (Arc<Shared>, Arc<SimBackend>, Arc<Mutex<Vec<Call>>>) {
+    let (client, calls) = api();
+    let cap = NodeCapacity {
+        host_cpus,
+        max_vcpus_per_vm: 16,
+        accel: Accel::Tcg,
+        arches: vec!["x86_64".into()],
+    };
+    let sim = Arc::new(SimBackend::new(fast(), cap));
+    let backend: Arc<dyn Backend> = sim.clone();
+    let config = Config {
+        system_namespace: "corescale-system".into(),
+        lease_duration: Duration::from_secs(15),
+        overcommit,
+        plug_timeout: Duration::from_secs(5),
+        stop_grace: Duration::from_millis(100),
+    };
+    let shared = agent::shared(
+        client,
+        "n1".into(),
+        backend,
+        None,
+        Metrics::new().unwrap(),
+        config,
+    );
+    (shared, sim, calls)
+}
+
+fn vm(name: &str, spec: &str, extra_meta: &str) -> Arc<VirtualMachine> {
+    Arc::new(
+        serde_yaml::from_str(&format!(
+            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  namespace: d\n  uid: uid-{name}\n  generation: 1\n  resourceVersion: '5'\n  finalizers: [{FINALIZER}]\n{extra_meta}spec: {spec}\nstatus: {{nodeName: n1, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
+        ))
+        .unwrap(),
+    )
+}
+
+fn key(name: &str) -> VmKey {
+    VmKey {
+        namespace: "d".into(),
+        name: name.into(),
+    }
+}
+
+fn statuses(calls: &Mutex<Vec<Call>>, name: &str) -> Vec<Value> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c.method == "PATCH" && c.uri.contains(&format!("/virtualmachines/{name}/status"))
+        })
+        .map(|c| c.body["status"].clone())
+        .collect()
+}
+
+fn events(calls: &Mutex<Vec<Call>>) -> Vec<(String, String)> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.uri.contains("/events"))
+        .map(|c| {
+            (
+                c.body["reason"].as_str().unwrap_or("").into(),
+                c.body["note"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect()
+}
+
+/// Wait until `f` holds for the recorded calls.
+async fn until(calls: &Arc<Mutex<Vec<Call>>>, what: &str, f: impl Fn(&Mutex<Vec<Call>>) -> bool) {
+    for _ in 0..500 {
+        if f(calls) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dump: Vec<String> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {} {}", c.method, c.uri, c.body))
+        .collect();
+    panic!("timed out waiting for {what}; calls:\n{}", dump.join("\n"));
+}
+
+fn last_status_has(calls: &Mutex<Vec<Call>>, name: &str, f: impl Fn(&Value) -> bool) -> bool {
+    statuses(calls, name).last().is_some_and(f)
+}
+
+fn cond<'a>(st: &'a Value, t: &str) -> Option<&'a Value> {
+    st["conditions"].as_array()?.iter().find(|c| c["type"] == t)
+}
+
+#[tokio::test]
+async fn start_then_resize_reports_only_what_was_observed() {
+    let (shared, _sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("a"), Some(vm("a", "{cpus: 1}", "")));
+    until(&calls, "Running with 1 vCPU", |c| {
+        last_status_has(c, "a", |s| s["phase"] == "Running" && s["cpus"] == 1)
+    })
+    .await;
+    let st = statuses(&calls, "a");
+    assert!(
+        st.iter().any(|s| s["phase"] == "Starting"),
+        "Starting before Running: {st:?}"
+    );
+    assert!(
+        statuses(&calls, "a")
+            .iter()
+            .all(|s| s["cpus"].as_u64() <= Some(1)),
+        "never claims more than observed"
+    );
+    assert!(events(&calls)
+        .iter()
+        .any(|(r, n)| r == "Started" && n.contains("with 1 of 4 vCPUs")));
+
+    d.dispatch(key("a"), Some(vm("a", "{cpus: 3}", "")));
+    until(&calls, "3 vCPUs online", |c| {
+        last_status_has(c, "a", |s| {
+            s["cpus"] == 3 && s["lastResize"]["result"] == "Succeeded"
+        })
+    })
+    .await;
+    let st = statuses(&calls, "a");
+    // While acting, the slots being plugged are shown as Plugging, and cpus is still 1.
+    assert!(
+        st.iter().any(|s| s["cpus"] == 1
+            && s["vcpus"][1]["state"] == "Plugging"
+            && s["lastResize"]["result"] == "InProgress"),
+        "an in-progress status: {st:?}"
+    );
+    let last = st.last().unwrap();
+    let states: Vec<&str> = last["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Online", "Online", "Online", "Absent"]);
+    assert_eq!(cond(last, "Ready").unwrap()["status"], "True");
+    assert_eq!(cond(last, "ResizeInProgress").unwrap()["status"], "False");
+    assert!(last["lastResize"]["seconds"].as_f64().unwrap() > 0.0);
+    assert!(events(&calls)
+        .iter()
+        .any(|(r, n)| r == "Resized" && n.starts_with("1 -> 3 vCPUs in ")));
+    // Status writes are server-side applies owned by node-vmm.
+    let uris: Vec<String> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.uri.contains("/status"))
+        .map(|c| c.uri.clone())
+        .collect();
+    assert!(
+        uris.iter()
+            .all(|u| u.contains("fieldManager=node-vmm") && u.contains("force=true")),
+        "{uris:?}"
+    );
+}
+
+#[tokio::test]
+async fn infeasible_target_says_why_and_touches_nothing() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("b"), Some(vm("b", "{cpus: 2}", "")));
+    until(&calls, "running", |c| {
+        last_status_has(c, "b", |s| s["cpus"] == 2)
+    })
+    .await;
+    // Topology fixed at placement is 1x4x1: 6 can never fit.
+    d.dispatch(key("b"), Some(vm("b", "{cpus: 6}", "")));
+    until(&calls, "Infeasible", |c| {
+        last_status_has(c, "b", |s| {
+            cond(s, "ResizePending")
+                .is_some_and(|c| c["status"] == "True" && c["reason"] == "Infeasible")
+        })
+    })
+    .await;
+    let last = statuses(&calls, "b").pop().unwrap();
+    assert!(cond(&last, "ResizePending").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("above the VM's maximum of 4"));
+    assert_eq!(last["cpus"], 2, "the guest keeps what it had");
+    assert!(events(&calls).iter().any(|(r, _)| r == "Infeasible"));
+    let running = sim.running().await.unwrap();
+    assert_eq!(running.len(), 1);
+}
+
+#[tokio::test]
+async fn deferred_resize_proceeds_when_room_appears() {
+    // Budget: 4 host CPUs x 1.0 = 4 vCPUs.
+    let (shared, _sim, calls) = setup(4, 1.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("big"), Some(vm("big", "{cpus: 3}", "")));
+    until(&calls, "big running", |c| {
+        last_status_has(c, "big", |s| s["cpus"] == 3)
+    })
+    .await;
+    d.dispatch(key("small"), Some(vm("small", "{cpus: 1}", "")));
+    until(&calls, "small running", |c| {
+        last_status_has(c, "small", |s| s["cpus"] == 1)
+    })
+    .await;
+    d.dispatch(key("small"), Some(vm("small", "{cpus: 2}", "")));
+    until(&calls, "small deferred", |c| {
+        last_status_has(c, "small", |s| {
+            cond(s, "ResizePending")
+                .is_some_and(|c| c["status"] == "True" && c["reason"] == "Deferred")
+        })
+    })
+    .await;
+    assert!(events(&calls)
+        .iter()
+        .any(|(r, n)| r == "Deferred" && n.contains("3 of 4 vCPUs are promised")));
+    d.dispatch(key("big"), Some(vm("big", "{cpus: 1}", "")));
+    until(&calls, "small grows by itself", |c| {
+        last_status_has(c, "small", |s| s["cpus"] == 2)
+    })
+    .await;
+    let last = statuses(&calls, "small").pop().unwrap();
+    assert_eq!(cond(&last, "ResizePending").unwrap()["status"], "False");
+}
+
+#[tokio::test]
+async fn unplug_deadline_leaves_the_slot_unplugging_and_says_so() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(
+        key("c"),
+        Some(vm("c", "{cpus: 2, unplugTimeoutSeconds: 1}", "")),
+    );
+    until(&calls, "running", |c| {
+        last_status_has(c, "c", |s| s["cpus"] == 2)
+    })
+    .await;
+    sim.vm(&key("c"))
+        .unwrap()
+        .refuse_unplug
+        .store(true, Ordering::SeqCst);
+    d.dispatch(
+        key("c"),
+        Some(vm("c", "{cpus: 1, unplugTimeoutSeconds: 1}", "")),
+    );
+    until(&calls, "failed unplug", |c| {
+        last_status_has(c, "c", |s| s["lastResize"]["result"] == "Failed")
+    })
+    .await;
+    let last = statuses(&calls, "c").pop().unwrap();
+    assert_eq!(last["vcpus"][1]["state"], "Unplugging");
+    let rip = cond(&last, "ResizeInProgress").unwrap();
+    assert_eq!(rip["status"], "True");
+    assert_eq!(rip["reason"], "Error");
+    assert!(
+        rip["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not release vCPU slot 1 within 1 s"),
+        "{rip}"
+    );
+    assert!(events(&calls).iter().any(|(r, _)| r == "ResizeFailed"));
+    // The guest lets go: the retry (with backoff) completes.
+    sim.vm(&key("c"))
+        .unwrap()
+        .refuse_unplug
+        .store(false, Ordering::SeqCst);
+    until(&calls, "retry completes", |c| {
+        last_status_has(c, "c", |s| {
+            s["cpus"] == 1 && s["lastResize"]["result"] == "Succeeded"
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deletion_stops_the_guest_then_removes_the_finalizer() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("e"), Some(vm("e", "{cpus: 1}", "")));
+    until(&calls, "running", |c| {
+        last_status_has(c, "e", |s| s["phase"] == "Running")
+    })
+    .await;
+    d.dispatch(
+        key("e"),
+        Some(vm(
+            "e",
+            "{cpus: 1}",
+            "  deletionTimestamp: '2026-01-01T00:00:00Z'\n",
+        )),
+    );
+    until(&calls, "finalizer removed", |c| {
+        c.lock().unwrap().iter().any(|c| {
+            c.method == "PATCH"
+                && c.uri.contains("/virtualmachines/e?")
+                && c.body["metadata"]["finalizers"] == json!([])
+        })
+    })
+    .await;
+    assert!(
+        sim.running().await.unwrap().is_empty(),
+        "guest stopped before the finalizer went"
+    );
+    assert!(events(&calls).iter().any(|(r, _)| r == "Stopped"));
+}
+
+#[tokio::test]
+async fn a_dead_vmm_is_noticed_and_restarted() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("f"), Some(vm("f", "{cpus: 2}", "")));
+    until(&calls, "running", |c| {
+        last_status_has(c, "f", |s| s["cpus"] == 2)
+    })
+    .await;
+    sim.vm(&key("f")).unwrap().crash();
+    until(&calls, "restarted", |c| {
+        events(c).iter().any(|(r, _)| r == "VmmRestarted")
+            && last_status_has(c, "f", |s| s["phase"] == "Running" && s["cpus"] == 2)
+    })
+    .await;
+    assert!(events(&calls).iter().any(|(r, _)| r == "VmmExited"));
+}
+
+#[tokio::test]
+async fn guests_without_an_object_are_stopped_after_the_first_list() {
+    let (shared, sim, _calls) = setup(4, 2.0);
+    let spec = shared
+        .vm_spec(
+            &vm("orphan", "{cpus: 1}", ""),
+            corescale_api::Topology {
+                sockets: 1,
+                cores: 4,
+                threads: 1,
+            },
+            1,
+        )
+        .unwrap();
+    sim.start(&spec).await.unwrap();
+    let adopted = agent::adopt_running(sim.as_ref()).await;
+    assert_eq!(adopted.len(), 1);
+    let mut d = Dispatcher::new(shared, adopted);
+    d.init_done();
+    for _ in 0..200 {
+        if sim.running().await.unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the orphan guest is still running");
+}
