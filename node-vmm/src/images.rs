@@ -53,7 +53,9 @@ impl ImageDir {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+                let home = std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/root"));
                 home.join(".cache").join("corescale")
             });
         cache.join("guest").join("x86_64")
@@ -66,29 +68,41 @@ impl ImageDir {
 
     /// Resolve `spec.boot` (absent or empty fields take the defaults).
     pub fn resolve(&self, boot: Option<&Boot>) -> Result<BootFiles, BackendError> {
-        fn field(v: Option<&Option<String>>) -> Option<&str> { v.and_then(|o| o.as_deref()).filter(|s| !s.trim().is_empty()) }
-        let kernel = self.resolve_file(KERNEL_FIELD, field(boot.map(|b| &b.kernel)).unwrap_or(DEFAULT_KERNEL))?;
+        fn field(v: Option<&Option<String>>) -> Option<&str> {
+            v.and_then(|o| o.as_deref())
+                .filter(|s| !s.trim().is_empty())
+        }
+        let kernel = self.resolve_file(
+            KERNEL_FIELD,
+            field(boot.map(|b| &b.kernel)).unwrap_or(DEFAULT_KERNEL),
+        )?;
         let initrd = match field(boot.map(|b| &b.initrd)) {
             Some(rel) => Some(self.resolve_file(INITRD_FIELD, rel)?),
-            None => match self.resolve_file(INITRD_FIELD, DEFAULT_INITRD) {
-                Ok(p) => Some(p),
-                Err(_) => None,
-            },
+            None => self.resolve_file(INITRD_FIELD, DEFAULT_INITRD).ok(),
         };
         let cmdline = boot.and_then(|b| b.cmdline.clone()).unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE {
             return Err(BackendError::BootPath {
                 field: CMDLINE_FIELD,
-                message: format!("is {} bytes long; at most {MAX_CMDLINE} are allowed", cmdline.len()),
+                message: format!(
+                    "is {} bytes long; at most {MAX_CMDLINE} are allowed",
+                    cmdline.len()
+                ),
             });
         }
         if cmdline.chars().any(|c| c.is_control()) {
             return Err(BackendError::BootPath {
                 field: CMDLINE_FIELD,
-                message: "contains control characters (newlines, NUL...); use spaces between options".into(),
+                message:
+                    "contains control characters (newlines, NUL...); use spaces between options"
+                        .into(),
             });
         }
-        Ok(BootFiles { kernel, initrd, cmdline })
+        Ok(BootFiles {
+            kernel,
+            initrd,
+            cmdline,
+        })
     }
 
     /// Resolve one relative path inside the directory.
@@ -132,7 +146,10 @@ impl ImageDir {
             )));
         }
         if !real.is_file() {
-            return Err(err(format!("{rel:?} in {} is not a regular file", root.display())));
+            return Err(err(format!(
+                "{rel:?} in {} is not a regular file",
+                root.display()
+            )));
         }
         Ok(real)
     }
@@ -143,7 +160,11 @@ mod tests {
     use super::*;
 
     fn boot(kernel: Option<&str>, initrd: Option<&str>) -> Boot {
-        Boot { kernel: kernel.map(Into::into), initrd: initrd.map(Into::into), cmdline: Some("quiet".into()) }
+        Boot {
+            kernel: kernel.map(Into::into),
+            initrd: initrd.map(Into::into),
+            cmdline: Some("quiet".into()),
+        }
     }
 
     #[test]
@@ -168,13 +189,28 @@ mod tests {
         assert_eq!(b.initrd, Some(real_root.join(DEFAULT_INITRD)));
         assert_eq!(b.cmdline, "quiet");
 
-        assert_eq!(img.resolve(Some(&boot(Some("sub/k2"), None))).unwrap().kernel, real_root.join("sub/k2"));
-        assert_eq!(img.resolve(Some(&boot(Some("inside"), None))).unwrap().kernel, real_root.join("sub/k2"));
+        assert_eq!(
+            img.resolve(Some(&boot(Some("sub/k2"), None)))
+                .unwrap()
+                .kernel,
+            real_root.join("sub/k2")
+        );
+        assert_eq!(
+            img.resolve(Some(&boot(Some("inside"), None)))
+                .unwrap()
+                .kernel,
+            real_root.join("sub/k2")
+        );
 
         for (k, i, field, needle) in [
             (Some("/etc/passwd"), None, KERNEL_FIELD, "absolute path"),
             (Some("../secret"), None, KERNEL_FIELD, "contains '..'"),
-            (Some("sub/../../secret"), None, KERNEL_FIELD, "contains '..'"),
+            (
+                Some("sub/../../secret"),
+                None,
+                KERNEL_FIELD,
+                "contains '..'",
+            ),
             (Some("escape"), None, KERNEL_FIELD, "leads outside"),
             (Some("missing"), None, KERNEL_FIELD, "not found"),
             (None, Some("escape"), INITRD_FIELD, "leads outside"),
@@ -193,7 +229,13 @@ mod tests {
         }
         let mut long = boot(None, None);
         long.cmdline = Some("x".repeat(MAX_CMDLINE + 1));
-        assert!(matches!(img.resolve(Some(&long)), Err(BackendError::BootPath { field: CMDLINE_FIELD, .. })));
+        assert!(matches!(
+            img.resolve(Some(&long)),
+            Err(BackendError::BootPath {
+                field: CMDLINE_FIELD,
+                ..
+            })
+        ));
         let missing_root = ImageDir::new(dir.path().join("nowhere"));
         let e = missing_root.resolve(None).unwrap_err();
         assert!(e.to_string().contains("build.sh"), "{e}");

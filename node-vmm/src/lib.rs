@@ -2,8 +2,13 @@
 //! into running guests whose online vCPUs follow `spec.cpus`, the launcher that owns the
 //! VMM processes, and the backends that run guests (QEMU over QMP today).
 
-pub mod backend;
+pub mod accel;
 pub mod agent;
+pub mod backend;
 pub mod images;
+pub mod launcher;
 pub mod metrics;
+pub mod qemu;
+pub mod qga;
+pub mod qmp;
 pub mod sim;

@@ -1,0 +1,578 @@
+//! QEMU guest agent (QGA) client over the isa-serial chardev socket.
+//!
+//! The guest side is `qemu-ga -m isa-serial -p /dev/ttyS1`; the host side is a
+//! `-chardev socket,server=on` that QEMU connects to the guest's second UART. A serial line
+//! has no framing and can hold garbage: bytes written before the agent opened the port,
+//! a request half-written by a client that died, replies to requests of an earlier client.
+//! So:
+//!
+//! * Before the first command (and after any timeout) the client resynchronises: it sends
+//!   `0xFF` (the agent's JSON lexer resets on an invalid byte) followed by
+//!   `guest-sync-delimited` with a fresh id, and skips everything until `{"return": id}`.
+//!   The agent answers the `0xFF` itself with a parse error (no id), then `0xFF` and the
+//!   sync reply; both the error and the delimiter are skipped.
+//! * Every request carries an `id`; the agent (7.2 was checked) echoes it, so stale replies
+//!   of timed-out requests and the agent's id-less parse errors are recognised and dropped.
+//! * Garbage that is not JSON is skipped up to the next newline.
+//!
+//! The agent answers only while the guest runs: a paused guest gives timeouts, not errors.
+
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Errors of the guest agent client.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum QgaError {
+    /// The chardev socket could not be connected.
+    #[error("cannot connect to the guest agent socket {path}: {message}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        message: String,
+    },
+    /// No answer in time (the guest is booting, paused, or runs no agent).
+    #[error("the guest agent did not answer {command} within {seconds} s (is the guest running, with qemu-ga on its second serial port?)")]
+    Timeout {
+        /// Command name.
+        command: String,
+        /// The deadline.
+        seconds: f64,
+    },
+    /// The agent answered with an error.
+    #[error("the guest agent refused {command} ({class}): {desc}")]
+    Refused {
+        /// Command name.
+        command: String,
+        /// QAPI error class.
+        class: String,
+        /// The agent's description.
+        desc: String,
+    },
+    /// The socket closed (QEMU exited).
+    #[error("the guest agent socket closed (QEMU exited?)")]
+    Closed,
+    /// A reply of an unexpected shape.
+    #[error("guest agent protocol: {0}")]
+    Protocol(String),
+}
+
+/// One entry of `guest-get-vcpus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestLogicalProcessor {
+    /// The guest's logical CPU number (cpuN).
+    #[serde(rename = "logical-id")]
+    pub logical_id: u32,
+    /// Whether it is online.
+    pub online: bool,
+    /// Whether the guest allows offlining it (absent in requests).
+    #[serde(
+        rename = "can-offline",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub can_offline: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileRead {
+    count: u64,
+    #[serde(rename = "buf-b64")]
+    buf_b64: String,
+    eof: bool,
+}
+
+/// Largest garbage run kept while looking for a JSON object.
+const MAX_BUFFER: usize = 4 << 20;
+/// Bytes asked per `guest-file-read`.
+const READ_CHUNK: u64 = 48 * 1024;
+
+/// A guest agent client. Not shareable: the serial line is one conversation, so the
+/// owner serializes commands (the QEMU backend keeps it behind its per-VM mutex).
+pub struct QgaClient {
+    path: PathBuf,
+    stream: Option<UnixStream>,
+    buf: Vec<u8>,
+    next_id: u64,
+    synced: bool,
+}
+
+impl std::fmt::Debug for QgaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QgaClient")
+            .field("path", &self.path)
+            .field("connected", &self.stream.is_some())
+            .field("synced", &self.synced)
+            .finish()
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// Take the next JSON object out of `buf`, skipping whitespace, `0xFF` delimiters and
+/// garbage. `None` when more bytes are needed.
+pub(crate) fn next_object(buf: &mut Vec<u8>) -> Option<Value> {
+    loop {
+        let start = buf
+            .iter()
+            .position(|&b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | 0xFF))
+            .unwrap_or(buf.len());
+        buf.drain(..start);
+        if buf.is_empty() {
+            return None;
+        }
+        if buf[0] != b'{' {
+            // Garbage: drop through the next newline or delimiter, or all of it.
+            let end = buf
+                .iter()
+                .position(|&b| b == b'\n' || b == 0xFF || b == b'{')
+                .unwrap_or(buf.len());
+            buf.drain(..end.max(1));
+            continue;
+        }
+        let mut it = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
+        match it.next() {
+            Some(Ok(v)) => {
+                let used = it.byte_offset();
+                buf.drain(..used);
+                return Some(v);
+            }
+            Some(Err(e)) if e.is_eof() => {
+                // Incomplete: wait for more bytes, unless a newline or delimiter shows the
+                // object was cut off (a torn write), in which case skip past it.
+                match buf.iter().position(|&b| b == b'\n' || b == 0xFF) {
+                    Some(cut) => {
+                        buf.drain(..=cut);
+                        continue;
+                    }
+                    None => return None,
+                }
+            }
+            _ => {
+                let end = buf
+                    .iter()
+                    .skip(1)
+                    .position(|&b| b == b'\n' || b == 0xFF || b == b'{')
+                    .map_or(buf.len(), |p| p + 1);
+                buf.drain(..end);
+            }
+        }
+    }
+}
+
+/// Parse the slot index out of a CPU's ACPI path (`\_SB_.CPUS.C00A` is slot 10): QEMU names
+/// each possible CPU's processor device `C%03X` after its possible-CPU index, which is the
+/// slot index on x86.
+pub fn slot_from_acpi_path(path: &str) -> Option<u32> {
+    let last = path.trim().rsplit('.').next()?;
+    let hex = last.strip_prefix('C')?;
+    if hex.is_empty() || hex.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
+
+impl QgaClient {
+    /// A client for the agent behind `path`; it connects on first use.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        QgaClient {
+            path: path.into(),
+            stream: None,
+            buf: Vec::new(),
+            next_id: initial_id(),
+            synced: false,
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the line is connected and synchronised.
+    pub fn is_synced(&self) -> bool {
+        self.stream.is_some() && self.synced
+    }
+
+    /// Drop the connection (the next command reconnects and resynchronises).
+    pub fn disconnect(&mut self) {
+        self.stream = None;
+        self.synced = false;
+        self.buf.clear();
+    }
+
+    async fn ensure_connected(&mut self) -> Result<(), QgaError> {
+        if self.stream.is_none() {
+            let s = UnixStream::connect(&self.path)
+                .await
+                .map_err(|e| QgaError::Connect {
+                    path: self.path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            self.stream = Some(s);
+            self.buf.clear();
+            self.synced = false;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), QgaError> {
+        let Some(s) = self.stream.as_mut() else {
+            return Err(QgaError::Closed);
+        };
+        if let Err(e) = s.write_all(bytes).await {
+            tracing::debug!(error = %e, "guest agent write failed");
+            self.disconnect();
+            return Err(QgaError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Read more bytes until `deadline`. Ok(false) on timeout.
+    async fn fill(&mut self, deadline: Instant) -> Result<bool, QgaError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let Some(s) = self.stream.as_mut() else {
+            return Err(QgaError::Closed);
+        };
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.disconnect();
+                Err(QgaError::Closed)
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                if self.buf.len() > MAX_BUFFER {
+                    let cut = self.buf.len() - MAX_BUFFER;
+                    self.buf.drain(..cut);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Resynchronise the line: connect if needed, then `0xFF` + `guest-sync-delimited`
+    /// until the agent echoes the id, retrying every `attempt` until `timeout`.
+    /// Returns the number of attempts.
+    pub async fn sync(&mut self, timeout: Duration, attempt: Duration) -> Result<u32, QgaError> {
+        let deadline = Instant::now() + timeout;
+        let mut attempts = 0;
+        loop {
+            if let Err(e) = self.ensure_connected().await {
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            attempts += 1;
+            self.next_id += 1;
+            let id = self.next_id;
+            let mut req = vec![0xFFu8];
+            req.extend_from_slice(
+                format!(
+                    "{{\"execute\": \"guest-sync-delimited\", \"arguments\": {{\"id\": {id}}}}}\n"
+                )
+                .as_bytes(),
+            );
+            self.send(&req).await?;
+            let until = deadline.min(Instant::now() + attempt);
+            loop {
+                while let Some(obj) = next_object(&mut self.buf) {
+                    if obj.get("return").and_then(Value::as_u64) == Some(id) {
+                        self.synced = true;
+                        return Ok(attempts);
+                    }
+                    tracing::trace!(%obj, "guest agent: skipped while resynchronising");
+                }
+                if !self.fill(until).await? {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(QgaError::Timeout {
+                    command: "guest-sync-delimited".into(),
+                    seconds: secs(timeout),
+                });
+            }
+        }
+    }
+
+    /// Execute a command and return its raw `return` value.
+    pub async fn execute_value(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QgaError> {
+        let deadline = Instant::now() + timeout;
+        if !self.is_synced() {
+            self.sync(timeout, Duration::from_millis(500).min(timeout))
+                .await?;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut req = Map::new();
+        req.insert("execute".into(), Value::String(command.to_string()));
+        if let Some(a) = arguments {
+            req.insert("arguments".into(), a);
+        }
+        req.insert("id".into(), Value::from(id));
+        let mut line = serde_json::to_vec(&Value::Object(req))
+            .map_err(|e| QgaError::Protocol(format!("cannot encode {command}: {e}")))?;
+        line.push(b'\n');
+        self.send(&line).await?;
+        loop {
+            while let Some(obj) = next_object(&mut self.buf) {
+                if obj.get("id").and_then(Value::as_u64) != Some(id) {
+                    tracing::trace!(%obj, "guest agent: skipped a reply that is not ours");
+                    continue;
+                }
+                if let Some(r) = obj.get("return") {
+                    return Ok(r.clone());
+                }
+                let e = obj.get("error").cloned().unwrap_or(Value::Null);
+                return Err(QgaError::Refused {
+                    command: command.to_string(),
+                    class: e
+                        .get("class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("GenericError")
+                        .to_string(),
+                    desc: e
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .map_or_else(|| e.to_string(), str::to_string),
+                });
+            }
+            if !self.fill(deadline).await? {
+                // The reply may still come later; the next command resynchronises first.
+                self.synced = false;
+                return Err(QgaError::Timeout {
+                    command: command.to_string(),
+                    seconds: secs(timeout),
+                });
+            }
+        }
+    }
+
+    /// Execute a command and decode its `return` value.
+    pub async fn execute<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<T, QgaError> {
+        let v = self.execute_value(command, arguments, timeout).await?;
+        serde_json::from_value(v.clone())
+            .map_err(|e| QgaError::Protocol(format!("unexpected reply to {command}: {e}: {v}")))
+    }
+
+    /// `guest-ping`.
+    pub async fn ping(&mut self, timeout: Duration) -> Result<(), QgaError> {
+        self.execute_value("guest-ping", None, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// `guest-get-vcpus`: the guest's logical CPUs (present ones, online or not).
+    pub async fn get_vcpus(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<GuestLogicalProcessor>, QgaError> {
+        self.execute("guest-get-vcpus", None, timeout).await
+    }
+
+    /// `guest-set-vcpus`: set the online state of logical CPUs. Returns how many the agent
+    /// changed (it stops at the first failure).
+    pub async fn set_vcpus(
+        &mut self,
+        changes: &[(u32, bool)],
+        timeout: Duration,
+    ) -> Result<u32, QgaError> {
+        let vcpus: Vec<GuestLogicalProcessor> = changes
+            .iter()
+            .map(|&(logical_id, online)| GuestLogicalProcessor {
+                logical_id,
+                online,
+                can_offline: None,
+            })
+            .collect();
+        self.execute(
+            "guest-set-vcpus",
+            Some(serde_json::json!({ "vcpus": vcpus })),
+            timeout,
+        )
+        .await
+    }
+
+    /// Read a whole guest file with `guest-file-open`/`-read`/`-close`.
+    pub async fn read_file(&mut self, path: &str, timeout: Duration) -> Result<Vec<u8>, QgaError> {
+        let deadline = Instant::now() + timeout;
+        let left = |d: Instant| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let handle: i64 = self
+            .execute(
+                "guest-file-open",
+                Some(serde_json::json!({ "path": path, "mode": "r" })),
+                left(deadline),
+            )
+            .await?;
+        let mut data = Vec::new();
+        let result = loop {
+            let r: Result<FileRead, QgaError> = self
+                .execute(
+                    "guest-file-read",
+                    Some(serde_json::json!({ "handle": handle, "count": READ_CHUNK })),
+                    left(deadline),
+                )
+                .await;
+            match r {
+                Err(e) => break Err(e),
+                Ok(chunk) => {
+                    match base64::engine::general_purpose::STANDARD.decode(chunk.buf_b64.as_bytes())
+                    {
+                        Ok(b) => data.extend_from_slice(&b),
+                        Err(e) => {
+                            break Err(QgaError::Protocol(format!(
+                                "guest-file-read of {path}: bad base64: {e}"
+                            )))
+                        }
+                    }
+                    if chunk.eof || chunk.count == 0 {
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        // Close even after a failed read, so the agent does not keep the handle.
+        let closed = self
+            .execute_value(
+                "guest-file-close",
+                Some(serde_json::json!({ "handle": handle })),
+                left(deadline),
+            )
+            .await;
+        result?;
+        closed?;
+        Ok(data)
+    }
+
+    /// Read a guest text file, trimmed.
+    pub async fn read_text(&mut self, path: &str, timeout: Duration) -> Result<String, QgaError> {
+        let b = self.read_file(path, timeout).await?;
+        Ok(String::from_utf8_lossy(&b).trim().to_string())
+    }
+
+    /// Seconds since the guest booted (`/proc/uptime`).
+    pub async fn uptime(&mut self, timeout: Duration) -> Result<f64, QgaError> {
+        let t = self.read_text("/proc/uptime", timeout).await?;
+        t.split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| QgaError::Protocol(format!("/proc/uptime reads {t:?}")))
+    }
+
+    /// `guest-shutdown` (`powerdown`, `halt` or `reboot`). The agent sends no reply.
+    pub async fn shutdown(&mut self, mode: &str, timeout: Duration) -> Result<(), QgaError> {
+        if !self.is_synced() {
+            self.sync(timeout, Duration::from_millis(500).min(timeout))
+                .await?;
+        }
+        let line = format!(
+            "{{\"execute\": \"guest-shutdown\", \"arguments\": {{\"mode\": {}}}}}\n",
+            Value::from(mode)
+        );
+        self.send(line.as_bytes()).await?;
+        self.synced = false;
+        Ok(())
+    }
+}
+
+/// Ids start at a per-process, per-time value so a reconnecting client (e.g. a restarted
+/// agent) never mistakes an old client's stale reply for its own.
+fn initial_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(0);
+    let mixed = low ^ (u64::from(std::process::id()) << 40);
+    mixed & ((1u64 << 52) - 1) // stays exact in the agent's JSON numbers (doubles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skips_delimiters_errors_and_garbage() {
+        // Exactly what qemu-ga 7.2 sent after "\xff" + guest-sync-delimited (id 42).
+        let mut buf = b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n\xff{\"return\": 42}\n".to_vec();
+        let a = next_object(&mut buf).unwrap();
+        assert!(a.get("error").is_some());
+        let b = next_object(&mut buf).unwrap();
+        assert_eq!(b, serde_json::json!({"return": 42}));
+        assert_eq!(next_object(&mut buf), None);
+        assert!(buf.is_empty());
+
+        let mut buf = b"garbage here\n{\"return\": {}, \"id\": 13}\n{\"ret".to_vec();
+        assert_eq!(
+            next_object(&mut buf).unwrap(),
+            serde_json::json!({"return": {}, "id": 13})
+        );
+        assert_eq!(
+            next_object(&mut buf),
+            None,
+            "incomplete object waits for more bytes"
+        );
+        buf.extend_from_slice(b"urn\": 1, \"id\": 14}\n");
+        assert_eq!(
+            next_object(&mut buf).unwrap(),
+            serde_json::json!({"return": 1, "id": 14})
+        );
+
+        // A torn object followed by a newline is dropped, the next one is read.
+        let mut buf = b"{\"return\": {\"co\n{\"return\": 2, \"id\": 15}".to_vec();
+        assert_eq!(
+            next_object(&mut buf).unwrap(),
+            serde_json::json!({"return": 2, "id": 15})
+        );
+        // Invalid JSON that starts with a brace.
+        let mut buf = b"{nope}\n{\"return\": 3}".to_vec();
+        assert_eq!(
+            next_object(&mut buf).unwrap(),
+            serde_json::json!({"return": 3})
+        );
+    }
+
+    #[test]
+    fn acpi_path_names_the_slot_in_hex() {
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C001"), Some(1));
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C00A\n"), Some(10));
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C0FE"), Some(254));
+        assert_eq!(slot_from_acpi_path("\\_SB_.PCI0"), None);
+        assert_eq!(slot_from_acpi_path(""), None);
+    }
+
+    #[test]
+    fn ids_fit_in_a_double() {
+        let id = initial_id();
+        assert!(id < (1u64 << 53));
+    }
+}
