@@ -20,6 +20,9 @@ pub const REASON_DEFERRED: &str = "Deferred";
 pub const REASON_INFEASIBLE: &str = "Infeasible";
 /// Reason: the last attempt failed.
 pub const REASON_ERROR: &str = "Error";
+/// Reason of Running=False once the node agent stopped the guest of a VM being deleted;
+/// the operator then removes the finalizer.
+pub const REASON_GUEST_STOPPED: &str = "GuestStopped";
 
 /// Set (or replace) the condition of `type_` in `conditions`. `lastTransitionTime` moves
 /// only when the status changes, as the Kubernetes API conventions ask.

@@ -339,7 +339,7 @@ async fn unplug_deadline_leaves_the_slot_unplugging_and_says_so() {
 }
 
 #[tokio::test]
-async fn deletion_stops_the_guest_then_removes_the_finalizer() {
+async fn deletion_stops_the_guest_then_says_so_without_writing_the_object() {
     let (shared, sim, calls) = setup(4, 2.0);
     let mut d = Dispatcher::new(shared, HashMap::new());
     d.dispatch(key("e"), Some(vm("e", "{cpus: 1}", "")));
@@ -355,19 +355,28 @@ async fn deletion_stops_the_guest_then_removes_the_finalizer() {
             "  deletionTimestamp: '2026-01-01T00:00:00Z'\n",
         )),
     );
-    until(&calls, "finalizer removed", |c| {
-        c.lock().unwrap().iter().any(|c| {
-            c.method == "PATCH"
-                && c.uri.contains("/virtualmachines/e?")
-                && c.body["metadata"]["finalizers"] == json!([])
+    until(&calls, "guest stopped in status", |c| {
+        last_status_has(c, "e", |s| {
+            s["phase"] == "Stopped"
+                && cond(s, "Running").is_some_and(|c| c["reason"] == "GuestStopped")
         })
     })
     .await;
     assert!(
         sim.running().await.unwrap().is_empty(),
-        "guest stopped before the finalizer went"
+        "guest stopped before status says so"
     );
     assert!(events(&calls).iter().any(|(r, _)| r == "Stopped"));
+    let writes_to_object = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.method != "GET" && c.uri.contains("/virtualmachines/e?"))
+        .count();
+    assert_eq!(
+        writes_to_object, 0,
+        "the agent writes only the status subresource"
+    );
 }
 
 #[tokio::test]

@@ -152,7 +152,12 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
         if !has_finalizer {
             return Decision::Nothing;
         }
+        let stopped = conditions::get_condition(&status.conditions, conditions::RUNNING)
+            .is_some_and(|c| c.status == "False" && c.reason == conditions::REASON_GUEST_STOPPED);
         return match &status.node_name {
+            Some(n) if stopped => {
+                Decision::RemoveFinalizer(format!("node {n}'s agent stopped the guest"))
+            }
             Some(n) if view.live(n) => Decision::WaitForAgent(n.clone()),
             Some(n) => Decision::RemoveFinalizer(format!(
                 "node {n}'s agent is gone; its guest is stopped when the agent returns"
@@ -630,6 +635,14 @@ mod tests {
         assert!(matches!(
             decide(&v, &view(&[("a", false)])),
             Decision::RemoveFinalizer(_)
+        ));
+        let stopped = del.replace(
+            "status: {nodeName: a}",
+            "status: {nodeName: a, conditions: [{type: Running, status: 'False', reason: GuestStopped, message: m, lastTransitionTime: '2026-01-01T00:00:00Z'}]}",
+        );
+        assert!(matches!(
+            decide(&vm(&stopped), &view(&[("a", true)])),
+            Decision::RemoveFinalizer(m) if m.contains("stopped the guest")
         ));
         let never = del.replace("\nstatus: {nodeName: a}", "");
         assert!(

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use corescale_api::conditions::{self as cond, set_condition};
 use corescale_api::{
     planner, LastResize, Phase, Plan, ResizeResult, VcpuState, VcpuStatus, VirtualMachine,
-    VirtualMachineStatus, FINALIZER,
+    VirtualMachineStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Reason of the Running condition once the agent stopped a deleted VM's guest; the
+/// operator removes the finalizer when it sees it.
+pub const GUEST_STOPPED: &str = corescale_api::conditions::REASON_GUEST_STOPPED;
 /// Field manager of the agent's status writes.
 pub const MANAGER: &str = "node-vmm";
 /// Condition types this agent owns in status (the operator owns Scheduled).
@@ -286,43 +289,43 @@ impl Worker {
         self.shared.budget.release(&self.key);
     }
 
+    /// The object is being deleted: stop the guest, then say so in status. The operator
+    /// removes the finalizer when it sees the guest stopped; the agent never writes the
+    /// VM object itself, only its status (least privilege: it cannot change a spec).
     async fn delete(&mut self, vm: &VirtualMachine) -> Next {
         let had_guest = self.handle.is_some();
         self.stop_guest("VM deleted").await;
         if had_guest {
-            self.event(
-                vm,
-                EventType::Normal,
-                "Stopped",
-                "guest stopped: the VM is being deleted".into(),
-            )
-            .await;
+            let note = "guest stopped: the VM is being deleted".to_string();
+            self.event(vm, EventType::Normal, "Stopped", note).await;
         }
-        if vm.finalizers().iter().any(|f| f == FINALIZER) {
-            let rest: Vec<String> = vm
-                .finalizers()
-                .iter()
-                .filter(|f| *f != FINALIZER)
-                .cloned()
-                .collect();
-            let body =
-                json!({"metadata": {"resourceVersion": vm.resource_version(), "finalizers": rest}});
-            match self
-                .api(vm)
-                .patch(
-                    &vm.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&body),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    tracing::warn!(vm = %self.key, error = %e, "cannot remove finalizer; retrying");
-                    return Next::After(Duration::from_secs(2));
-                }
-            }
+        self.phase = Phase::Stopped;
+        self.book = SlotBook::default();
+        let now = Utc::now();
+        let g = vm.meta().generation;
+        let msg = format!("guest stopped on {} for deletion", self.shared.node);
+        set_condition(
+            &mut self.conds,
+            cond::RUNNING,
+            false,
+            GUEST_STOPPED,
+            msg.clone(),
+            g,
+            now,
+        );
+        set_condition(
+            &mut self.conds,
+            cond::READY,
+            false,
+            GUEST_STOPPED,
+            msg,
+            g,
+            now,
+        );
+        self.report(vm, None).await;
+        if self.last_applied.is_none() {
+            // The status did not reach the API server: try again, the guest stays stopped.
+            return Next::After(Duration::from_secs(2));
         }
         Next::Exit
     }
