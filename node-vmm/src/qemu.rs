@@ -132,6 +132,10 @@ struct Persisted {
     unplugging: BTreeSet<u32>,
     /// Absent slots whose last plug failed.
     failed: BTreeSet<u32>,
+    /// Slots with a `device_add` whose vCPU is not confirmed online yet: a plug that a
+    /// timeout or an agent restart interrupted. Observing finishes them (see `observe`).
+    #[serde(default)]
+    plugging: BTreeSet<u32>,
 }
 
 fn load_persisted(dir: &Path) -> Result<Option<Persisted>, BackendError> {
@@ -605,7 +609,15 @@ impl QemuBackend {
                 ),
             });
         }
-        let qmp = self.connect_qmp(&key, &dir).await?;
+        // The socket exists: a failure here is not QEMU starting up, so give up quickly.
+        let sock = dir.join(launcher::QMP_SOCK);
+        let qmp = QmpClient::connect(&sock, Duration::from_secs(3))
+            .await
+            .map(Arc::new)
+            .map_err(|e| BackendError::Io {
+                context: format!("adopting {key}"),
+                message: e.to_string(),
+            })?;
         let st = match load_persisted(&dir)? {
             Some(st) if st.uid == spec.uid => st,
             other => {
@@ -1135,13 +1147,18 @@ impl QemuVm {
         if ops.st != before {
             self.persist(&ops.st);
         }
-        let agent = match self.agent_view(ops, &present, self.cfg.agent_timeout).await {
+        let mut agent = match self.agent_view(ops, &present, self.cfg.agent_timeout).await {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable during observe");
                 None
             }
         };
+        if let Some(view) = &agent {
+            if let Some(v) = self.finish_plugs(ops, &present, view).await {
+                agent = Some(v);
+            }
+        }
         let mut out = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let entry = hp.get(&s.index);
@@ -1171,6 +1188,69 @@ impl QemuVm {
             slots: out,
             guest_agent: agent.is_some(),
         })
+    }
+
+    /// Whether QEMU lists the slot without a vCPU now.
+    async fn slot_gone(&self, slot: u32) -> bool {
+        self.hotpluggable()
+            .await
+            .ok()
+            .and_then(|hp| hp.get(&slot).map(|c| c.qom_path.is_none()))
+            .unwrap_or(false)
+    }
+
+    /// Finish plugs that were interrupted (by a timeout, or by an agent restart between
+    /// `device_add` and onlining): vCPUs this backend plugged that the guest has but keeps
+    /// offline are onlined. vCPUs the guest offlined by itself are left alone. Returns a
+    /// fresh agent view when something changed.
+    async fn finish_plugs(
+        &self,
+        ops: &mut Ops,
+        present: &[u32],
+        view: &AgentView,
+    ) -> Option<AgentView> {
+        if ops.st.plugging.is_empty() {
+            return None;
+        }
+        let before = ops.st.plugging.clone();
+        let mut online = Vec::new();
+        for &slot in &before {
+            match view.slots.get(&slot) {
+                _ if !present.contains(&slot) => {
+                    ops.st.plugging.remove(&slot);
+                }
+                Some((_, true)) => {
+                    ops.st.plugging.remove(&slot);
+                }
+                Some((logical, false)) => online.push((*logical, true)),
+                // Not listed by the guest yet: still being added.
+                None => {}
+            }
+        }
+        let mut fresh = None;
+        if !online.is_empty() {
+            tracing::info!(vm = %self.key, cpus = ?online, "onlining vCPUs of an interrupted plug");
+            match ops.qga.set_vcpus(&online, self.cfg.agent_timeout).await {
+                Ok(_) => {
+                    fresh = self
+                        .agent_view(ops, present, self.cfg.agent_timeout)
+                        .await
+                        .ok()
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %self.key, error = %e, "cannot online the vCPUs of an interrupted plug")
+                }
+            }
+            if let Some(v) = &fresh {
+                ops.st
+                    .plugging
+                    .retain(|s| !matches!(v.slots.get(s), Some((_, true))));
+            }
+        }
+        if ops.st.plugging != before {
+            self.persist(&ops.st);
+        }
+        fresh
     }
 
     fn step(slot: u32, direction: Direction) -> StepReport {
@@ -1224,6 +1304,7 @@ impl QemuVm {
             let sid = self.slots[usize::try_from(slot).unwrap_or(0)];
             // Counted before the command: a crash in between must not hide a thread.
             ops.st.vcpu_threads_created += 1;
+            ops.st.plugging.insert(slot);
             self.persist(&ops.st);
             let r = self
                 .qmp
@@ -1245,6 +1326,7 @@ impl QemuVm {
                     if refused {
                         // QEMU refuses before it creates the vCPU thread.
                         ops.st.vcpu_threads_created -= 1;
+                        ops.st.plugging.remove(&slot);
                     }
                     let mut err = self.qmp_err(e);
                     if let BackendError::Qmp { desc, .. } = &mut err {
@@ -1317,6 +1399,9 @@ impl QemuVm {
         }
         for &i in &acked {
             let slot = unit[i];
+            if steps[i].online.is_some() {
+                ops.st.plugging.remove(&slot);
+            }
             if let Some(e) = hp.get_mut(&slot) {
                 e.qom_path = Some(format!(
                     "/machine/peripheral/{}",
@@ -1324,6 +1409,7 @@ impl QemuVm {
                 ));
             }
         }
+        self.persist(&ops.st);
         steps
     }
 
@@ -1464,6 +1550,7 @@ impl QemuVm {
         // Slots already gone (a retry after the guest caught up) are done.
         let mut todo: Vec<usize> = Vec::new();
         for (i, &slot) in unit.iter().enumerate() {
+            ops.st.plugging.remove(&slot);
             if hp.get(&slot).and_then(|c| c.qom_path.as_ref()).is_none() {
                 steps[i].applied = Some(t0.elapsed());
                 steps[i].acked = Some(t0.elapsed());
@@ -1510,6 +1597,13 @@ impl QemuVm {
                     steps[i].applied = Some(t0.elapsed());
                     ops.st.unplugging.insert(slot);
                     waiting.insert(slot.to_string(), i);
+                }
+                Err(QmpError::Refused { class, .. })
+                    if class == "DeviceNotFound" && self.slot_gone(slot).await =>
+                {
+                    // The guest finished an earlier eject in the meantime (a retry).
+                    steps[i].applied = Some(t0.elapsed());
+                    steps[i].acked = Some(t0.elapsed());
                 }
                 Err(QmpError::Refused { desc, .. })
                     if desc.contains("in the process of unplug") =>

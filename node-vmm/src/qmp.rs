@@ -369,10 +369,15 @@ impl QmpClient {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(e) => {
+                    let message = if e.kind() == std::io::ErrorKind::WouldBlock {
+                        "its backlog is full: another client is holding QEMU's monitor (QEMU serves one QMP client at a time)".to_string()
+                    } else {
+                        e.to_string()
+                    };
                     return Err(QmpError::Connect {
                         path: path.display().to_string(),
-                        message: e.to_string(),
-                    })
+                        message,
+                    });
                 }
             }
         };
@@ -384,7 +389,7 @@ impl QmpClient {
         let first = match tokio::time::timeout(left, lines.next_line()).await {
             Err(_) => {
                 return Err(QmpError::Greeting(format!(
-                    "no greeting from {} within {} s: another client may hold the monitor (QEMU serves one QMP client per socket)",
+                    "no greeting from {} within {} s: is another client holding QEMU's monitor? (QEMU serves one QMP client at a time)",
                     path.display(),
                     secs(left)
                 )))
