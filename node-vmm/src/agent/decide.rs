@@ -98,6 +98,12 @@ pub fn feasibility(
             other => other.to_string(),
         });
     }
+    if spec.cpus > budget {
+        return Feasibility::Infeasible(format!(
+            "spec.cpus {} is above this node's whole vCPU budget of {budget} (host CPUs x overcommit)",
+            spec.cpus
+        ));
+    }
     // Shrinking never needs budget; growing needs room for the whole target.
     if spec.cpus > current && promised_to_others.saturating_add(spec.cpus) > budget {
         let free = budget.saturating_sub(promised_to_others);
@@ -241,6 +247,11 @@ mod tests {
         let big = vm("spec: {cpus: 2, topology: {sockets: 1, cores: 16, threads: 1}}");
         match feasibility(&big.spec, &topology_of(&big), &cap(), 64, 0, 1) {
             Feasibility::Infeasible(m) => assert!(m.contains("at most 8 vCPUs"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // More than the node could ever give.
+        match feasibility(&v.spec, &t, &cap(), 3, 0, 1) {
+            Feasibility::Infeasible(m) => assert!(m.contains("whole vCPU budget of 3"), "{m}"),
             other => panic!("{other:?}"),
         }
         // Above the topology recorded at placement (a spec without topology, then scaled up).

@@ -1,0 +1,782 @@
+//! The e2e scenarios, run against the stack that `e2e/stack.sh up` started. Each scenario
+//! is an assertion; the run ends with a summary table and `N passed, M failed`.
+//!
+//! Usage: corescale-e2e [--only NAME[,NAME]]   (CORESCALE_STACK_DIR selects the stack)
+
+use anyhow::{bail, ensure, Context as _, Result};
+use corescale_api::{VcpuState, VirtualMachine};
+use corescale_e2e::{condition, node_of, online, prom_value, Stack};
+use kube::api::{Patch, PatchParams};
+use rand::Rng;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const NS: &str = "demo";
+const BOOT: Duration = Duration::from_secs(90);
+const CONVERGE: Duration = Duration::from_secs(60);
+
+type Scenario = (&'static str, &'static str);
+
+/// (name, what it shows), in the order they run; later ones build on earlier ones.
+const SCENARIOS: &[Scenario] = &[
+    (
+        "bad-manifests",
+        "every bad manifest is refused by the API server with a message naming the field",
+    ),
+    (
+        "apply",
+        "the example VM is placed, boots, status.cpus == spec.cpus, Ready",
+    ),
+    (
+        "scale",
+        "kubectl scale 3, 1, 4 converges in the guest and in status; Events; columns",
+    ),
+    (
+        "refused-patch",
+        "a refused patch leaves the running guest untouched",
+    ),
+    (
+        "core",
+        "a Core-granularity VM (threads=2) scales by whole cores",
+    ),
+    (
+        "metrics",
+        "Prometheus has the documented series; histogram counts match the resizes done",
+    ),
+    (
+        "infeasible-deferred",
+        "Infeasible above the node budget; Deferred until room is freed",
+    ),
+    (
+        "agent-kill",
+        "kill -9 the node agent mid-resize: guest keeps running, re-adopted, converges",
+    ),
+    (
+        "storm",
+        "200 random writes in 10 s converge to the last; nothing hangs or fails",
+    ),
+    (
+        "reschedule",
+        "an agent gone past its lease: its VMs come up on the other node",
+    ),
+    (
+        "delete",
+        "deleting a VM stops its guest, removes the finalizer, leaves no QEMU",
+    ),
+];
+
+struct Outcome {
+    name: &'static str,
+    ok: bool,
+    seconds: f64,
+    detail: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
+    let dir = std::env::var_os("CORESCALE_STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("e2e/.run/stack"));
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|s| s.split(',').map(str::to_string).collect());
+    let stack = Stack::open(&repo, &dir).await?;
+    stack.namespace(NS)?;
+    let mut outcomes = Vec::new();
+    for (name, what) in SCENARIOS {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|x| x == name)) {
+            continue;
+        }
+        println!("=== {name}: {what}");
+        let t0 = Instant::now();
+        let r = run(&stack, name).await;
+        let seconds = t0.elapsed().as_secs_f64();
+        let (ok, detail) = match r {
+            Ok(d) => (true, d),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        println!(
+            "--- {} {name} ({seconds:.1} s): {detail}",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        outcomes.push(Outcome {
+            name,
+            ok,
+            seconds,
+            detail,
+        });
+    }
+    println!(
+        "\n{:<22} {:<6} {:>8}  detail",
+        "scenario", "result", "seconds"
+    );
+    for o in &outcomes {
+        let d: String = o.detail.chars().take(90).collect();
+        println!(
+            "{:<22} {:<6} {:>8.1}  {d}",
+            o.name,
+            if o.ok { "PASS" } else { "FAIL" },
+            o.seconds
+        );
+    }
+    let passed = outcomes.iter().filter(|o| o.ok).count();
+    let failed = outcomes.len() - passed;
+    println!("\ne2e: {passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(s: &Stack, name: &str) -> Result<String> {
+    match name {
+        "bad-manifests" => bad_manifests(s).await,
+        "apply" => apply(s).await,
+        "scale" => scale(s).await,
+        "refused-patch" => refused_patch(s).await,
+        "core" => core(s).await,
+        "metrics" => metrics(s).await,
+        "infeasible-deferred" => infeasible_deferred(s).await,
+        "agent-kill" => agent_kill(s).await,
+        "storm" => storm(s).await,
+        "reschedule" => reschedule(s).await,
+        "delete" => delete(s).await,
+        other => bail!("unknown scenario {other}"),
+    }
+}
+
+fn manifest(s: &Stack, rel: &str) -> Result<String> {
+    let p = s.repo.join("e2e/manifests").join(rel);
+    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn expect_line(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("# expect: "))
+        .map(str::to_string)
+}
+
+/// Scenario 4: The generated CRD on a real API server: every bad manifest refused, naming the field;
+/// bad updates refused too; good ones accepted (server-side dry run, nothing created).
+async fn bad_manifests(s: &Stack) -> Result<String> {
+    let mut checked = 0;
+    for sub in ["good", "bad", "bad-updates"] {
+        let mut files: Vec<_> = std::fs::read_dir(s.repo.join("e2e/manifests").join(sub))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f)?;
+            let fname = f.display().to_string();
+            match sub {
+                "good" => {
+                    let (ok, _, err) = s.kubectl_with(
+                        &["apply", "-n", NS, "--dry-run=server", "-f", "-"],
+                        Some(&text),
+                    )?;
+                    ensure!(ok, "{fname} refused: {err}");
+                }
+                "bad" => {
+                    let want =
+                        expect_line(&text).with_context(|| format!("{fname}: no # expect line"))?;
+                    let (ok, _, err) = s.kubectl_with(
+                        &["apply", "-n", NS, "--dry-run=server", "-f", "-"],
+                        Some(&text),
+                    )?;
+                    ensure!(!ok, "{fname} was accepted");
+                    ensure!(
+                        err.contains(&want),
+                        "{fname}: error does not say {want:?}: {err}"
+                    );
+                }
+                _ => {
+                    let want =
+                        expect_line(&text).with_context(|| format!("{fname}: no # expect line"))?;
+                    let docs: Vec<&str> = text.split("\n---\n").collect();
+                    ensure!(docs.len() == 2, "{fname}: needs two documents");
+                    let ns = "manifests-update";
+                    s.namespace(ns)?;
+                    // The original is created for real, Halted so that no guest boots for it;
+                    // the update is a server-side dry run against it.
+                    let halted = |d: &str| -> Result<String> {
+                        let mut v: serde_yaml::Value = serde_yaml::from_str(d)?;
+                        v["spec"]["runStrategy"] = "Halted".into();
+                        Ok(serde_yaml::to_string(&v)?)
+                    };
+                    let (ok, _, err) =
+                        s.kubectl_with(&["apply", "-n", ns, "-f", "-"], Some(&halted(docs[0])?))?;
+                    ensure!(ok, "{fname}: original refused: {err}");
+                    let (ok, _, err) = s.kubectl_with(
+                        &["apply", "-n", ns, "--dry-run=server", "-f", "-"],
+                        Some(&halted(docs[1])?),
+                    )?;
+                    let name = serde_yaml::from_str::<serde_yaml::Value>(docs[0])?["metadata"]
+                        ["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = s.kubectl(&["delete", "cvm", "-n", ns, &name, "--wait=false"]);
+                    ensure!(!ok, "{fname}: the update was accepted");
+                    ensure!(
+                        err.contains(&want),
+                        "{fname}: error does not say {want:?}: {err}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    // kubectl explain shows descriptions from the Rust doc comments.
+    let (ok, out, err) = s.kubectl(&["explain", "cvm.spec.granularity"])?;
+    ensure!(
+        ok && out.contains("whole core"),
+        "kubectl explain: {out}{err}"
+    );
+    Ok(format!(
+        "{checked} manifests checked against kube-apiserver {}",
+        s.var("CORESCALE_KUBE_VERSION").unwrap_or("?")
+    ))
+}
+
+/// Scenario 1: Apply the example manifest.
+async fn apply(s: &Stack) -> Result<String> {
+    let text = manifest(s, "good/example.yaml")?;
+    let (ok, _, err) = s.kubectl_with(&["apply", "-n", NS, "-f", "-"], Some(&text))?;
+    ensure!(ok, "kubectl apply: {err}");
+    let t0 = Instant::now();
+    let vm = s.wait_online(NS, "example", 2, BOOT).await?;
+    let node = node_of(&vm).context("no node")?;
+    ensure!(
+        condition(&vm, "Scheduled").is_some_and(|c| c.status == "True"),
+        "Scheduled not True"
+    );
+    let st = vm.status.as_ref().unwrap();
+    ensure!(
+        st.phase == Some(corescale_api::Phase::Running),
+        "phase {:?}",
+        st.phase
+    );
+    ensure!(st.max_cpus == Some(8), "maxCpus {:?}", st.max_cpus);
+    ensure!(
+        st.selector.as_deref() == Some("corescale.dev/vm=example"),
+        "selector {:?}",
+        st.selector
+    );
+    ensure!(
+        st.guest_agent.as_deref() == Some("Connected"),
+        "guest agent {:?}",
+        st.guest_agent
+    );
+    ensure!(
+        s.qemu(&node, NS, "example").is_some(),
+        "no QEMU for example on {node}"
+    );
+    let ev = s.events(NS, "example")?;
+    ensure!(
+        ev.iter().any(|(r, _)| r == "Scheduled"),
+        "no Scheduled event: {ev:?}"
+    );
+    ensure!(
+        ev.iter().any(|(r, _)| r == "Started"),
+        "no Started event: {ev:?}"
+    );
+    Ok(format!(
+        "Running on {node} with 2 vCPUs online in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+fn resized_events(ev: &[(String, String)]) -> Vec<String> {
+    ev.iter()
+        .filter(|(r, _)| r == "Resized")
+        .map(|(_, n)| n.clone())
+        .collect()
+}
+
+/// Scenario 2: kubectl scale to 3, 1, 4.
+async fn scale(s: &Stack) -> Result<String> {
+    let mut timings = Vec::new();
+    for n in [3u32, 1, 4] {
+        let t0 = Instant::now();
+        let (ok, _, err) =
+            s.kubectl(&["scale", "-n", NS, "cvm/example", &format!("--replicas={n}")])?;
+        ensure!(ok, "kubectl scale: {err}");
+        let vm = s.wait_online(NS, "example", n, CONVERGE).await?;
+        let lr = vm
+            .status
+            .as_ref()
+            .and_then(|s| s.last_resize.clone())
+            .context("no lastResize")?;
+        ensure!(
+            lr.to == n && lr.result == corescale_api::ResizeResult::Succeeded,
+            "lastResize {lr:?}"
+        );
+        timings.push(format!("{n}: {:.2} s", t0.elapsed().as_secs_f64()));
+    }
+    let ev = resized_events(&s.events(NS, "example")?);
+    for want in ["2 -> 3 vCPUs in", "3 -> 1 vCPUs in", "1 -> 4 vCPUs in"] {
+        ensure!(
+            ev.iter().any(|e| e.starts_with(want)),
+            "no Resized event {want:?}: {ev:?}"
+        );
+    }
+    let (ok, out, err) = s.kubectl(&["get", "cvm", "-n", NS, "example"])?;
+    ensure!(ok, "kubectl get: {err}");
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header == ["NAME", "CPUS", "ONLINE", "MAX", "NODE", "PHASE", "AGE"],
+        "columns: {header:?}"
+    );
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    ensure!(
+        row.get(1..4) == Some(&["4", "4", "8"][..]) && row.get(5) == Some(&"Running"),
+        "row: {row:?}"
+    );
+    Ok(timings.join(", "))
+}
+
+/// Scenario 4b: A patch the API server refuses changes nothing in the guest.
+async fn refused_patch(s: &Stack) -> Result<String> {
+    let before = s.vms(NS).get("example").await?;
+    let node = node_of(&before).context("no node")?;
+    let qemu = s.qemu(&node, NS, "example").context("no QEMU")?;
+    let (ok, _, err) = s.kubectl(&[
+        "patch",
+        "cvm",
+        "-n",
+        NS,
+        "example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"cpus":9}}"#,
+    ])?;
+    ensure!(
+        !ok && err.contains("spec.cpus must not exceed the VM's maximum"),
+        "patch to 9: {err}"
+    );
+    let (ok, _, err) = s.kubectl(&[
+        "patch",
+        "cvm",
+        "-n",
+        NS,
+        "example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"topology":{"sockets":1,"cores":16,"threads":1}}}"#,
+    ])?;
+    ensure!(
+        !ok && err.contains("spec.topology is immutable"),
+        "topology patch: {err}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = s.vms(NS).get("example").await?;
+    ensure!(after.spec == before.spec, "spec changed");
+    let vc = |v: &VirtualMachine| v.status.as_ref().map(|s| s.vcpus.clone());
+    ensure!(vc(&after) == vc(&before), "vCPU states changed");
+    ensure!(s.qemu(&node, NS, "example") == Some(qemu), "QEMU changed");
+    Ok("cpus 9 and a topology change refused; spec, vCPUs and QEMU unchanged".into())
+}
+
+/// Scenario 3: Core granularity with threads=2: whole cores.
+async fn core(s: &Stack) -> Result<String> {
+    let yaml = "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: smt}\n\
+                spec: {cpus: 2, minCpus: 2, granularity: Core, topology: {sockets: 1, cores: 3, threads: 2}}\n";
+    s.create(NS, yaml).await?;
+    s.wait_online(NS, "smt", 2, BOOT).await?;
+    for n in [4u32, 2, 4] {
+        s.scale(NS, "smt", n).await?;
+        let vm = s.wait_online(NS, "smt", n, CONVERGE).await?;
+        let st = vm.status.as_ref().unwrap();
+        for core in 0..3 {
+            let threads: Vec<VcpuState> = st
+                .vcpus
+                .iter()
+                .filter(|v| v.core == core)
+                .map(|v| v.state)
+                .collect();
+            ensure!(
+                threads.iter().all(|t| *t == threads[0]),
+                "core {core} is split: {threads:?}"
+            );
+        }
+    }
+    // A target that is not whole cores is refused at admission.
+    let (ok, _, err) = s.kubectl(&["scale", "-n", NS, "cvm/smt", "--replicas=3"])?;
+    ensure!(
+        !ok && err.contains("multiples of spec.topology.threads"),
+        "scale to 3: {err}"
+    );
+    Ok("2 -> 4 -> 2 -> 4 vCPUs, both threads of a core each time; 3 refused".into())
+}
+
+/// Scenario 10: Prometheus: the documented series exist for each VM, and the latency histogram's
+/// counts match the operations done on the smt VM (4 plugs, 2 unplugs of one thread each).
+async fn metrics(s: &Stack) -> Result<String> {
+    let sel = r#"namespace="demo",name="smt""#;
+    let want = [("plug", 4.0), ("unplug", 2.0)];
+    for (dir, n) in want {
+        let q = format!(
+            r#"sum(corescale_vcpu_hotplug_duration_seconds_count{{{sel},direction="{dir}",phase="total"}})"#
+        );
+        s.wait_prom(&q, Duration::from_secs(30), |r| {
+            r.len() == 1 && prom_value(&r[0]) == n
+        })
+        .await?;
+        let q = format!(
+            r#"sum(corescale_vcpu_hotplug_operations_total{{{sel},direction="{dir}",result="success"}})"#
+        );
+        s.wait_prom(&q, Duration::from_secs(30), |r| {
+            r.len() == 1 && prom_value(&r[0]) == n
+        })
+        .await?;
+    }
+    let series = [
+        "corescale_vm_vcpus{state=\"desired\"}",
+        "corescale_vm_vcpus{state=\"online\"}",
+        "corescale_vm_vcpus{state=\"present\"}",
+        "corescale_vm_vcpus{state=\"plugging\"}",
+        "corescale_vm_vcpus{state=\"unplugging\"}",
+        "corescale_vm_vcpus{state=\"max\"}",
+        "corescale_vcpu_hotplug_duration_seconds_bucket",
+        "corescale_vcpu_hotplug_operations_total",
+        "corescale_vcpu_cpu_seconds_total",
+        "corescale_vm_phase",
+        "corescale_resize_pending",
+        "corescale_build_info",
+        "corescale_operator_reconcile_duration_seconds_count",
+        "corescale_operator_vms",
+    ];
+    for q in series {
+        let per_vm = q.starts_with("corescale_vm")
+            || q.starts_with("corescale_vcpu")
+            || q.starts_with("corescale_resize");
+        for vm in ["example", "smt"] {
+            let q = if per_vm {
+                let (m, rest) = q
+                    .split_once('{')
+                    .map(|(m, r)| (m, format!(",{r}")))
+                    .unwrap_or((q, "}".into()));
+                format!("{m}{{namespace=\"demo\",name=\"{vm}\"{rest}")
+            } else {
+                q.to_string()
+            };
+            s.wait_prom(&q, Duration::from_secs(20), |r| !r.is_empty())
+                .await?;
+        }
+    }
+    let r = s
+        .prom(r#"corescale_vm_vcpus{namespace="demo",name="example",state="online"}"#)
+        .await?;
+    ensure!(
+        r.len() == 1 && prom_value(&r[0]) == 4.0,
+        "online gauge of example: {r:?}"
+    );
+    let r = s
+        .prom(
+            r#"sum(rate(corescale_vcpu_cpu_seconds_total{namespace="demo",name="example"}[30s]))"#,
+        )
+        .await?;
+    ensure!(
+        r.len() == 1 && prom_value(&r[0]) > 0.0,
+        "vCPU CPU time of example does not move: {r:?}"
+    );
+    let r = s.prom("histogram_quantile(0.5, sum by (le) (rate(corescale_vcpu_hotplug_duration_seconds_bucket{phase=\"total\",direction=\"plug\"}[5m])))").await?;
+    let median = r.first().map(prom_value).unwrap_or(f64::NAN);
+    dashboard_queries(s).await?;
+    Ok(format!("histogram counts 4 plugs / 2 unplugs as done; {} series present; plug median {median:.3} s", series.len()))
+}
+
+/// Every query of the chart's Grafana dashboard returns series now.
+async fn dashboard_queries(s: &Stack) -> Result<()> {
+    let path = s.repo.join("charts/corescale/dashboards");
+    let Ok(rd) = std::fs::read_dir(&path) else {
+        bail!("no dashboards in {}", path.display());
+    };
+    let mut n = 0;
+    for f in rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+    {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f)?)?;
+        let mut exprs = Vec::new();
+        collect_exprs(&v, &mut exprs);
+        for e in exprs {
+            let q = e
+                .replace("$namespace", "demo")
+                .replace("$vm", "example")
+                .replace("$__rate_interval", "1m")
+                .replace("$__interval", "30s");
+            s.wait_prom(&q, Duration::from_secs(20), |r| !r.is_empty())
+                .await
+                .with_context(|| format!("dashboard {} query {e}", f.display()))?;
+            n += 1;
+        }
+    }
+    ensure!(n > 0, "the dashboards hold no queries");
+    Ok(())
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(e) = m.get("expr").and_then(|e| e.as_str()) {
+                out.push(e.to_string());
+            }
+            for x in m.values() {
+                collect_exprs(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
+        _ => {}
+    }
+}
+
+/// Scenario 5: Infeasible (above the node's whole budget) and Deferred (budget full, then freed).
+/// The smt VM leaves first so node budgets are easy to reason about; both VMs are pinned
+/// to node-b, whose budget is 2 host CPUs x 4 = 8 vCPUs.
+async fn infeasible_deferred(s: &Stack) -> Result<String> {
+    s.delete(NS, "smt").await?;
+    s.wait_vm(NS, "smt", "deleted", CONVERGE, |_| false)
+        .await
+        .ok();
+    let node = "node-b";
+    let on_b = |n: &str| {
+        format!(
+            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {n}}}\n"
+        )
+    };
+    // Make sure nothing else holds node-b's budget.
+    for vm in s.vms(NS).list(&Default::default()).await? {
+        if node_of(&vm).as_deref() == Some(node) && vm.metadata.deletion_timestamp.is_none() {
+            bail!(
+                "{} runs on {node}; the scenario needs it empty",
+                corescale_e2e::id(&vm)
+            );
+        }
+    }
+    s.create(NS, &format!("{}spec: {{cpus: 5, nodeName: {node}, topology: {{sockets: 1, cores: 6, threads: 1}}}}\n", on_b("hog"))).await?;
+    s.create(NS, &format!("{}spec: {{cpus: 1, nodeName: {node}, topology: {{sockets: 1, cores: 12, threads: 1}}}}\n", on_b("wide"))).await?;
+    s.wait_online(NS, "hog", 5, BOOT).await?;
+    s.wait_online(NS, "wide", 1, BOOT).await?;
+    // 10 > 8: never on this node.
+    s.scale(NS, "wide", 10).await?;
+    let vm = s
+        .wait_vm(NS, "wide", "Infeasible", CONVERGE, |v| {
+            condition(v, "ResizePending")
+                .is_some_and(|c| c.status == "True" && c.reason == "Infeasible")
+        })
+        .await?;
+    let msg = condition(&vm, "ResizePending")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        msg.contains("whole vCPU budget of 8"),
+        "Infeasible message: {msg}"
+    );
+    ensure!(online(&vm) == 1, "the guest changed while Infeasible");
+    s.wait_prom(
+        r#"corescale_resize_pending{namespace="demo",name="wide",reason="Infeasible"}"#,
+        Duration::from_secs(20),
+        |r| r.len() == 1 && prom_value(&r[0]) == 1.0,
+    )
+    .await?;
+    // 5 + 4 > 8: later.
+    s.scale(NS, "wide", 4).await?;
+    let vm = s
+        .wait_vm(NS, "wide", "Deferred", CONVERGE, |v| {
+            condition(v, "ResizePending")
+                .is_some_and(|c| c.status == "True" && c.reason == "Deferred")
+        })
+        .await?;
+    ensure!(online(&vm) == 1, "grew while Deferred");
+    let ev = s.events(NS, "wide")?;
+    ensure!(
+        ev.iter().any(|(r, _)| r == "Infeasible") && ev.iter().any(|(r, _)| r == "Deferred"),
+        "events: {ev:?}"
+    );
+    // Free room: the deferred resize proceeds by itself.
+    s.scale(NS, "hog", 2).await?;
+    s.wait_online(NS, "hog", 2, CONVERGE).await?;
+    let vm = s.wait_online(NS, "wide", 4, CONVERGE).await?;
+    ensure!(
+        condition(&vm, "ResizePending").is_some_and(|c| c.status == "False"),
+        "still pending"
+    );
+    for n in ["hog", "wide"] {
+        s.delete(NS, n).await?;
+    }
+    Ok("Infeasible at 10 > 8; Deferred at 5+4 > 8; resumed when hog went 5 -> 2".into())
+}
+
+/// Scenario 7: kill -9 the agent during a resize; the guest keeps running; the restarted agent
+/// re-adopts it and converges without restarting it.
+async fn agent_kill(s: &Stack) -> Result<String> {
+    s.scale(NS, "example", 2).await?;
+    let vm = s.wait_online(NS, "example", 2, CONVERGE).await?;
+    let node = node_of(&vm).context("no node")?;
+    let qemu = s.qemu(&node, NS, "example").context("no QEMU")?;
+    s.scale(NS, "example", 4).await?;
+    // Mid-resize: as soon as the agent reports a slot Plugging (or right away).
+    let _ = s
+        .wait_vm(NS, "example", "plugging", Duration::from_secs(5), |v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
+        })
+        .await;
+    s.stack(&["agent", "kill", &node])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        s.qemu(&node, NS, "example") == Some(qemu),
+        "the guest died with its agent"
+    );
+    s.stack(&["agent", "start", &node])?;
+    let vm = s.wait_online(NS, "example", 4, CONVERGE).await?;
+    ensure!(node_of(&vm).as_deref() == Some(node.as_str()), "moved");
+    ensure!(
+        s.qemu(&node, NS, "example") == Some(qemu),
+        "the guest was restarted (QEMU pid/start changed)"
+    );
+    let ev = s.events(NS, "example")?;
+    let started = ev
+        .iter()
+        .filter(|(r, _)| r == "Started" || r == "VmmRestarted")
+        .count();
+    ensure!(started == 1, "guest started {started} times: {ev:?}");
+    Ok(format!(
+        "QEMU pid {} survived; converged to 4 after restart",
+        qemu.0
+    ))
+}
+
+/// Scenario 9: An autoscaler storm: 200 writes of random targets within 10 s.
+async fn storm(s: &Stack) -> Result<String> {
+    // 64 slots: under TCG one QEMU process creates at most maxcpus vCPU threads in its life.
+    let yaml =
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: storm}\n\
+                spec: {cpus: 1, topology: {sockets: 1, cores: 64, threads: 1}}\n";
+    s.create(NS, yaml).await?;
+    let vm = s.wait_online(NS, "storm", 1, BOOT).await?;
+    let node = node_of(&vm).context("no node")?;
+    let qemu = s.qemu(&node, NS, "storm").context("no QEMU")?;
+    let api = s.vms(NS);
+    let mut last = 1;
+    let t0 = Instant::now();
+    let mut rng = rand::rng();
+    for i in 0..200u32 {
+        last = rng.random_range(1..=4u32);
+        let body = serde_json::json!({"spec": {"replicas": last}});
+        api.patch_scale("storm", &PatchParams::default(), &Patch::Merge(&body))
+            .await?;
+        let due = Duration::from_millis(50) * (i + 1);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    let wrote = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let vm = s.wait_online(NS, "storm", last, CONVERGE).await?;
+    let settle = t1.elapsed().as_secs_f64();
+    ensure!(
+        s.qemu(&node, NS, "storm") == Some(qemu),
+        "QEMU restarted during the storm"
+    );
+    ensure!(
+        condition(&vm, "ResizeInProgress").is_none_or(|c| c.status == "False"),
+        "resize still in progress/error"
+    );
+    let fails = s
+        .wait_prom(r#"sum(corescale_vcpu_hotplug_operations_total{namespace="demo",name="storm",result="failure"})"#, Duration::from_secs(20), |r| r.len() == 1)
+        .await?;
+    ensure!(
+        prom_value(&fails[0]) == 0.0,
+        "{} hot-plug operations failed",
+        prom_value(&fails[0])
+    );
+    let resized = resized_events(&s.events(NS, "storm")?).len();
+    s.delete(NS, "storm").await?;
+    Ok(format!("200 writes in {wrote:.1} s coalesced into {resized} resizes; at {last} {settle:.1} s after the last write"))
+}
+
+/// Scenario 8: Stop the example VM's agent past its lease: the operator moves the VM, it runs on
+/// the other node; the old agent, back, stops its stale guest.
+async fn reschedule(s: &Stack) -> Result<String> {
+    let vm = s.vms(NS).get("example").await?;
+    let from = node_of(&vm).context("no node")?;
+    let to = if from == "node-a" { "node-b" } else { "node-a" };
+    let t0 = Instant::now();
+    s.stack(&["agent", "stop", &from])?;
+    let vm = s
+        .wait_vm(
+            NS,
+            "example",
+            &format!("moved to {to}"),
+            Duration::from_secs(60),
+            |v| node_of(v).as_deref() == Some(to),
+        )
+        .await?;
+    let moved = t0.elapsed().as_secs_f64();
+    let want = vm.spec.cpus;
+    s.wait_online(NS, "example", want, BOOT).await?;
+    ensure!(s.qemu(to, NS, "example").is_some(), "no QEMU on {to}");
+    let ev = s.events(NS, "example")?;
+    ensure!(
+        ev.iter()
+            .any(|(r, n)| r == "Rescheduled" && n.contains(&from)),
+        "no Rescheduled event: {ev:?}"
+    );
+    s.stack(&["agent", "start", &from])?;
+    let start = Instant::now();
+    while s.qemu(&from, NS, "example").is_some() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the stale guest on {from} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(format!("moved {from} -> {to} in {moved:.1} s; Running with {want} vCPUs; stale guest on {from} stopped"))
+}
+
+/// Scenario 6: Delete: the guest stops, the finalizer goes, no QEMU remains.
+async fn delete(s: &Stack) -> Result<String> {
+    let t0 = Instant::now();
+    s.delete(NS, "example").await?;
+    let start = Instant::now();
+    while s.vms(NS).get_opt("example").await?.is_some() {
+        ensure!(
+            start.elapsed() < CONVERGE,
+            "the VM object is still there (finalizer not removed)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = s.qemu_processes(NS, "example");
+    ensure!(left.is_empty(), "QEMU processes left: {left:?}");
+    for n in ["hog", "wide", "smt", "storm"] {
+        let start = Instant::now();
+        while s.vms(NS).get_opt(n).await?.is_some() {
+            ensure!(start.elapsed() < CONVERGE, "{n} is still there");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");
+    }
+    Ok(format!(
+        "gone in {:.1} s; no QEMU process left for any VM",
+        t0.elapsed().as_secs_f64()
+    ))
+}

@@ -1,0 +1,142 @@
+//! `corescale-node-vmm`: the node side of corescale, one binary with two roles.
+//!
+//! - `agent`: watches the VMs placed on this node and makes their guests follow
+//!   `spec.cpus`; reports status, Events and metrics.
+//! - `launcher`: starts and reaps the VMM processes on the agent's request, so guests
+//!   survive the agent's restarts and upgrades.
+
+use clap::{Parser, Subcommand};
+use corescale_node_vmm::agent::{self, Config};
+use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
+use corescale_node_vmm::images::ImageDir;
+use corescale_node_vmm::launcher::{self, LauncherArgs};
+use corescale_node_vmm::metrics::Metrics;
+use corescale_node_vmm::qemu::{QemuBackend, QemuConfig};
+use corescale_node_vmm::sim::{SimBackend, SimDelays};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// corescale node-vmm: hot-plugs the vCPUs of the guests on this node.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(Box<AgentArgs>),
+    /// Run the VMM launcher (its own container in the DaemonSet pod).
+    Launcher(LauncherArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Namespace of the node-agent Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "corescale-system")]
+    system_namespace: String,
+    /// Directory of the per-VM state directories, shared with the launcher.
+    #[arg(long, env = "CORESCALE_STATE_DIR", default_value = launcher::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The launcher's socket.
+    #[arg(long, env = "CORESCALE_LAUNCHER_SOCKET", default_value = launcher::DEFAULT_SOCKET)]
+    launcher_socket: PathBuf,
+    /// Directory of guest images; spec.boot paths resolve only inside it
+    /// (default: $CORESCALE_CACHE/guest/x86_64).
+    #[arg(long, env = "CORESCALE_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// Backend: qemu, or simulator (in-memory, for scale tests only; never a default).
+    #[arg(long, default_value = "qemu", value_parser = ["qemu", "simulator"])]
+    backend: String,
+    /// QEMU binary (a name in PATH or a path).
+    #[arg(long, env = "CORESCALE_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Accelerator: auto (KVM when it can run guests, else TCG), kvm or tcg.
+    #[arg(long, env = "CORESCALE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    accel: String,
+    /// Run QEMU as this user (`-run-with user=`).
+    #[arg(long, env = "CORESCALE_QEMU_USER")]
+    qemu_user: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Seconds the node's Lease lives without renewal (renewed every third of it).
+    #[arg(long, default_value_t = 20)]
+    lease_seconds: u64,
+    /// vCPU budget = host CPUs x this ratio, summed over the node's VMs' targets.
+    #[arg(long, env = "CORESCALE_OVERCOMMIT", default_value_t = 4.0)]
+    overcommit: f64,
+    /// Seconds a plugged vCPU may take to be acknowledged and onlined.
+    #[arg(long, default_value_t = 30)]
+    plug_timeout_seconds: u64,
+    /// Simulator only: host CPUs to announce.
+    #[arg(long, default_value_t = 64)]
+    sim_host_cpus: u32,
+    /// Log as JSON lines (default) or as text.
+    #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Launcher(args) => {
+            corescale_common::logging::init(true);
+            launcher::run_launcher(args).await
+        }
+        Command::Agent(args) => run_agent(*args).await,
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    corescale_common::logging::init(args.log_format == "json");
+    let metrics = Metrics::new()?;
+    let health = Arc::new(corescale_common::http::Health::default());
+    let addr =
+        corescale_common::http::serve(args.metrics_addr, metrics.registry.clone(), health.clone())
+            .await?;
+    tracing::info!(%addr, node = %args.node_name, backend = %args.backend, "node agent starting");
+    let (backend, images): (Arc<dyn Backend>, Option<ImageDir>) = match args.backend.as_str() {
+        "simulator" => {
+            let cap = NodeCapacity {
+                host_cpus: args.sim_host_cpus,
+                max_vcpus_per_vm: corescale_api::MAX_VCPUS,
+                accel: Accel::Tcg,
+                arches: vec!["x86_64".into()],
+            };
+            (Arc::new(SimBackend::new(SimDelays::default(), cap)), None)
+        }
+        _ => {
+            let mut cfg = QemuConfig::new(&args.state_dir, &args.launcher_socket);
+            cfg.binary = args.qemu.clone();
+            cfg.accel = args.accel.clone();
+            cfg.run_as_user = args.qemu_user.clone();
+            let images = ImageDir::new(
+                args.image_dir
+                    .clone()
+                    .unwrap_or_else(ImageDir::default_root),
+            );
+            (Arc::new(QemuBackend::new(cfg)), Some(images))
+        }
+    };
+    let capacity = backend.capacity();
+    tracing::info!(?capacity, "node capacity");
+    let client = kube::Client::try_default().await?;
+    let config = Config {
+        system_namespace: args.system_namespace,
+        lease_duration: Duration::from_secs(args.lease_seconds),
+        overcommit: args.overcommit,
+        plug_timeout: Duration::from_secs(args.plug_timeout_seconds),
+        stop_grace: Duration::from_secs(10),
+    };
+    let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
+    health.set_ready(true);
+    agent::run_agent(shared).await
+}
