@@ -178,6 +178,18 @@ impl Stack {
         )
     }
 
+    /// Wait until the VM object is gone (its finalizer removed).
+    pub async fn wait_gone(&self, ns: &str, name: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while self.vms(ns).get_opt(name).await?.is_some() {
+            if start.elapsed() > timeout {
+                bail!("{ns}/{name} still exists after {} s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
     /// Wait until the guest runs with `cpus` vCPUs online (agent's view) and Ready.
     pub async fn wait_online(
         &self,

@@ -10,12 +10,12 @@ use corescale_api::{
     validate_spec, Phase, RunStrategy, Topology, VirtualMachine, VirtualMachineStatus, FINALIZER,
     NODE_LABEL, VM_LABEL,
 };
+use corescale_common::events::EventRecorder as Recorder;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use corescale_common::events::EventRecorder as Recorder;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
@@ -262,8 +262,15 @@ impl Context {
     }
 }
 
-/// The status the operator owns after placing a VM on `node`.
-fn placed_status(vm: &VirtualMachine, node: &str, message: &str) -> VirtualMachineStatus {
+/// The status the operator writes when it places a VM on `node`. On a reschedule it also
+/// takes over what the lost node's agent last reported (online vCPUs, Ready), so nobody
+/// reads the old node's guest as the new one's until the new agent reports.
+fn placed_status(
+    vm: &VirtualMachine,
+    node: &str,
+    message: &str,
+    rescheduled: bool,
+) -> VirtualMachineStatus {
     let topology = vm.spec.effective_topology();
     let mut conds = Vec::new();
     let existing = vm
@@ -283,8 +290,34 @@ fn placed_status(vm: &VirtualMachine, node: &str, message: &str) -> VirtualMachi
         vm.meta().generation,
         chrono::Utc::now(),
     );
+    let mut vcpus = Vec::new();
+    let mut cpus = None;
+    if rescheduled {
+        let now = chrono::Utc::now();
+        let g = vm.meta().generation;
+        let why = format!("moved to {node}; waiting for its node agent");
+        for t in [conditions::RUNNING, conditions::READY] {
+            set_condition(&mut conds, t, false, "Rescheduled", why.clone(), g, now);
+        }
+        cpus = Some(0);
+        vcpus = corescale_api::planner::slots(&topology)
+            .into_iter()
+            .map(|s| corescale_api::VcpuStatus {
+                index: s.index,
+                socket: s.socket,
+                core: s.core,
+                thread: s.thread,
+                numa_node: s.numa_node(),
+                state: corescale_api::VcpuState::Absent,
+                since: Some(now),
+                guest_cpu: None,
+            })
+            .collect();
+    }
     VirtualMachineStatus {
         phase: Some(Phase::Scheduled),
+        cpus,
+        vcpus,
         node_name: Some(node.to_string()),
         max_cpus: Some(topology.max_vcpus()),
         topology: Some(topology),
@@ -481,7 +514,12 @@ pub async fn reconcile(
                 None => format!("placed on {node} ({free} free vCPUs)"),
             };
             // Status first: the agent acts on the label, and must find nodeName set.
-            apply_status(&api, &name, &placed_status(&vm, &node, &message)).await?;
+            apply_status(
+                &api,
+                &name,
+                &placed_status(&vm, &node, &message, from.is_some()),
+            )
+            .await?;
             let body = json!({"metadata": {"labels": {NODE_LABEL: node, VM_LABEL: name}}});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
                 .await

@@ -503,10 +503,8 @@ async fn metrics(s: &Stack) -> Result<String> {
 
 /// Every query of the chart's Grafana dashboard returns series now.
 async fn dashboard_queries(s: &Stack) -> Result<()> {
-    let path = s.repo.join("charts/corescale/dashboards");
-    let Ok(rd) = std::fs::read_dir(&path) else {
-        bail!("no dashboards in {}", path.display());
-    };
+    let path = s.repo.join("charts/corescale/files");
+    let rd = std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut n = 0;
     for f in rd
         .flatten()
@@ -552,9 +550,7 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 /// to node-b, whose budget is 2 host CPUs x 4 = 8 vCPUs.
 async fn infeasible_deferred(s: &Stack) -> Result<String> {
     s.delete(NS, "smt").await?;
-    s.wait_vm(NS, "smt", "deleted", CONVERGE, |_| false)
-        .await
-        .ok();
+    s.wait_gone(NS, "smt", CONVERGE).await?;
     let node = "node-b";
     let on_b = |n: &str| {
         format!(
@@ -733,6 +729,12 @@ async fn reschedule(s: &Stack) -> Result<String> {
         .await?;
     let moved = t0.elapsed().as_secs_f64();
     let want = vm.spec.cpus;
+    // The operator resets what the lost node reported; Ready comes back from the new agent.
+    let moved_vm = s.vms(NS).get("example").await?;
+    ensure!(
+        condition(&moved_vm, "Ready").is_none_or(|c| c.status == "False"),
+        "Ready still claims the old node's guest"
+    );
     s.wait_online(NS, "example", want, BOOT).await?;
     ensure!(s.qemu(to, NS, "example").is_some(), "no QEMU on {to}");
     let ev = s.events(NS, "example")?;
@@ -757,22 +759,13 @@ async fn reschedule(s: &Stack) -> Result<String> {
 async fn delete(s: &Stack) -> Result<String> {
     let t0 = Instant::now();
     s.delete(NS, "example").await?;
-    let start = Instant::now();
-    while s.vms(NS).get_opt("example").await?.is_some() {
-        ensure!(
-            start.elapsed() < CONVERGE,
-            "the VM object is still there (finalizer not removed)"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_gone(NS, "example", CONVERGE)
+        .await
+        .context("the finalizer was not removed")?;
     let left = s.qemu_processes(NS, "example");
     ensure!(left.is_empty(), "QEMU processes left: {left:?}");
     for n in ["hog", "wide", "smt", "storm"] {
-        let start = Instant::now();
-        while s.vms(NS).get_opt(n).await?.is_some() {
-            ensure!(start.elapsed() < CONVERGE, "{n} is still there");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        s.wait_gone(NS, n, CONVERGE).await?;
         ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");
     }
     Ok(format!(

@@ -278,8 +278,14 @@ impl Worker {
 
     async fn stop_guest(&mut self, why: &str) {
         if let Some(h) = self.handle.take() {
-            tracing::info!(vm = %self.key, why, "stopping guest");
-            if let Err(e) = h.stop(self.shared.config.stop_grace).await {
+            // A guest that never finished booting cannot power itself off: do not wait.
+            let grace = if h.guest_ready().await {
+                self.shared.config.stop_grace
+            } else {
+                Duration::ZERO
+            };
+            tracing::info!(vm = %self.key, why, ?grace, "stopping guest");
+            if let Err(e) = h.stop(grace).await {
                 tracing::warn!(vm = %self.key, error = %e, "stop failed");
             }
         }
