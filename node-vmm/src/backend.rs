@@ -81,10 +81,12 @@ pub struct VmSpec {
 impl VmSpec {
     /// The VM's key.
     pub fn key(&self) -> VmKey {
-        VmKey { namespace: self.namespace.clone(), name: self.name.clone() }
+        VmKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
     }
 }
-
 
 /// What the backend observed of one vCPU slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +113,11 @@ pub struct Observation {
 impl Observation {
     /// vCPUs the guest has online; without a guest agent, the vCPUs present.
     pub fn online(&self) -> u32 {
-        let want = if self.guest_agent { VcpuState::Online } else { VcpuState::Present };
+        let want = if self.guest_agent {
+            VcpuState::Online
+        } else {
+            VcpuState::Present
+        };
         let n = self
             .slots
             .iter()
@@ -293,7 +299,10 @@ impl BackendError {
     }
     /// Wrap an I/O error with what was being done.
     pub fn io(context: impl Into<String>, e: &std::io::Error) -> Self {
-        BackendError::Io { context: context.into(), message: e.to_string() }
+        BackendError::Io {
+            context: context.into(),
+            message: e.to_string(),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use corescale_api::node::{lease_name, NodeAnnouncement, AGENT_LEASE_LABEL};
 use corescale_api::{VirtualMachine, FINALIZER, NODE_LABEL, VM_LABEL};
+use corescale_common::events::EventRecorder as Recorder;
 use corescale_operator::controller::{reconcile, Config, Context};
 use corescale_operator::metrics::Metrics;
 use http::{Method, Request, Response};
@@ -11,7 +12,6 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::ObjectMeta;
 use kube::client::Body;
-use corescale_common::events::EventRecorder as Recorder;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
