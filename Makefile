@@ -44,3 +44,9 @@ ci: deps check-generated lint test e2e ## Everything CI runs
 
 clean:
 	$(CARGO) clean
+
+.PHONY: chart-check
+chart-check: ## Helm lint/template + values schema, promtool check/test of the alerts, dashboard queries, Dockerfile check
+	bash scripts/check-chart.sh
+	bash scripts/check-dockerfile.sh
+	bash scripts/check-dockerfile.sh --self-test
