@@ -750,7 +750,6 @@ impl CpuMap {
     }
     fn forget_slot(&mut self, slot: u32) {
         self.by_logical.retain(|_, s| *s != slot);
-        self.signature = None;
     }
 }
 
@@ -1271,6 +1270,15 @@ impl QemuVm {
         hp: &mut BTreeMap<u32, HotpluggableCpu>,
         opts: &ResizeOptions,
     ) -> Vec<StepReport> {
+        // The guest's CPUs before the plug (not timed: preparation). A CPU that shows up
+        // afterwards, while this handle holds the VM, can only be one this unit plugged.
+        let before: Option<BTreeSet<u32>> = match ops.qga.get_vcpus(self.cfg.agent_timeout).await {
+            Ok(v) => Some(v.iter().map(|c| c.logical_id).collect()),
+            Err(e) => {
+                tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable before plug");
+                None
+            }
+        };
         let t0 = Instant::now();
         let deadline = t0 + opts.plug_timeout;
         let mut steps: Vec<StepReport> = unit
@@ -1388,7 +1396,14 @@ impl QemuVm {
             return steps;
         }
         if let Err(e) = self
-            .online_slots(ops, unit, &acked, &mut steps, t0, deadline)
+            .online_slots(
+                ops,
+                unit,
+                &acked,
+                before.as_ref(),
+                &mut steps,
+                (t0, deadline),
+            )
             .await
         {
             for &i in &acked {
@@ -1418,9 +1433,9 @@ impl QemuVm {
         ops: &mut Ops,
         unit: &[u32],
         acked: &[usize],
+        before: Option<&BTreeSet<u32>>,
         steps: &mut [StepReport],
-        t0: Instant,
-        deadline: Instant,
+        (t0, deadline): (Instant, Instant),
     ) -> Result<(), BackendError> {
         let left = || {
             deadline
@@ -1433,6 +1448,23 @@ impl QemuVm {
         loop {
             let vcpus = ops.qga.get_vcpus(left()).await.map_err(Self::qga_err)?;
             let known: BTreeSet<u32> = ops.map.by_logical.keys().copied().collect();
+            // One new CPU for one plugged slot: the set difference identifies it.
+            if let (Some(before), [slot]) =
+                (before, want.iter().copied().collect::<Vec<_>>().as_slice())
+            {
+                let new: Vec<u32> = vcpus
+                    .iter()
+                    .map(|v| v.logical_id)
+                    .filter(|l| !before.contains(l))
+                    .collect();
+                if let [logical] = new.as_slice() {
+                    ops.map.by_logical.retain(|_, s| s != slot);
+                    ops.map.by_logical.insert(*logical, *slot);
+                    found.insert(*slot, *logical);
+                    break;
+                }
+            }
+            // Otherwise each unknown CPU's ACPI processor path names its slot.
             for v in vcpus.iter().filter(|v| !known.contains(&v.logical_id)) {
                 match self
                     .acpi_slot(&mut ops.qga, v.logical_id, left())
@@ -1470,7 +1502,6 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        ops.map.signature = None;
         let changes: Vec<(u32, bool)> = found.values().map(|&l| (l, true)).collect();
         let n = ops
             .qga

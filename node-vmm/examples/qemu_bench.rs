@@ -1,0 +1,387 @@
+//! Plug and unplug latency of the QEMU backend, per phase, against a minimal direct
+//! QMP + guest-agent client doing the same operations on the same guest in the same run.
+//!
+//! ```text
+//! cargo run --release -p corescale-node-vmm --example qemu_bench -- [--runs 20] [--rounds 2]
+//! ```
+//!
+//! One TCG guest (1 socket x `2*runs+8` cores, so the lifetime vCPU-thread budget of TCG
+//! covers every plug of both clients). Rounds alternate: the backend plugs and unplugs slot 1
+//! `runs/rounds` times, then its handle is dropped and the direct client does the same on
+//! the same sockets, then the backend adopts the guest again, and so on.
+//!
+//! Phases, all measured from the start of the operation:
+//! plug: `applied` (device_add returned), `acked` (insert ACPI_DEVICE_OST), `online` (the
+//! agent reports the new CPU online); unplug: `applied` (offline through the agent, then
+//! device_del returned), `acked` (final eject ACPI_DEVICE_OST).
+
+use clap::Parser;
+use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_node_vmm::backend::{Accel, ResizeOptions, StepReport, VmHandle, VmSpec};
+use corescale_node_vmm::images::ImageDir;
+use corescale_node_vmm::launcher::{self, Launcher};
+use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Plug+unplug cycles per client (at least 20 for the report).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Rounds the runs are split into (clients alternate each round).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
+#[derive(Default)]
+struct Samples {
+    plug_applied: Vec<f64>,
+    plug_acked: Vec<f64>,
+    plug_online: Vec<f64>,
+    unplug_applied: Vec<f64>,
+    unplug_acked: Vec<f64>,
+}
+
+fn ms(d: Option<Duration>) -> f64 {
+    d.map(|d| d.as_secs_f64() * 1e3).expect("phase measured")
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let last = s.len() - 1;
+    // Nearest-rank quantile: index round(last * pct / 100).
+    let pick = |pct: usize| s[(last * pct + 50) / 100];
+    (s[0], pick(50), pick(99))
+}
+
+// ---- the backend ------------------------------------------------------------------------
+
+async fn backend_round(vm: &QemuVm, runs: usize, out: &mut Samples) {
+    let opts = ResizeOptions {
+        unplug_timeout: Duration::from_secs(20),
+        plug_timeout: Duration::from_secs(30),
+    };
+    let one = |r: corescale_node_vmm::backend::ResizeReport| -> StepReport {
+        if let Some(e) = r.first_error() {
+            panic!("backend step failed: {e}");
+        }
+        r.steps.into_iter().next().expect("one step")
+    };
+    for _ in 0..runs {
+        let s = one(vm
+            .resize(
+                &Plan {
+                    plug: vec![1],
+                    ..Default::default()
+                },
+                opts,
+            )
+            .await);
+        out.plug_applied.push(ms(s.applied));
+        out.plug_acked.push(ms(s.acked));
+        out.plug_online.push(ms(s.online));
+        let s = one(vm
+            .resize(
+                &Plan {
+                    unplug: vec![1],
+                    ..Default::default()
+                },
+                opts,
+            )
+            .await);
+        out.unplug_applied.push(ms(s.applied));
+        out.unplug_acked.push(ms(s.acked));
+    }
+}
+
+// ---- the baseline: a minimal direct client ---------------------------------------------
+
+struct Direct {
+    qmp: BufReader<UnixStream>,
+    qga: UnixStream,
+    qga_buf: Vec<u8>,
+    id: u64,
+}
+
+impl Direct {
+    fn connect(dir: &Path) -> Direct {
+        let q = UnixStream::connect(dir.join(launcher::QMP_SOCK)).expect("QMP socket");
+        q.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut qmp = BufReader::new(q);
+        let mut greeting = String::new();
+        qmp.read_line(&mut greeting).unwrap();
+        assert!(greeting.contains("QMP"), "{greeting}");
+        let qga = UnixStream::connect(dir.join(launcher::QGA_SOCK)).expect("QGA socket");
+        qga.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut d = Direct {
+            qmp,
+            qga,
+            qga_buf: Vec::new(),
+            id: 1,
+        };
+        d.qmp_cmd(json!({"execute": "qmp_capabilities"}));
+        // Resynchronise the agent line: 0xFF, then guest-sync-delimited until our id.
+        d.id += 1;
+        let id = d.id;
+        d.qga.write_all(b"\xff").unwrap();
+        d.qga
+            .write_all(
+                format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+        loop {
+            let v = d.qga_obj();
+            if v.get("return").and_then(Value::as_u64) == Some(id) {
+                break;
+            }
+        }
+        d
+    }
+
+    fn qmp_line(&mut self) -> Value {
+        let mut line = String::new();
+        self.qmp.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "QMP closed");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn qmp_cmd(&mut self, cmd: Value) -> Value {
+        let mut b = serde_json::to_vec(&cmd).unwrap();
+        b.push(b'\n');
+        self.qmp.get_mut().write_all(&b).unwrap();
+        loop {
+            let v = self.qmp_line();
+            if v.get("event").is_none() {
+                assert!(v.get("error").is_none(), "QMP error: {v}");
+                return v;
+            }
+        }
+    }
+
+    fn wait_ost(&mut self, slot: &str, source: i64) {
+        loop {
+            let v = self.qmp_line();
+            let info = &v["data"]["info"];
+            if v["event"] == "ACPI_DEVICE_OST"
+                && info["slot"] == slot
+                && info["source"] == source
+                && info["status"] == 0
+            {
+                return;
+            }
+        }
+    }
+
+    fn qga_obj(&mut self) -> Value {
+        loop {
+            let start = self.qga_buf.iter().position(|&b| b == b'{');
+            if let Some(start) = start {
+                let mut it = serde_json::Deserializer::from_slice(&self.qga_buf[start..])
+                    .into_iter::<Value>();
+                if let Some(Ok(v)) = it.next() {
+                    let end = start + it.byte_offset();
+                    self.qga_buf.drain(..end);
+                    return v;
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.qga.read(&mut chunk).unwrap();
+            assert!(n > 0, "QGA closed");
+            self.qga_buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn qga_cmd(&mut self, execute: &str, arguments: Value) -> Value {
+        self.id += 1;
+        let id = self.id;
+        let mut b =
+            serde_json::to_vec(&json!({"execute": execute, "arguments": arguments, "id": id}))
+                .unwrap();
+        b.push(b'\n');
+        self.qga.write_all(&b).unwrap();
+        loop {
+            let v = self.qga_obj();
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                assert!(v.get("error").is_none(), "QGA error: {v}");
+                return v["return"].clone();
+            }
+        }
+    }
+
+    fn vcpus(&mut self) -> Vec<(u64, bool)> {
+        let v = self.qga_cmd("guest-get-vcpus", json!({}));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["logical-id"].as_u64().unwrap(),
+                    c["online"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn baseline_round(dir: &Path, slot: &Value, run0: usize, runs: usize, out: &mut Samples) {
+    let mut d = Direct::connect(dir);
+    let driver = slot["type"].as_str().unwrap().to_string();
+    let props = slot["props"].as_object().unwrap().clone();
+    for r in 0..runs {
+        let id = format!("bench-cpu-{}", run0 + r);
+        let before: Vec<u64> = d.vcpus().into_iter().map(|(l, _)| l).collect();
+        // Plug.
+        let t0 = Instant::now();
+        let mut args = props.clone();
+        args.insert("driver".into(), json!(driver));
+        args.insert("id".into(), json!(id));
+        d.qmp_cmd(json!({"execute": "device_add", "arguments": args}));
+        out.plug_applied.push(t0.elapsed().as_secs_f64() * 1e3);
+        d.wait_ost("1", 1);
+        out.plug_acked.push(t0.elapsed().as_secs_f64() * 1e3);
+        let new = loop {
+            if let Some((l, _)) = d.vcpus().into_iter().find(|(l, _)| !before.contains(l)) {
+                break l;
+            }
+        };
+        d.qga_cmd(
+            "guest-set-vcpus",
+            json!({"vcpus": [{"logical-id": new, "online": true}]}),
+        );
+        while !d.vcpus().into_iter().any(|(l, on)| l == new && on) {}
+        out.plug_online.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Unplug.
+        let t0 = Instant::now();
+        d.qga_cmd(
+            "guest-set-vcpus",
+            json!({"vcpus": [{"logical-id": new, "online": false}]}),
+        );
+        d.qmp_cmd(json!({"execute": "device_del", "arguments": {"id": id}}));
+        out.unplug_applied.push(t0.elapsed().as_secs_f64() * 1e3);
+        d.wait_ost("1", 3);
+        out.unplug_acked.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runs = args.runs.max(1);
+    let rounds = args.rounds.clamp(1, runs);
+    let images = ImageDir::new(ImageDir::default_root());
+    let boot = images.resolve(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cores = u32::try_from(2 * runs + 8).unwrap_or(255).min(255);
+    let tmp = tempfile::Builder::new()
+        .prefix("corescale-bench.")
+        .tempdir()?;
+    let socket = tmp.path().join("launcher.sock");
+    let state = tmp.path().join("vms");
+    let l = Launcher::bind(&socket, &state, Duration::from_secs(5)).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(l.serve(async move {
+        let _ = stop_rx.await;
+    }));
+    let cfg = QemuConfig::new(&state, &socket);
+    let backend = QemuBackend::new(cfg);
+    let spec = VmSpec {
+        namespace: "bench".into(),
+        name: "latency".into(),
+        uid: "bench".into(),
+        topology: Topology {
+            sockets: 1,
+            cores,
+            threads: 1,
+        },
+        granularity: Granularity::Thread,
+        placement: Placement::Packed,
+        boot_vcpus: 1,
+        memory_mib: 512,
+        arch: Arch::X86_64,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        cmdline: String::new(),
+        accel: Accel::Tcg,
+    };
+    let t0 = Instant::now();
+    let mut vm = backend.start_vm(&spec).await?;
+    let boot_time = vm.wait_guest_ready(Duration::from_secs(120)).await?;
+    println!("guest: 1 socket x {cores} cores under TCG, agent ready {:.2} s after QEMU start ({:.2} s total)", boot_time.as_secs_f64(), t0.elapsed().as_secs_f64());
+    let dir: PathBuf = vm.dir().to_path_buf();
+    let hp = vm.qmp_command("query-hotpluggable-cpus", None).await?;
+    let slot1 = hp
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["props"]["core-id"] == 1)
+        .cloned()
+        .expect("slot 1");
+
+    let mut ours = Samples::default();
+    let mut direct = Samples::default();
+    let per = runs.div_ceil(rounds);
+    let mut done = 0;
+    // Warm-up (the first online in a guest is slow): one cycle each, not counted.
+    backend_round(&vm, 1, &mut Samples::default()).await;
+    while done < runs {
+        let n = per.min(runs - done);
+        backend_round(&vm, n, &mut ours).await;
+        drop(vm);
+        let (d, s) = (dir.clone(), slot1.clone());
+        let run0 = done;
+        let part = tokio::task::spawn_blocking(move || {
+            let mut p = Samples::default();
+            baseline_round(&d, &s, run0, n, &mut p);
+            p
+        })
+        .await?;
+        direct.plug_applied.extend(part.plug_applied);
+        direct.plug_acked.extend(part.plug_acked);
+        direct.plug_online.extend(part.plug_online);
+        direct.unplug_applied.extend(part.unplug_applied);
+        direct.unplug_acked.extend(part.unplug_acked);
+        done += n;
+        vm = backend.adopt_vm(&spec).await?;
+        vm.wait_guest_ready(Duration::from_secs(30)).await?;
+    }
+    if let Some((used, max)) = vm.vcpu_budget().await {
+        println!("vCPU threads created by the backend in this QEMU: {used} of {max} (the direct client's are not counted)");
+    }
+    vm.stop(Duration::from_secs(10)).await?;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+
+    println!("\n{runs} plug + {runs} unplug cycles per client, ms from the start of the operation");
+    println!(
+        "{:<16} {:>28} {:>28} {:>8}",
+        "phase", "backend min/median/p99", "direct QMP min/median/p99", "ratio"
+    );
+    let rows: [(&str, &Vec<f64>, &Vec<f64>); 5] = [
+        ("plug applied", &ours.plug_applied, &direct.plug_applied),
+        ("plug acked", &ours.plug_acked, &direct.plug_acked),
+        ("plug online", &ours.plug_online, &direct.plug_online),
+        (
+            "unplug applied",
+            &ours.unplug_applied,
+            &direct.unplug_applied,
+        ),
+        ("unplug acked", &ours.unplug_acked, &direct.unplug_acked),
+    ];
+    for (name, a, b) in rows {
+        let (a0, a1, a2) = stats(a);
+        let (b0, b1, b2) = stats(b);
+        println!(
+            "{name:<16} {:>28} {:>28} {:>8.2}",
+            format!("{a0:.1} / {a1:.1} / {a2:.1}"),
+            format!("{b0:.1} / {b1:.1} / {b2:.1}"),
+            a1 / b1
+        );
+    }
+    println!("ratio = backend median / direct median (1.00: no overhead)");
+    Ok(())
+}
