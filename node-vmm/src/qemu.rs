@@ -1856,7 +1856,15 @@ impl VmHandle for QemuVm {
             _ => return Ok(()),
         }
         if !self.qmp.is_closed() {
-            // ACPI power button: the guest powers off, QEMU (-no-reboot) exits.
+            // Ask twice: the guest agent (no ACPI daemon needed), when it is idle and has
+            // answered before; and the ACPI power button. QEMU (-no-reboot) then exits.
+            if self.ready.load(Ordering::Relaxed) {
+                if let Ok(mut ops) = self.ops.try_lock() {
+                    if let Err(e) = ops.qga.shutdown("powerdown", Duration::from_secs(1)).await {
+                        tracing::debug!(vm = %self.key, error = %e, "guest-shutdown failed");
+                    }
+                }
+            }
             if let Err(e) = self
                 .qmp
                 .execute_value("system_powerdown", None, self.cfg.qmp_timeout)

@@ -319,3 +319,58 @@ async fn paused_guest_during_unplug() {
     env.backend.cleanup(&key).await.unwrap();
     env.shutdown().await;
 }
+
+/// `-run-with user=`: QEMU drops to the configured user (as root), and hot-plug still
+/// works inside its sandbox. Without root, QEMU cannot switch users and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_the_configured_user() {
+    let env = Env::new().await;
+    let spec = spec(
+        "runas",
+        Topology {
+            sockets: 1,
+            cores: 2,
+            threads: 1,
+        },
+        Granularity::Thread,
+        Placement::Packed,
+        1,
+    );
+    let mut cfg = env.cfg.clone();
+    cfg.run_as_user = Some("nobody".into());
+    let backend = QemuBackend::new(cfg);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody exists");
+    if !nix::unistd::geteuid().is_root() {
+        let e = backend
+            .start(&spec)
+            .await
+            .err()
+            .expect("only root can switch users");
+        println!("[runas] as a normal user: {e}");
+        assert!(matches!(e, BackendError::Launcher(_)), "{e:?}");
+        env.shutdown().await;
+        return;
+    }
+    let vm = backend.start_vm(&spec).await.unwrap();
+    vm.wait_guest_ready(Duration::from_secs(90)).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    println!("[runas] QEMU {uid}");
+    assert!(
+        uid.split_whitespace()
+            .skip(1)
+            .all(|u| u == nobody.uid.to_string()),
+        "QEMU runs as nobody: {uid}"
+    );
+    let mut tr = Tracker::default();
+    resize_to(&vm, &mut tr, 2).await;
+    resize_to(&vm, &mut tr, 1).await;
+    finish(&env, vm).await;
+    env.shutdown().await;
+}

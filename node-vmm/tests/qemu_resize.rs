@@ -32,6 +32,25 @@ async fn thread_granularity_1_4_2_3() {
     let obs = verify(&vm, 1).await;
     assert_eq!(obs.slots.len(), 8);
     assert_eq!(obs.slots[0].guest_cpu, Some(0));
+    // The per-VM directory is private, and so are the sockets and the console log.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(vm.dir()), 0o700);
+    for f in [
+        "qmp.sock",
+        "qga.sock",
+        "serial.log",
+        "vm.json",
+        "backend.json",
+    ] {
+        assert_eq!(mode(&vm.dir().join(f)), 0o600, "{f}");
+    }
+    let record = corescale_node_vmm::launcher::read_record(vm.dir()).unwrap();
+    assert_eq!(record.pid, vm.pid());
+    assert_eq!(
+        serde_json::from_value::<corescale_node_vmm::backend::VmSpec>(record.spec).unwrap(),
+        spec
+    );
     let version = vm.qemu_version();
     println!(
         "[threads] QEMU {}.{}.{}",
