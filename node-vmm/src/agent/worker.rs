@@ -38,6 +38,8 @@ const OWNED: [&str; 4] = [
 ];
 /// How often an idle running VM is observed again (drift, per-vCPU CPU time).
 const IDLE_OBSERVE: Duration = Duration::from_secs(5);
+/// How long an observation may be reused to plan a new target.
+const FRESH_OBSERVATION: Duration = Duration::from_secs(2);
 /// How long a guest may take to boot before the status says so.
 const BOOT_WARN: Duration = Duration::from_secs(120);
 
@@ -72,6 +74,7 @@ pub struct Worker {
     last_applied: Option<serde_json::Value>,
     last_event: Option<(String, String)>,
     cpu_seen: HashMap<u32, f64>,
+    last_obs: Option<(Instant, Observation)>,
     max_vcpus: u32,
     seeded: bool,
 }
@@ -101,6 +104,7 @@ impl Worker {
             last_applied: None,
             last_event: None,
             cpu_seen: HashMap::new(),
+            last_obs: None,
             max_vcpus: 0,
             seeded: false,
         }
@@ -221,6 +225,7 @@ impl Worker {
         self.failures = 0;
         self.last_applied = None;
         self.cpu_seen.clear();
+        self.last_obs = None;
         self.seeded = false;
     }
 
@@ -238,6 +243,7 @@ impl Worker {
         self.started_at = None;
         self.book = SlotBook::default();
         self.overrides.clear();
+        self.last_obs = None;
         self.failures += 1;
         self.shared
             .metrics
@@ -277,6 +283,7 @@ impl Worker {
     }
 
     async fn stop_guest(&mut self, why: &str) {
+        self.last_obs = None;
         if let Some(h) = self.handle.take() {
             // A guest that never finished booting cannot power itself off: do not wait.
             let grace = if h.guest_ready().await {
@@ -405,9 +412,16 @@ impl Worker {
             self.report(vm, None).await;
             return Next::After(Duration::from_millis(100));
         }
-        let obs = match handle.observe().await {
-            Ok(o) => o,
-            Err(e) => return self.observe_failed(vm, e).await,
+        // A spec change right after an observation plans from it instead of asking the
+        // guest again: that round trip would sit between the API write and the backend
+        // call. The backend still checks every step against the VMM, and an idle VM is
+        // observed afresh every few seconds.
+        let obs = match &self.last_obs {
+            Some((t, o)) if t.elapsed() < FRESH_OBSERVATION => o.clone(),
+            _ => match handle.observe().await {
+                Ok(o) => o,
+                Err(e) => return self.observe_failed(vm, e).await,
+            },
         };
         self.absorb(&obs, now);
         self.phase = Phase::Running;
@@ -662,6 +676,7 @@ impl Worker {
     }
 
     fn absorb(&mut self, obs: &Observation, now: DateTime<Utc>) {
+        self.last_obs = Some((Instant::now(), obs.clone()));
         self.guest_agent = obs.guest_agent;
         self.book.update(obs, &self.overrides, now);
     }
@@ -728,14 +743,30 @@ impl Worker {
             result: ResizeResult::InProgress,
             message: None,
         });
-        self.report(vm, Some(before)).await;
-
         let opts = ResizeOptions {
             unplug_timeout: Duration::from_secs(vm.spec.unplug_timeout_seconds.into()),
             plug_timeout: self.shared.config.plug_timeout,
         };
+        // The in-progress status (slots Plugging/Unplugging, lastResize InProgress) goes
+        // out while the backend acts: the API round trip is not in the hot path.
+        let body = self.status_body(vm, Some(before));
+        let api = self.api(vm);
+        let pp = PatchParams::apply(MANAGER).force();
         let handle = self.handle.as_ref().expect("resize needs a guest");
-        let report = handle.resize(&plan, opts).await;
+        let name = vm.name_any();
+        let patch = Patch::Apply(&body);
+        let (applied, report) = tokio::join!(
+            api.patch_status(&name, &pp, &patch),
+            handle.resize(&plan, opts)
+        );
+        self.last_applied = match applied {
+            Ok(_) => Some(body),
+            Err(e) => {
+                tracing::warn!(vm = %self.key, error = %e, "cannot apply status");
+                None
+            }
+        };
+        let handle = self.handle.as_ref().expect("resize needs a guest");
         let after = handle.observe().await;
         let finished = Utc::now();
         let seconds = t0.elapsed().as_secs_f64();
@@ -932,13 +963,7 @@ impl Worker {
     /// Build the status from what was observed and apply it (server-side apply, manager
     /// `node-vmm`), unless it equals what was applied last.
     async fn report(&mut self, vm: &VirtualMachine, obs: Option<&Observation>) {
-        let status = self.status(vm, obs);
-        self.export_gauges(vm, &status);
-        let body = json!({
-            "apiVersion": "corescale.dev/v1alpha1",
-            "kind": "VirtualMachine",
-            "status": status,
-        });
+        let body = self.status_body(vm, obs);
         if self.last_applied.as_ref() == Some(&body) {
             return;
         }
@@ -956,6 +981,17 @@ impl Worker {
                 self.last_applied = None;
             }
         }
+    }
+
+    /// The server-side-apply body of the status, with the metrics gauges updated to match.
+    fn status_body(&self, vm: &VirtualMachine, obs: Option<&Observation>) -> serde_json::Value {
+        let status = self.status(vm, obs);
+        self.export_gauges(vm, &status);
+        json!({
+            "apiVersion": "corescale.dev/v1alpha1",
+            "kind": "VirtualMachine",
+            "status": status,
+        })
     }
 
     /// The status this agent owns, from the book (observed states) and the conditions.
