@@ -1146,7 +1146,13 @@ impl QemuVm {
         if ops.st != before {
             self.persist(&ops.st);
         }
-        let mut agent = match self.agent_view(ops, &present, self.cfg.agent_timeout).await {
+        // Until the agent first answers (the guest boots) a short try is enough.
+        let agent_timeout = if self.ready.load(Ordering::Relaxed) {
+            self.cfg.agent_timeout
+        } else {
+            self.cfg.agent_timeout.min(Duration::from_millis(300))
+        };
+        let mut agent = match self.agent_view(ops, &present, agent_timeout).await {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable during observe");

@@ -561,6 +561,94 @@ mod tests {
         );
     }
 
+    /// A fake agent on a socket: echoes during "boot", answers the 0xFF with an error,
+    /// sends stale replies, and leaves one command unanswered.
+    #[tokio::test]
+    async fn resyncs_skips_stale_replies_and_recovers_from_timeouts() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).split(b'\n');
+            let mut syncs = 0;
+            while let Ok(Some(raw)) = lines.next_segment().await {
+                let starts_with_ff = raw.first() == Some(&0xFF);
+                let body = if starts_with_ff { &raw[1..] } else { &raw[..] };
+                let req: Value = serde_json::from_slice(body).unwrap();
+                let cmd = req["execute"].as_str().unwrap().to_string();
+                if cmd == "guest-sync-delimited" {
+                    assert!(starts_with_ff, "a resync starts with 0xFF");
+                    syncs += 1;
+                    let id = req["arguments"]["id"].clone();
+                    // The tty echoes what it gets (as while the guest boots); the first
+                    // sync gets no answer: the agent is not up yet.
+                    let mut out = raw.clone();
+                    out.extend_from_slice(b"\r\n");
+                    w.write_all(&out).await.unwrap();
+                    if syncs == 1 {
+                        continue;
+                    }
+                    w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n").await.unwrap();
+                    let mut b = vec![0xFF];
+                    b.extend_from_slice(format!("{{\"return\": {id}}}\n").as_bytes());
+                    w.write_all(&b).await.unwrap();
+                    continue;
+                }
+                let id = req["id"].as_u64().unwrap();
+                match cmd.as_str() {
+                    "guest-ping" => {
+                        w.write_all(
+                            format!("{{\"return\": {{}}, \"id\": {}}}\n", id - 7).as_bytes(),
+                        )
+                        .await
+                        .unwrap();
+                        w.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+                            .await
+                            .unwrap();
+                    }
+                    "guest-get-vcpus" => {} // never answered
+                    "guest-set-vcpus" => {
+                        w.write_all(format!("{{\"id\": {id}, \"error\": {{\"class\": \"GenericError\", \"desc\": \"logical processor #0 can't be offlined\"}}}}\n").as_bytes()).await.unwrap();
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            syncs
+        });
+        let mut c = QgaClient::new(&path);
+        let t = Duration::from_secs(5);
+        let attempts = c.sync(t, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(
+            attempts, 2,
+            "the echoed first sync is not taken for an answer"
+        );
+        c.ping(t).await.unwrap();
+        let e = c.get_vcpus(Duration::from_millis(200)).await.unwrap_err();
+        assert_eq!(
+            e,
+            QgaError::Timeout {
+                command: "guest-get-vcpus".into(),
+                seconds: 0.2
+            }
+        );
+        assert!(!c.is_synced(), "a timeout forces a resync");
+        let e = c.set_vcpus(&[(0, false)], t).await.unwrap_err();
+        assert!(
+            matches!(&e, QgaError::Refused { desc, .. } if desc.contains("can't be offlined")),
+            "{e}"
+        );
+        c.ping(t).await.unwrap();
+        c.disconnect();
+        assert_eq!(
+            server.await.unwrap(),
+            3,
+            "connect, and once more after the timeout"
+        );
+    }
+
     #[test]
     fn acpi_path_names_the_slot_in_hex() {
         assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C001"), Some(1));
