@@ -40,7 +40,7 @@ bench: guest ## Benchmarks (print figures; not pass/fail)
 demo: deps guest ## Bring up a local cluster, apply the example VM and scale it
 	bash e2e/demo.sh
 
-ci: deps check-generated lint test e2e ## Everything CI runs
+ci: deps check-generated lint chart-check test e2e ## Everything CI runs
 
 clean:
 	$(CARGO) clean

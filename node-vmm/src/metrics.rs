@@ -153,6 +153,12 @@ impl Metrics {
                 self.hotplug_ops
                     .with_label_values(&[ns, name, d.as_str(), r]);
             }
+            // Histogram series exist from the start too, so a VM's first resize is a rate
+            // that dashboards can see rather than a series that appears with its sample.
+            for p in PHASES {
+                self.hotplug_seconds
+                    .with_label_values(&[ns, name, d.as_str(), p]);
+            }
         }
         for r in PENDING_REASONS {
             self.resize_pending.with_label_values(&[ns, name, r]);
