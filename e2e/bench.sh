@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Benchmarks (print figures, write JSON; not pass/fail):
 #  - the QEMU backend's per-phase plug/unplug latency against a direct QMP client
-#    (node-vmm/examples/bench_hotplug.rs), when present;
+#    (node-vmm/examples/qemu_bench.rs), when present;
 #  - the control-plane overhead of a resize through the real API server (corescale-bench).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export CORESCALE_STACK_DIR="${CORESCALE_STACK_DIR:-$repo/e2e/.run/bench}"
-if [[ -f node-vmm/examples/bench_hotplug.rs && "${SKIP_QMP_BENCH:-0}" != 1 ]]; then
-	cargo run -q --release -p corescale-node-vmm --example bench_hotplug
+if [[ -f node-vmm/examples/qemu_bench.rs && "${SKIP_QMP_BENCH:-0}" != 1 ]]; then
+	cargo run -q --release -p corescale-node-vmm --example qemu_bench
 fi
 cargo build -q --release -p corescale-operator -p corescale-node-vmm -p corescale-e2e
-export CORESCALE_BIN_DIR="$repo/target/release"
+export CORESCALE_BIN_DIR="${CARGO_TARGET_DIR:-$repo/target}/release"
 bash e2e/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$CORESCALE_STACK_DIR"
 trap 'bash e2e/stack.sh down >/dev/null 2>&1 || true' EXIT
 bash e2e/stack.sh up >/dev/null
-"$repo/target/release/corescale-bench" overhead "${OVERHEAD_RESIZES:-60}"
+"$CORESCALE_BIN_DIR/corescale-bench" overhead "${OVERHEAD_RESIZES:-60}"

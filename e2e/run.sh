@@ -27,4 +27,4 @@ trap cleanup EXIT
 t0=$(date +%s)
 bash e2e/stack.sh up
 echo "e2e: stack up in $(( $(date +%s) - t0 )) s"
-"$repo/target/debug/corescale-e2e" "$@"
+"${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-e2e" "$@"

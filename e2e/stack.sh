@@ -17,7 +17,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 dir="${CORESCALE_STACK_DIR:-$repo/e2e/.run/stack}"
-bin="${CORESCALE_BIN_DIR:-$repo/target/debug}"
+bin="${CORESCALE_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/debug}"
 cache="${CORESCALE_CACHE:-$HOME/.cache/corescale}"
 ns=corescale-system
 nodes=(node-a node-b)
