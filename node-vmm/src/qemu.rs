@@ -1195,6 +1195,22 @@ impl QemuVm {
         })
     }
 
+    /// Whether the guest has an agent: it answered once, or answers a short sync now.
+    async fn has_agent(&self, ops: &mut Ops) -> bool {
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ok = ops
+            .qga
+            .sync(Duration::from_millis(300), Duration::from_millis(300))
+            .await
+            .is_ok();
+        if ok {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        ok
+    }
+
     /// Whether QEMU lists the slot without a vCPU now.
     async fn slot_gone(&self, slot: u32) -> bool {
         self.hotpluggable()
@@ -1278,12 +1294,19 @@ impl QemuVm {
     ) -> Vec<StepReport> {
         // The guest's CPUs before the plug (not timed: preparation). A CPU that shows up
         // afterwards, while this handle holds the VM, can only be one this unit plugged.
-        let before: Option<BTreeSet<u32>> = match ops.qga.get_vcpus(self.cfg.agent_timeout).await {
-            Ok(v) => Some(v.iter().map(|c| c.logical_id).collect()),
-            Err(e) => {
-                tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable before plug");
-                None
+        // A guest whose agent never answered has none: its vCPUs end Present, which is
+        // all such a guest can report, and that is no error.
+        let has_agent = self.has_agent(ops).await;
+        let before: Option<BTreeSet<u32>> = if has_agent {
+            match ops.qga.get_vcpus(self.cfg.agent_timeout).await {
+                Ok(v) => Some(v.iter().map(|c| c.logical_id).collect()),
+                Err(e) => {
+                    tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable before plug");
+                    None
+                }
             }
+        } else {
+            None
         };
         let t0 = Instant::now();
         let deadline = t0 + opts.plug_timeout;
@@ -1398,7 +1421,14 @@ impl QemuVm {
             .copied()
             .filter(|&i| steps[i].acked.is_some())
             .collect();
-        if acked.is_empty() {
+        if acked.is_empty() || !has_agent {
+            if !has_agent {
+                // Nothing will online these: the plug is as done as it gets.
+                for &i in &acked {
+                    ops.st.plugging.remove(&unit[i]);
+                }
+            }
+            self.persist(&ops.st);
             return steps;
         }
         if let Err(e) = self
@@ -1794,7 +1824,8 @@ impl VmHandle for QemuVm {
         };
         // Know which logical CPU is which before offlining any (an adopted handle starts
         // with an empty map).
-        if !plan.unplug.is_empty() && ops.map.signature.is_none() {
+        if !plan.unplug.is_empty() && ops.map.signature.is_none() && self.has_agent(&mut ops).await
+        {
             let present: Vec<u32> = hp
                 .iter()
                 .filter(|(_, c)| c.qom_path.is_some())

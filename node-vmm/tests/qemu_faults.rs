@@ -374,3 +374,97 @@ async fn runs_as_the_configured_user() {
     finish(&env, vm).await;
     env.shutdown().await;
 }
+
+/// A guest without an agent still works: its vCPUs are plugged and unplugged, reported
+/// Present (online state unknown), with no error; stop() kills it when it ignores the
+/// power button.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_without_agent() {
+    let env = Env::new().await;
+    let mut spec = spec(
+        "noagent",
+        Topology {
+            sockets: 1,
+            cores: 2,
+            threads: 1,
+        },
+        Granularity::Thread,
+        Placement::Packed,
+        1,
+    );
+    // PID 1 is `sleep`: no guest agent, no ACPI daemon.
+    spec.cmdline = "rdinit=/bin/sleep -- 100000".into();
+    let vm = env.backend.start_vm(&spec).await.unwrap();
+    let serial = vm.dir().join("serial.log");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("Run /bin/sleep as init process")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the guest kernel did not reach init"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "[noagent] kernel reached init after {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(!vm.guest_ready().await);
+    let obs = vm.observe().await.unwrap();
+    assert!(!obs.guest_agent);
+    assert_eq!(obs.slots[0].state, VcpuState::Present);
+    assert_eq!(obs.online(), 1, "without an agent, present vCPUs count");
+
+    let r = vm
+        .resize(
+            &Plan {
+                plug: vec![1],
+                ..Default::default()
+            },
+            OPTS,
+        )
+        .await;
+    print_report("noagent", "plug", &r);
+    assert!(r.first_error().is_none(), "{r:?}");
+    assert!(
+        r.steps[0].acked.is_some() && r.steps[0].online.is_none(),
+        "{r:?}"
+    );
+    let obs = vm.observe().await.unwrap();
+    assert_eq!(obs.slots[1].state, VcpuState::Present);
+    assert_eq!(obs.slots[1].guest_cpu, None);
+    assert_eq!(obs.online(), 2);
+    let r = vm
+        .resize(
+            &Plan {
+                unplug: vec![1],
+                ..Default::default()
+            },
+            OPTS,
+        )
+        .await;
+    print_report("noagent", "unplug", &r);
+    assert!(r.first_error().is_none(), "{r:?}");
+    assert_eq!(vm.observe().await.unwrap().online(), 1);
+
+    let t0 = Instant::now();
+    vm.stop(Duration::from_secs(1)).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let mut events = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(3), vm.next_event()).await {
+        events.push(ev);
+    }
+    assert_eq!(
+        events.last(),
+        Some(&VmEvent::Exited {
+            status: Some(128 + 9)
+        }),
+        "killed after the grace: {events:?}"
+    );
+    let key = vm.spec().key();
+    drop(vm);
+    env.backend.cleanup(&key).await.unwrap();
+    env.shutdown().await;
+}
