@@ -111,7 +111,8 @@ async fn overhead(s: &Stack, n: usize) -> Result<()> {
         let lr = vm.status.and_then(|s| s.last_resize).expect("checked");
         last_started = Some(lr.started_at);
         let ms = |a: DateTime<Utc>, b: DateTime<Utc>| {
-            f64::from(i32::try_from((b - a).num_microseconds().unwrap_or(0)).unwrap_or(i32::MAX)) / 1000.0
+            f64::from(i32::try_from((b - a).num_microseconds().unwrap_or(0)).unwrap_or(i32::MAX))
+                / 1000.0
         };
         write_backend.push(ms(t_write, lr.started_at));
         write_online.push(ms(t_write, lr.finished_at.expect("checked")));

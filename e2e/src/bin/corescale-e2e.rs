@@ -60,6 +60,14 @@ const SCENARIOS: &[Scenario] = &[
         "200 random writes in 10 s converge to the last; nothing hangs or fails",
     ),
     (
+        "api-outage",
+        "the API server frozen mid-resize: the guest is untouched, status converges after",
+    ),
+    (
+        "delete-mid-resize",
+        "a VM deleted while it resizes: the guest stops, nothing is left",
+    ),
+    (
         "reschedule",
         "an agent gone past its lease: its VMs come up on the other node",
     ),
@@ -148,6 +156,8 @@ async fn run(s: &Stack, name: &str) -> Result<String> {
         "infeasible-deferred" => infeasible_deferred(s).await,
         "agent-kill" => agent_kill(s).await,
         "storm" => storm(s).await,
+        "api-outage" => api_outage(s).await,
+        "delete-mid-resize" => delete_mid_resize(s).await,
         "reschedule" => reschedule(s).await,
         "delete" => delete(s).await,
         other => bail!("unknown scenario {other}"),
@@ -730,11 +740,15 @@ async fn storm(s: &Stack) -> Result<String> {
     let mut last = 1;
     let t0 = Instant::now();
     let mut rng = rand::rng();
+    let mut mid = None;
     for i in 0..200u32 {
         last = rng.random_range(1..=4u32);
         let body = serde_json::json!({"spec": {"replicas": last}});
         api.patch_scale("storm", &PatchParams::default(), &Patch::Merge(&body))
             .await?;
+        if i == 100 {
+            mid = Some(scrape_during(s, &node).await?);
+        }
         let due = Duration::from_millis(50) * (i + 1);
         if let Some(wait) = due.checked_sub(t0.elapsed()) {
             tokio::time::sleep(wait).await;
@@ -761,8 +775,120 @@ async fn storm(s: &Stack) -> Result<String> {
         prom_value(&fails[0])
     );
     let resized = resized_events(&s.events(NS, "storm")?).len();
+    let mid = mid.unwrap_or_default();
     s.delete(NS, "storm").await?;
-    Ok(format!("200 writes in {wrote:.1} s coalesced into {resized} resizes; at {last} {settle:.1} s after the last write"))
+    Ok(format!("200 writes in {wrote:.1} s coalesced into {resized} resizes; at {last} {settle:.1} s after the last write; mid-storm /metrics: {mid}"))
+}
+
+/// Scrape the node agent's /metrics directly in the middle of a storm: the VM's series
+/// are there with sane values (desired in 1..=4, max 64, online <= present <= max).
+async fn scrape_during(s: &Stack, node: &str) -> Result<String> {
+    let var = if node == "node-a" {
+        "CORESCALE_NODE_A_METRICS"
+    } else {
+        "CORESCALE_NODE_B_METRICS"
+    };
+    let text = corescale_e2e::http_get(&format!("{}/metrics", s.var(var)?)).await?;
+    let get = |state: &str| -> Result<f64> {
+        let key =
+            format!("corescale_vm_vcpus{{namespace=\"demo\",name=\"storm\",state=\"{state}\"}} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .with_context(|| format!("no {key}in /metrics"))?;
+        Ok(line[key.len()..].trim().parse()?)
+    };
+    let (desired, online, present, max) = (
+        get("desired")?,
+        get("online")?,
+        get("present")?,
+        get("max")?,
+    );
+    ensure!((1.0..=4.0).contains(&desired), "desired {desired}");
+    ensure!(max == 64.0, "max {max}");
+    ensure!(
+        online <= present && present <= max,
+        "online {online} present {present} max {max}"
+    );
+    ensure!(
+        text.contains("corescale_vcpu_hotplug_duration_seconds_bucket{"),
+        "no latency histogram"
+    );
+    Ok(format!(
+        "desired {desired} online {online} present {present}"
+    ))
+}
+
+/// The API server is frozen (SIGSTOP) right after a write: the agent carries out the
+/// resize it saw, cannot report it, and reports it once the API server is back; the guest
+/// is never restarted, and a later write still gets through.
+async fn api_outage(s: &Stack) -> Result<String> {
+    let yaml =
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: outage}\n\
+                spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
+    s.create(NS, yaml).await?;
+    let vm = s.wait_online(NS, "outage", 1, BOOT).await?;
+    let node = node_of(&vm).context("no node")?;
+    let qemu = s.qemu(&node, NS, "outage").context("no QEMU")?;
+    let pid: i32 = s.var("CORESCALE_APISERVER_PID")?.parse()?;
+    s.scale(NS, "outage", 3).await?;
+    signal(pid, "STOP")?;
+    let frozen = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let alive = s.qemu(&node, NS, "outage") == Some(qemu);
+    signal(pid, "CONT")?;
+    ensure!(alive, "the guest did not survive the API server outage");
+    let vm = s.wait_online(NS, "outage", 3, CONVERGE).await?;
+    let after = frozen.elapsed().as_secs_f64() - 6.0;
+    ensure!(
+        node_of(&vm).as_deref() == Some(node.as_str()),
+        "moved during the outage"
+    );
+    s.scale(NS, "outage", 2).await?;
+    s.wait_online(NS, "outage", 2, CONVERGE).await?;
+    ensure!(
+        s.qemu(&node, NS, "outage") == Some(qemu),
+        "the guest was restarted"
+    );
+    s.delete(NS, "outage").await?;
+    Ok(format!(
+        "6 s outage; status at 3 vCPUs {after:.1} s after the API server came back; same QEMU"
+    ))
+}
+
+fn signal(pid: i32, sig: &str) -> Result<()> {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(st.success(), "kill -{sig} {pid} failed");
+    Ok(())
+}
+
+/// A VM deleted while a resize is under way: the resize step ends, the guest stops, the
+/// finalizer goes, no QEMU is left.
+async fn delete_mid_resize(s: &Stack) -> Result<String> {
+    let yaml = "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: dmr}\n\
+                spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
+    s.create(NS, yaml).await?;
+    s.wait_online(NS, "dmr", 1, BOOT).await?;
+    s.scale(NS, "dmr", 6).await?;
+    let _ = s
+        .wait_vm(NS, "dmr", "plugging", Duration::from_secs(5), |v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
+        })
+        .await;
+    let t0 = Instant::now();
+    s.delete(NS, "dmr").await?;
+    s.wait_gone(NS, "dmr", CONVERGE).await?;
+    let left = s.qemu_processes(NS, "dmr");
+    ensure!(left.is_empty(), "QEMU processes left: {left:?}");
+    Ok(format!(
+        "deleted mid-resize; gone in {:.1} s, no QEMU left",
+        t0.elapsed().as_secs_f64()
+    ))
 }
 
 /// Scenario 8: Stop the example VM's agent past its lease: the operator moves the VM, it runs on
@@ -819,7 +945,7 @@ async fn delete(s: &Stack) -> Result<String> {
         .context("the finalizer was not removed")?;
     let left = s.qemu_processes(NS, "example");
     ensure!(left.is_empty(), "QEMU processes left: {left:?}");
-    for n in ["hog", "wide", "smt", "storm"] {
+    for n in ["hog", "wide", "smt", "storm", "outage", "dmr"] {
         s.wait_gone(NS, n, CONVERGE).await?;
         ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");
     }
