@@ -2,13 +2,16 @@
 //! QMP + guest-agent client doing the same operations on the same guest in the same run.
 //!
 //! ```text
-//! cargo run --release -p corescale-node-vmm --example qemu_bench -- [--runs 20] [--rounds 2]
+//! cargo run --release -p corescale-node-vmm --example qemu_bench -- [--runs 20] [--rounds N] [--settle-ms 100]
 //! ```
 //!
 //! One TCG guest (1 socket x `2*runs+8` cores, so the lifetime vCPU-thread budget of TCG
 //! covers every plug of both clients). Rounds alternate: the backend plugs and unplugs slot 1
 //! `runs/rounds` times, then its handle is dropped and the direct client does the same on
-//! the same sockets, then the backend adopts the guest again, and so on.
+//! the same sockets, then the backend adopts the guest again, and so on. Both clients wait
+//! `--settle-ms` between operations: Linux offlines a CPU it onlined a moment ago faster
+//! (measured: ~32 ms right after the online vs ~55 ms once settled), which would otherwise
+//! favour whichever client unplugs sooner after its plug.
 //!
 //! Phases, all measured from the start of the operation:
 //! plug: `applied` (device_add returned), `acked` (insert ACPI_DEVICE_OST), `online` (the
@@ -32,9 +35,13 @@ struct Args {
     /// Plug+unplug cycles per client (at least 20 for the report).
     #[arg(long, default_value_t = 20)]
     runs: usize,
-    /// Rounds the runs are split into (clients alternate each round).
-    #[arg(long, default_value_t = 2)]
-    rounds: usize,
+    /// Rounds the runs are split into; the clients alternate each round (default: every
+    /// cycle, so both see the same machine load).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Pause between operations (both clients), so each starts from a settled guest.
+    #[arg(long, default_value_t = 100)]
+    settle_ms: u64,
 }
 
 #[derive(Default)]
@@ -61,7 +68,7 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 
 // ---- the backend ------------------------------------------------------------------------
 
-async fn backend_round(vm: &QemuVm, runs: usize, out: &mut Samples) {
+async fn backend_round(vm: &QemuVm, runs: usize, settle: Duration, out: &mut Samples) {
     let opts = ResizeOptions {
         unplug_timeout: Duration::from_secs(20),
         plug_timeout: Duration::from_secs(30),
@@ -85,6 +92,7 @@ async fn backend_round(vm: &QemuVm, runs: usize, out: &mut Samples) {
         out.plug_applied.push(ms(s.applied));
         out.plug_acked.push(ms(s.acked));
         out.plug_online.push(ms(s.online));
+        tokio::time::sleep(settle).await;
         let s = one(vm
             .resize(
                 &Plan {
@@ -96,6 +104,7 @@ async fn backend_round(vm: &QemuVm, runs: usize, out: &mut Samples) {
             .await);
         out.unplug_applied.push(ms(s.applied));
         out.unplug_acked.push(ms(s.acked));
+        tokio::time::sleep(settle).await;
     }
 }
 
@@ -229,7 +238,14 @@ impl Direct {
     }
 }
 
-fn baseline_round(dir: &Path, slot: &Value, run0: usize, runs: usize, out: &mut Samples) {
+fn baseline_round(
+    dir: &Path,
+    slot: &Value,
+    run0: usize,
+    runs: usize,
+    settle: Duration,
+    out: &mut Samples,
+) {
     let mut d = Direct::connect(dir);
     let driver = slot["type"].as_str().unwrap().to_string();
     let props = slot["props"].as_object().unwrap().clone();
@@ -256,6 +272,7 @@ fn baseline_round(dir: &Path, slot: &Value, run0: usize, runs: usize, out: &mut 
         );
         while !d.vcpus().into_iter().any(|(l, on)| l == new && on) {}
         out.plug_online.push(t0.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(settle);
         // Unplug.
         let t0 = Instant::now();
         d.qga_cmd(
@@ -266,14 +283,20 @@ fn baseline_round(dir: &Path, slot: &Value, run0: usize, runs: usize, out: &mut 
         out.unplug_applied.push(t0.elapsed().as_secs_f64() * 1e3);
         d.wait_ost("1", 3);
         out.unplug_acked.push(t0.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(settle);
     }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
     let runs = args.runs.max(1);
-    let rounds = args.rounds.clamp(1, runs);
+    let rounds = args.rounds.unwrap_or(runs).clamp(1, runs);
     let images = ImageDir::new(ImageDir::default_root());
     let boot = images.resolve(None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cores = u32::try_from(2 * runs + 8).unwrap_or(255).min(255);
@@ -327,16 +350,17 @@ async fn main() -> anyhow::Result<()> {
     let per = runs.div_ceil(rounds);
     let mut done = 0;
     // Warm-up (the first online in a guest is slow): one cycle each, not counted.
-    backend_round(&vm, 1, &mut Samples::default()).await;
+    let settle = Duration::from_millis(args.settle_ms);
+    backend_round(&vm, 1, settle, &mut Samples::default()).await;
     while done < runs {
         let n = per.min(runs - done);
-        backend_round(&vm, n, &mut ours).await;
+        backend_round(&vm, n, settle, &mut ours).await;
         drop(vm);
         let (d, s) = (dir.clone(), slot1.clone());
         let run0 = done;
         let part = tokio::task::spawn_blocking(move || {
             let mut p = Samples::default();
-            baseline_round(&d, &s, run0, n, &mut p);
+            baseline_round(&d, &s, run0, n, settle, &mut p);
             p
         })
         .await?;

@@ -1644,7 +1644,7 @@ impl QemuVm {
                 (opts.unplug_timeout / 2).min(self.cfg.agent_timeout.max(Duration::from_secs(5)));
             match ops.qga.set_vcpus(&offline, budget).await {
                 Ok(n) => {
-                    tracing::debug!(vm = %self.key, offlined = n, "vCPUs offlined through the agent")
+                    tracing::debug!(vm = %self.key, offlined = n, ms = t0.elapsed().as_secs_f64() * 1e3, "vCPUs offlined through the agent")
                 }
                 Err(e) => {
                     tracing::warn!(vm = %self.key, error = %e, "could not offline through the agent; ejecting anyway")
