@@ -17,9 +17,10 @@
 //! Plug, per unit (one slot, or every thread of a core under Core granularity):
 //! `device_add` of the slot's `type` and `props` from `query-hotpluggable-cpus` (phase
 //! *applied*), then the guest's `ACPI_DEVICE_OST` for that slot with source 1 and status 0
-//! (*acked*), then the new logical CPUs are identified through the guest agent (each
-//! offline CPU's ACPI processor path names its slot) and onlined with `guest-set-vcpus`
-//! until `guest-get-vcpus` reports them online (*online*).
+//! (*acked*), then the new logical CPUs are identified through the guest agent (see
+//! below) and onlined with `guest-set-vcpus` until `guest-get-vcpus` reports them online
+//! (*online*). A plug cut short (a timeout, an agent restart) is recorded and finished by
+//! the next `observe`. A guest without an agent stops at *acked*; its vCPUs stay Present.
 //!
 //! Unplug, per unit: offline through the agent, `device_del` (*applied*, the slot is then
 //! `Unplugging`), and the final eject `ACPI_DEVICE_OST` (source 3, status 0; QEMU sends no
@@ -40,9 +41,12 @@
 //! # Mapping guest CPUs to slots
 //!
 //! Never by `cpuN` order. Online CPUs: the APIC id in the guest's `/proc/cpuinfo`, which
-//! QEMU derives from (socket, core, thread). Offline CPUs (a fresh plug): the CPU's ACPI
-//! processor device `firmware_node/path` (`\_SB_.CPUS.C%03X`, the possible-CPU index,
-//! which is the slot index).
+//! QEMU derives from (socket, core, thread). Offline CPUs: the CPU's ACPI processor device
+//! `firmware_node/path` (`\_SB_.CPUS.C%03X`, the possible-CPU index, which is the slot
+//! index). A plug of one slot that makes exactly one CPU appear (against a snapshot taken
+//! just before, while the handle holds the VM) needs no file read: nothing else can add a
+//! CPU meanwhile. The map is kept between operations and rebuilt by `observe` whenever the
+//! guest's CPU set is not the one it was built for.
 
 use crate::backend::{
     Accel, Backend, BackendError, Direction, NodeCapacity, Observation, ResizeOptions,
