@@ -15,6 +15,15 @@ pub use validate::{validate_spec, ValidationError};
 
 use kube::CustomResourceExt;
 
+/// The body of a server-side apply of `status` to a VirtualMachine's status subresource.
+pub fn status_apply_body(status: &VirtualMachineStatus) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "corescale.dev/v1alpha1",
+        "kind": "VirtualMachine",
+        "status": status,
+    })
+}
+
 /// The CRD as YAML, exactly what `crdgen` writes into `crds/`.
 pub fn crd_yaml() -> String {
     let crd = VirtualMachine::crd();

@@ -26,6 +26,17 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Connect to the stack in `$CORESCALE_STACK_DIR`, or `e2e/.run/<default_dir>`.
+    pub async fn from_env(default_dir: &str) -> Result<Self> {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .canonicalize()?;
+        let dir = std::env::var_os("CORESCALE_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("e2e/.run").join(default_dir));
+        Self::open(&repo, &dir).await
+    }
+
     /// Connect to the stack in `dir`.
     pub async fn open(repo: &Path, dir: &Path) -> Result<Self> {
         let mut env = HashMap::new();

@@ -112,16 +112,7 @@ impl Metrics {
             ),
             &vm,
         )?;
-        let build = IntGaugeVec::new(
-            Opts::new(
-                "corescale_build_info",
-                "Build of the running binary; always 1.",
-            ),
-            &["component", "version"],
-        )?;
-        build
-            .with_label_values(&["node-vmm", env!("CARGO_PKG_VERSION")])
-            .set(1);
+        let build = corescale_common::build_info("node-vmm")?;
         for c in [
             Box::new(vcpus.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(hotplug_seconds.clone()),

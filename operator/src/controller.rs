@@ -379,11 +379,7 @@ async fn apply_status(
     name: &str,
     status: &VirtualMachineStatus,
 ) -> Result<(), ReconcileError> {
-    let body = json!({
-        "apiVersion": "corescale.dev/v1alpha1",
-        "kind": "VirtualMachine",
-        "status": status,
-    });
+    let body = corescale_api::status_apply_body(status);
     api.patch_status(
         name,
         &PatchParams::apply(MANAGER).force(),

@@ -68,16 +68,7 @@ impl Metrics {
             "corescale_operator_leader",
             "1 while this replica is the leader.",
         )?;
-        let build = IntGaugeVec::new(
-            Opts::new(
-                "corescale_build_info",
-                "Build of the running binary; always 1.",
-            ),
-            &["component", "version"],
-        )?;
-        build
-            .with_label_values(&["operator", env!("CARGO_PKG_VERSION")])
-            .set(1);
+        let build = corescale_common::build_info("operator")?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(vms.clone()))?;

@@ -12,7 +12,6 @@ use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,14 +19,8 @@ const NS: &str = "bench";
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let dir = std::env::var_os("CORESCALE_STACK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("e2e/.run/bench"));
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let stack = Stack::open(&repo, &dir).await?;
+    let stack = Stack::from_env("bench").await?;
     match args.first().map(String::as_str) {
         Some("overhead") => {
             let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(60);

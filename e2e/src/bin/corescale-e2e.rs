@@ -86,17 +86,11 @@ struct Outcome {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let dir = std::env::var_os("CORESCALE_STACK_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("e2e/.run/stack"));
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
         .map(|s| s.split(',').map(str::to_string).collect());
-    let stack = Stack::open(&repo, &dir).await?;
+    let stack = Stack::from_env("stack").await?;
     stack.namespace(NS)?;
     let mut outcomes = Vec::new();
     for (name, what) in SCENARIOS {

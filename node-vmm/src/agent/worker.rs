@@ -18,7 +18,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -447,49 +446,42 @@ impl Worker {
             current,
         );
         budget.hold(&self.key, current);
-        match feas {
-            Feasibility::Infeasible(msg) => {
-                set_condition(
-                    &mut self.conds,
-                    cond::RESIZE_PENDING,
-                    true,
-                    cond::REASON_INFEASIBLE,
-                    msg.clone(),
-                    generation,
-                    now,
-                );
-                self.set_ready(vm, &obs, now);
-                self.event(vm, EventType::Warning, "Infeasible", msg).await;
-                self.report(vm, Some(&obs)).await;
-                return Next::Change;
-            }
+        let pending = match feas {
+            Feasibility::Infeasible(msg) => Some((
+                cond::REASON_INFEASIBLE,
+                EventType::Warning,
+                msg,
+                Next::Change,
+            )),
             Feasibility::Deferred(msg) => {
-                set_condition(
-                    &mut self.conds,
-                    cond::RESIZE_PENDING,
-                    true,
-                    cond::REASON_DEFERRED,
-                    msg.clone(),
-                    generation,
-                    now,
-                );
-                self.set_ready(vm, &obs, now);
-                self.event(vm, EventType::Normal, "Deferred", msg).await;
-                self.report(vm, Some(&obs)).await;
-                return Next::Budget;
+                Some((cond::REASON_DEFERRED, EventType::Normal, msg, Next::Budget))
             }
-            Feasibility::Fits => {
-                set_condition(
-                    &mut self.conds,
-                    cond::RESIZE_PENDING,
-                    false,
-                    "Fits",
-                    "",
-                    generation,
-                    now,
-                );
-            }
+            Feasibility::Fits => None,
+        };
+        if let Some((reason, type_, msg, next)) = pending {
+            set_condition(
+                &mut self.conds,
+                cond::RESIZE_PENDING,
+                true,
+                reason,
+                msg.clone(),
+                generation,
+                now,
+            );
+            self.set_ready(vm, &obs, now);
+            self.event(vm, type_, reason, msg).await;
+            self.report(vm, Some(&obs)).await;
+            return next;
         }
+        set_condition(
+            &mut self.conds,
+            cond::RESIZE_PENDING,
+            false,
+            "Fits",
+            "",
+            generation,
+            now,
+        );
         let plan = match decide::plan_for(vm, &self.book) {
             Ok(p) => p,
             Err(e) => {
@@ -987,11 +979,7 @@ impl Worker {
     fn status_body(&self, vm: &VirtualMachine, obs: Option<&Observation>) -> serde_json::Value {
         let status = self.status(vm, obs);
         self.export_gauges(vm, &status);
-        json!({
-            "apiVersion": "corescale.dev/v1alpha1",
-            "kind": "VirtualMachine",
-            "status": status,
-        })
+        corescale_api::status_apply_body(&status)
     }
 
     /// The status this agent owns, from the book (observed states) and the conditions.
