@@ -216,7 +216,9 @@ impl Stack {
             timeout,
             |vm| {
                 online(vm) == cpus
-                    && vm.status.as_ref().is_some_and(|s| s.cpus == Some(cpus))
+                    && vm.status.as_ref().is_some_and(|s| {
+                        s.cpus == Some(cpus) && s.observed_generation == vm.metadata.generation
+                    })
                     && condition(vm, "Ready").is_some_and(|c| c.status == "True")
             },
         )

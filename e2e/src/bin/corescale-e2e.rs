@@ -7,6 +7,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use corescale_api::{VcpuState, VirtualMachine};
 use corescale_e2e::{condition, node_of, online, prom_value, Stack};
 use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -783,14 +784,25 @@ async fn scrape_during(s: &Stack, node: &str) -> Result<String> {
         "CORESCALE_NODE_B_METRICS"
     };
     let text = corescale_e2e::http_get(&format!("{}/metrics", s.var(var)?)).await?;
+    // The text format sorts labels by name; match the metric and each pair.
     let get = |state: &str| -> Result<f64> {
-        let key =
-            format!("corescale_vm_vcpus{{namespace=\"demo\",name=\"storm\",state=\"{state}\"}} ");
+        let pairs = [
+            "namespace=\"demo\"",
+            "name=\"storm\"",
+            &format!("state=\"{state}\""),
+        ];
         let line = text
             .lines()
-            .find(|l| l.starts_with(&key))
-            .with_context(|| format!("no {key}in /metrics"))?;
-        Ok(line[key.len()..].trim().parse()?)
+            .find(|l| {
+                l.starts_with("corescale_vm_vcpus{")
+                    && pairs
+                        .iter()
+                        .all(|p| l.contains(&format!("{{{p}")) || l.contains(&format!(",{p}")))
+            })
+            .with_context(|| {
+                format!("no corescale_vm_vcpus of demo/storm state {state} in /metrics")
+            })?;
+        Ok(line.rsplit(' ').next().unwrap_or("").parse()?)
     };
     let (desired, online, present, max) = (
         get("desired")?,
@@ -939,7 +951,22 @@ async fn delete(s: &Stack) -> Result<String> {
         .context("the finalizer was not removed")?;
     let left = s.qemu_processes(NS, "example");
     ensure!(left.is_empty(), "QEMU processes left: {left:?}");
-    for n in ["hog", "wide", "smt", "storm", "outage", "dmr"] {
+    // Whatever an earlier scenario left behind goes too, and must leave nothing either.
+    let others: Vec<String> = s
+        .vms(NS)
+        .list(&Default::default())
+        .await?
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    for n in &others {
+        let _ = s.delete(NS, n).await;
+    }
+    for n in others
+        .iter()
+        .map(String::as_str)
+        .chain(["hog", "wide", "smt", "storm", "outage", "dmr"])
+    {
         s.wait_gone(NS, n, CONVERGE).await?;
         ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");
     }

@@ -735,6 +735,8 @@ impl Worker {
             result: ResizeResult::InProgress,
             message: None,
         });
+        // Ready follows the target being acted on: not ready while the guest differs.
+        self.set_ready(vm, before, started);
         let opts = ResizeOptions {
             unplug_timeout: Duration::from_secs(vm.spec.unplug_timeout_seconds.into()),
             plug_timeout: self.shared.config.plug_timeout,
