@@ -119,8 +119,8 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// Take the next JSON object out of `buf`, skipping whitespace, `0xFF` delimiters and
-/// garbage. `None` when more bytes are needed.
-pub(crate) fn next_object(buf: &mut Vec<u8>) -> Option<Value> {
+/// garbage. `None` when more bytes are needed. Public so that the decoding can be fuzzed.
+pub fn next_object(buf: &mut Vec<u8>) -> Option<Value> {
     loop {
         let start = buf
             .iter()

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
@@ -382,11 +382,11 @@ impl QmpClient {
             }
         };
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut lines = BufReader::new(read);
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
-        let first = match tokio::time::timeout(left, lines.next_line()).await {
+        let first = match tokio::time::timeout(left, next_line(&mut lines)).await {
             Err(_) => {
                 return Err(QmpError::Greeting(format!(
                     "no greeting from {} within {} s: is another client holding QEMU's monitor? (QEMU serves one QMP client at a time)",
@@ -563,12 +563,89 @@ impl QmpClient {
     }
 }
 
-async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    shared: Arc<Shared>,
-) {
+/// One message from QEMU, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// An asynchronous event.
+    Event(Event),
+    /// A successful reply to the command with this id.
+    Return {
+        /// The command's id.
+        id: u64,
+        /// Its `return` value.
+        value: Value,
+    },
+    /// An error reply to the command with this id.
+    Error {
+        /// The command's id.
+        id: u64,
+        /// QMP error class (`GenericError` when QEMU sent none).
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+}
+
+/// Decode one line QEMU sent: `Ok(None)` for a blank line, an error for anything that is not
+/// a QMP event or a reply with an id (the reader logs and skips it; the stream goes on).
+/// Public so that the decoding can be fuzzed on its own.
+pub fn decode_line(line: &str) -> Result<Option<Incoming>, QmpError> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| QmpError::Protocol(format!("a line that is not JSON: {e}")))?;
+    if v.get("event").is_some() {
+        return serde_json::from_value::<Event>(v)
+            .map(|ev| Some(Incoming::Event(ev)))
+            .map_err(|e| QmpError::Protocol(format!("an event with an unexpected shape: {e}")));
+    }
+    let Some(id) = v.get("id").and_then(Value::as_u64) else {
+        return Err(QmpError::Protocol(
+            "a message that is neither an event nor a reply with a known id".into(),
+        ));
+    };
+    if let Some(r) = v.get("return") {
+        return Ok(Some(Incoming::Return {
+            id,
+            value: r.clone(),
+        }));
+    }
+    match v.get("error") {
+        Some(e) => {
+            let body = serde_json::from_value(e.clone()).unwrap_or(ErrorBody {
+                class: "GenericError".into(),
+                desc: e.to_string(),
+            });
+            Ok(Some(Incoming::Error {
+                id,
+                class: body.class,
+                desc: body.desc,
+            }))
+        }
+        None => Err(QmpError::Protocol(format!(
+            "a reply to command {id} with neither return nor error"
+        ))),
+    }
+}
+
+/// The next line QEMU sent, without its newline. Bytes that are not UTF-8 are replaced
+/// (the line then fails to decode and is skipped) rather than ending the stream, which a
+/// `Lines` reader would do.
+async fn next_line(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    if r.read_until(b'\n', &mut buf).await? == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+async fn read_loop(mut lines: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
     loop {
-        let line = match lines.next_line().await {
+        let line = match next_line(&mut lines).await {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(e) => {
@@ -576,54 +653,31 @@ async fn read_loop(
                 break;
             }
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
+        let (id, reply): (u64, Reply) = match decode_line(&line) {
+            Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, line, "QMP sent a line that is not JSON; ignored");
+                tracing::warn!(error = %e, line, "QMP sent a message it cannot use; ignored");
                 continue;
             }
-        };
-        if v.get("event").is_some() {
-            match serde_json::from_value::<Event>(v) {
-                Ok(ev) => {
-                    tracing::trace!(event = %ev.event, data = %ev.data, "QMP event");
-                    // No subscriber is fine: nobody waits for this event.
-                    let _ = shared.events.send(ev);
-                }
-                Err(e) => tracing::warn!(error = %e, "QMP event with an unexpected shape; ignored"),
+            Ok(Some(Incoming::Event(ev))) => {
+                tracing::trace!(event = %ev.event, data = %ev.data, "QMP event");
+                // No subscriber is fine: nobody waits for this event.
+                let _ = shared.events.send(ev);
+                continue;
             }
-            continue;
-        }
-        let id = v.get("id").and_then(Value::as_u64);
-        let reply: Option<Reply> = match v.get("return") {
-            Some(r) => Some(Ok(r.clone())),
-            None => v.get("error").map(|e| {
-                Err(serde_json::from_value(e.clone()).unwrap_or(ErrorBody {
-                    class: "GenericError".into(),
-                    desc: e.to_string(),
-                }))
-            }),
+            Ok(Some(Incoming::Return { id, value })) => (id, Ok(value)),
+            Ok(Some(Incoming::Error { id, class, desc })) => (id, Err(ErrorBody { class, desc })),
         };
-        match (id, reply) {
-            (Some(id), Some(reply)) => {
-                let tx = shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                match tx {
-                    Some(tx) => {
-                        let _ = tx.send(reply);
-                    }
-                    None => {
-                        tracing::debug!(id, "QMP reply for a command nobody waits for (timed out?)")
-                    }
-                }
+        let tx = shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(reply);
             }
-            _ => tracing::warn!(line, "QMP message without a known id; ignored"),
+            None => tracing::debug!(id, "QMP reply for a command nobody waits for (timed out?)"),
         }
     }
     shared
