@@ -295,7 +295,11 @@ impl Stack {
                 s.lines()
                     .any(|l| l.starts_with("State:") && l.contains('Z'))
             });
-            if cmd.starts_with("qemu-system")
+            if cmd
+                .split(' ')
+                .next()
+                .and_then(|a| a.rsplit('/').next())
+                .is_some_and(|b| b.starts_with("qemu-system"))
                 && cmd.contains(&needle)
                 && cmd.contains(self.dir.to_string_lossy().as_ref())
                 && !zombie

@@ -1387,7 +1387,7 @@ impl QemuVm {
         let mut waiting: BTreeMap<String, usize> =
             added.iter().map(|&i| (unit[i].to_string(), i)).collect();
         while !waiting.is_empty() {
-            let got = qmp::wait_event(&mut events, deadline, |ev| {
+            let got = qmp::wait_event(&self.qmp, &mut events, deadline, |ev| {
                 ev.acpi_ost().filter(|o| {
                     o.slot_type == "CPU"
                         && o.source == qmp::OST_SOURCE_INSERT
@@ -1691,7 +1691,7 @@ impl QemuVm {
         let mut next_poll = Instant::now() + Duration::from_millis(500);
         while !waiting.is_empty() && Instant::now() < deadline && !self.qmp.is_closed() {
             let until = deadline.min(next_poll);
-            let got = qmp::wait_event(&mut events, until, |ev| {
+            let got = qmp::wait_event(&self.qmp, &mut events, until, |ev| {
                 ev.acpi_ost().filter(|o| {
                     o.slot_type == "CPU"
                         && o.source == qmp::OST_SOURCE_EJECT

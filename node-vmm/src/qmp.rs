@@ -689,18 +689,26 @@ async fn read_loop(mut lines: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
 }
 
 /// Wait for the first event (received on `rx`) that `pick` maps to `Some`, until
-/// `deadline`. Also returns early with `None` if the connection closes.
+/// `deadline`. Returns `None` at once when `qmp`'s connection closes (QEMU died): an
+/// event that can no longer come is not waited for.
 pub async fn wait_event<T>(
+    qmp: &QmpClient,
     rx: &mut broadcast::Receiver<Event>,
     deadline: Instant,
     mut pick: impl FnMut(&Event) -> Option<T>,
 ) -> Option<T> {
+    let closed = qmp.closed();
+    tokio::pin!(closed);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return None;
         }
-        match tokio::time::timeout(left, rx.recv()).await {
+        let next = tokio::select! {
+            _ = &mut closed => return None,
+            next = tokio::time::timeout(left, rx.recv()) => next,
+        };
+        match next {
             Err(_) => return None,
             Ok(Err(broadcast::error::RecvError::Closed)) => return None,
             Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
@@ -829,7 +837,7 @@ mod tests {
             }
         );
         let deadline = Instant::now() + t;
-        let stop = wait_event(&mut events, deadline, |e| {
+        let stop = wait_event(&qmp, &mut events, deadline, |e| {
             (e.kind() == EventKind::Stop).then_some(())
         })
         .await;

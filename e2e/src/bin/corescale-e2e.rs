@@ -65,6 +65,10 @@ const SCENARIOS: &[Scenario] = &[
         "the API server frozen mid-resize: the guest is untouched, status converges after",
     ),
     (
+        "qemu-kill",
+        "QEMU killed mid-plug: noticed within 2 s, Event and condition, restarted at spec.cpus",
+    ),
+    (
         "delete-mid-resize",
         "a VM deleted while it resizes: the guest stops, nothing is left",
     ),
@@ -152,6 +156,7 @@ async fn run(s: &Stack, name: &str) -> Result<String> {
         "agent-kill" => agent_kill(s).await,
         "storm" => storm(s).await,
         "api-outage" => api_outage(s).await,
+        "qemu-kill" => qemu_kill(s).await,
         "delete-mid-resize" => delete_mid_resize(s).await,
         "reschedule" => reschedule(s).await,
         "delete" => delete(s).await,
@@ -871,6 +876,97 @@ fn signal(pid: i32, sig: &str) -> Result<()> {
     Ok(())
 }
 
+/// QEMU is killed (SIGKILL) while it plugs: the agent notices within 2 s (Event
+/// VmmExited, condition Running=False), restarts the guest per runStrategy with the
+/// current spec.cpus, and leaves exactly one QEMU for the VM.
+async fn qemu_kill(s: &Stack) -> Result<String> {
+    let yaml =
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: crash}\n\
+                spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
+    s.create(NS, yaml).await?;
+    let vm = s.wait_online(NS, "crash", 1, BOOT).await?;
+    let node = node_of(&vm).context("no node")?;
+    let (pid, _) = s.qemu(&node, NS, "crash").context("no QEMU")?;
+    s.scale(NS, "crash", 3).await?;
+    let _ = s
+        .wait_vm(NS, "crash", "plugging", Duration::from_secs(5), |v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
+        })
+        .await;
+    signal(pid, "KILL")?;
+    let killed = chrono::Utc::now();
+    let vm = s
+        .wait_vm(
+            NS,
+            "crash",
+            "Running=False after the kill",
+            Duration::from_secs(10),
+            |v| {
+                condition(v, "Running").is_some_and(|c| c.reason == "VmmExited")
+                    || s.events(NS, "crash")
+                        .is_ok_and(|e| e.iter().any(|(r, _)| r == "VmmExited"))
+            },
+        )
+        .await?;
+    let _ = vm;
+    let ev_time = event_time(s, "crash", "VmmExited")?.context("no VmmExited event")?;
+    let detect = (ev_time - killed).num_milliseconds();
+    ensure!(detect <= 2000, "VmmExited {detect} ms after the kill");
+    let vm = s.wait_online(NS, "crash", 3, BOOT).await?;
+    let (new_pid, _) = s
+        .qemu(&node, NS, "crash")
+        .context("no QEMU after restart")?;
+    ensure!(new_pid != pid, "same QEMU pid after a kill");
+    let procs = s.qemu_processes(NS, "crash");
+    ensure!(
+        procs == vec![new_pid],
+        "QEMU processes for the VM: {procs:?}"
+    );
+    let ev = s.events(NS, "crash")?;
+    ensure!(
+        ev.iter().any(|(r, _)| r == "VmmRestarted"),
+        "no VmmRestarted event: {ev:?}"
+    );
+    ensure!(
+        condition(&vm, "Running").is_some_and(|c| c.status == "True"),
+        "Running not True"
+    );
+    s.delete(NS, "crash").await?;
+    Ok(format!(
+        "noticed in {detect} ms; restarted with 3 vCPUs (pid {pid} -> {new_pid})"
+    ))
+}
+
+/// When the newest Event with `reason` about `name` happened.
+fn event_time(
+    s: &Stack,
+    name: &str,
+    reason: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let (ok, out, err) = s.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        NS,
+        "-o",
+        "json",
+        "--field-selector",
+        &format!("regarding.name={name},reason={reason}"),
+    ])?;
+    ensure!(ok, "listing events: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["eventTime"].as_str())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .max())
+}
+
 /// A VM deleted while a resize is under way: the resize step ends, the guest stops, the
 /// finalizer goes, no QEMU is left.
 async fn delete_mid_resize(s: &Stack) -> Result<String> {
@@ -965,7 +1061,7 @@ async fn delete(s: &Stack) -> Result<String> {
     for n in others
         .iter()
         .map(String::as_str)
-        .chain(["hog", "wide", "smt", "storm", "outage", "dmr"])
+        .chain(["hog", "wide", "smt", "storm", "outage", "dmr", "crash"])
     {
         s.wait_gone(NS, n, CONVERGE).await?;
         ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");

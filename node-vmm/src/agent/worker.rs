@@ -749,10 +749,23 @@ impl Worker {
         let handle = self.handle.as_ref().expect("resize needs a guest");
         let name = vm.name_any();
         let patch = Patch::Apply(&body);
-        let (applied, report) = tokio::join!(
-            api.patch_status(&name, &pp, &patch),
-            handle.resize(&plan, opts)
-        );
+        // The VMM may die mid-step: then its events say so at once, while the step's
+        // own calls could wait out their deadlines. Drop the step and handle the loss.
+        let outcome = tokio::select! {
+            done = async {
+                tokio::join!(api.patch_status(&name, &pp, &patch), handle.resize(&plan, opts))
+            } => Ok(done),
+            ev = handle.next_event() => Err(ev),
+        };
+        let (applied, report) = match outcome {
+            Ok(done) => done,
+            Err(ev) => {
+                self.last_applied = None;
+                self.overrides.clear();
+                self.on_vmm_event(ev).await;
+                return Next::Now;
+            }
+        };
         self.last_applied = match applied {
             Ok(_) => Some(body),
             Err(e) => {
@@ -1038,7 +1051,9 @@ impl Worker {
         let count = |st: VcpuState| {
             i64::try_from(status.vcpus.iter().filter(|v| v.state == st).count()).unwrap_or(i64::MAX)
         };
-        let present = count(VcpuState::Present) + count(VcpuState::Online);
+        // Present: in the guest, online or not; a vCPU being unplugged is still there.
+        let present =
+            count(VcpuState::Present) + count(VcpuState::Online) + count(VcpuState::Unplugging);
         let values = [
             ("desired", i64::from(vm.spec.cpus)),
             ("online", i64::from(status.cpus.unwrap_or(0))),
