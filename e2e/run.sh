@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The e2e suite: build the binaries, bring up the whole stack (e2e/stack.sh), run every
-# scenario (corescale-e2e), tear everything down. Extra arguments go to corescale-e2e
-# (e.g. --only apply,scale). On failure the logs' tails are printed.
+# scenario (corescale-e2e), then the security checks (corescale-security) against the same
+# stack, tear everything down. Extra arguments go to corescale-e2e (e.g. --only apply,scale).
+# On failure the logs' tails are printed.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -27,4 +28,8 @@ trap cleanup EXIT
 t0=$(date +%s)
 bash e2e/stack.sh up
 echo "e2e: stack up in $(( $(date +%s) - t0 )) s"
-"${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-e2e" "$@"
+rc=0
+"${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-e2e" "$@" || rc=$?
+# Security checks (RBAC, node-bound Lease policy, file modes, no token leaks, kernel paths).
+"${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-security" || rc=1
+[[ $rc -eq 0 ]] || exit "$rc"

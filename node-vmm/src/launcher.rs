@@ -31,7 +31,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -328,9 +328,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Create a directory (and missing parents) and set it to mode 0700.
+/// Create a directory (and missing parents, e.g. a VM's namespace directory, also 0700: other
+/// users must not even list which VMs run) and set it to mode 0700.
 fn private_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(path)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -1025,6 +1029,15 @@ mod tests {
         let vdir = vm_dir(&state, "ns", "a");
         assert_eq!(
             std::fs::metadata(&vdir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // The namespace directory too: other users cannot list the VMs.
+        assert_eq!(
+            std::fs::metadata(vdir.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o700
         );
         assert_eq!(
