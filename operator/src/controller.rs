@@ -215,7 +215,7 @@ impl Context {
             .iter()
             .map(|n| (n.name_any(), n.labels().clone()))
             .collect();
-        let candidates = self
+        let candidates: Vec<Candidate> = self
             .leases
             .state()
             .iter()
@@ -235,6 +235,21 @@ impl Context {
                 }
             })
             .collect();
+        // The load of every node is needed only to place the VM; a VM on a live node is
+        // reconciled on each of its status writes, and summing all VMs each time would
+        // make a status storm quadratic in the number of VMs.
+        let node = vm.status.as_ref().and_then(|s| s.node_name.as_deref());
+        let placed_on_live = node.is_some_and(|n| {
+            candidates
+                .iter()
+                .any(|c| c.live && c.announcement.node == n)
+        });
+        if placed_on_live {
+            return View {
+                candidates,
+                load: BTreeMap::new(),
+            };
+        }
         let me = ObjectRef::from_obj(vm);
         let recent = self.recent.lock().map(|r| r.clone()).unwrap_or_default();
         let mut load = BTreeMap::new();
@@ -430,6 +445,9 @@ async fn publish(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &
     }
 }
 
+/// Held while a reconcile computes its view and, for a placement, reserves the node.
+static PLACING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Reconcile one VM: decide, then carry out the one write the decision needs.
 pub async fn reconcile(
     vm: Arc<VirtualMachine>,
@@ -441,8 +459,21 @@ pub async fn reconcile(
         .ok_or_else(|| ReconcileError::NoNamespace(vm.name_any()))?;
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let name = vm.name_any();
-    let view = ctx.view(&vm);
-    let decision = decide(&vm, &view);
+    let (view, decision) = {
+        // Choosing a node and reserving it in `recent` is one step: concurrent reconciles
+        // of a burst would otherwise all see the same load and pile onto one node.
+        let _placing = PLACING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let view = ctx.view(&vm);
+        let decision = decide(&vm, &view);
+        if let Decision::Place { node, .. } = &decision {
+            if let Ok(mut r) = ctx.recent.lock() {
+                r.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
+            }
+        }
+        (view, decision)
+    };
     tracing::debug!(vm = %format!("{ns}/{name}"), ?decision, "reconcile");
     let action = match decision {
         Decision::Nothing => Action::requeue(Duration::from_secs(300)),
@@ -523,9 +554,6 @@ pub async fn reconcile(
                     action: "label VM",
                     source,
                 })?;
-            if let Ok(mut r) = ctx.recent.lock() {
-                r.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
-            }
             let reason = if from.is_some() {
                 "Rescheduled"
             } else {
