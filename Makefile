@@ -50,3 +50,7 @@ chart-check: ## Helm lint/template + values schema, promtool check/test of the a
 	bash scripts/check-chart.sh
 	bash scripts/check-dockerfile.sh
 	bash scripts/check-dockerfile.sh --self-test
+
+.PHONY: scale
+scale: ## Scale benchmarks on simulated nodes: 100/300/1000 VMs, 10 agents (figures + JSON + docs/scale-growth.png; not part of ci)
+	bash e2e/scale.sh

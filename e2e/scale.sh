@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Scale benchmarks (issue 7; print figures, write JSON; not pass/fail, not part of `make ci`):
+# a real kube-apiserver + etcd, the CRD and the chart's RBAC, NODES simulated nodes (one
+# node agent each with `--backend simulator`, no launcher, no QEMU) and the operator, all
+# release builds. For each size in SIZES: a fresh cluster, SIZE VMs applied at once (time
+# to Running, CPU seconds, peak RSS, API requests per VM), then a resize storm on all of
+# them; then a growth plot.
+#
+#   e2e/scale.sh                    SIZES="100 300 1000" NODES=10 (defaults)
+#   SIZES=1000 e2e/scale.sh         one size
+#   KEEP=1 e2e/scale.sh             leave the last stack running (e2e/scale.sh down stops it)
+#
+# Results: $DIR/scale-<size>.json (DIR = e2e/.run/scale), docs/scale-growth.png when
+# PLOT_OUT is unset (PLOT_OUT= disables the plot).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+dir="${CORESCALE_STACK_DIR:-$repo/e2e/.run/scale}"
+bin="${CORESCALE_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/release}"
+cache="${CORESCALE_CACHE:-$HOME/.cache/corescale}"
+ns=corescale-system
+nnodes="${NODES:-10}"
+sizes="${SIZES:-100 300 1000}"
+host_cpus="${SIM_HOST_CPUS:-64}"
+nodes=()
+for ((i = 0; i < nnodes; i++)); do nodes+=("sim-$(printf '%02d' "$i")"); done
+
+log() { printf 'scale: %s\n' "$*" >&2; }
+die() { printf 'scale: error: %s\n' "$*" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+wait_http() { # url seconds
+	local i
+	for ((i = 0; i < $2 * 10; i++)); do
+		curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+		sleep 0.1
+	done
+	return 1
+}
+stop_pidfile() { # pidfile
+	local pid i
+	pid=$(cat "$1" 2>/dev/null || true)
+	if alive "$pid"; then
+		kill -TERM "$pid" 2>/dev/null || true
+		for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
+		alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+	fi
+	rm -f "$1"
+}
+
+# The RBAC objects of the chart, as e2e/stack.sh renders them.
+rbac_from_chart() {
+	local helm="$cache/bin/helm"
+	[[ -x "$helm" ]] || bash "$repo/e2e/cluster/install-helm.sh" >&2
+	"$helm" template corescale "$repo/charts/corescale" --namespace "$ns" >"$dir/chart.yaml"
+	/usr/bin/python3 - "$dir/chart.yaml" "$dir/rbac.yaml" <<'PY'
+import sys, yaml
+keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") in keep]
+yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+PY
+}
+
+up() {
+	for b in corescale-operator corescale-node-vmm corescale-scale; do
+		[[ -x "$bin/$b" ]] || die "$bin/$b is missing: run 'cargo build --release -p corescale-operator -p corescale-node-vmm -p corescale-e2e'"
+	done
+	mkdir -p "$dir" && chmod 700 "$dir"
+	bash "$repo/e2e/cluster/up.sh" --dir "$dir/cluster" >&2
+	# shellcheck disable=SC1091
+	source "$dir/cluster/env"
+	kubectl apply --server-side -f "$repo/crds/" >&2
+	kubectl wait --for=condition=Established crd/virtualmachines.corescale.dev --timeout=60s >&2
+	kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >&2
+	rbac_from_chart
+	kubectl apply -f "$dir/rbac.yaml" >&2
+	bash "$repo/e2e/cluster/sa-kubeconfig.sh" --dir "$dir/cluster" "$ns" corescale-operator "$dir/operator.kubeconfig" >&2
+	bash "$repo/e2e/cluster/sa-kubeconfig.sh" --dir "$dir/cluster" "$ns" corescale-node-vmm "$dir/node-vmm.kubeconfig" >&2
+	local n port
+	for n in "${nodes[@]}"; do
+		printf 'apiVersion: v1\nkind: Node\nmetadata:\n  name: %s\n  labels: {kubernetes.io/hostname: %s}\n' "$n" "$n"
+		echo ---
+	done | kubectl apply -f - >&2
+	for n in "${nodes[@]}"; do
+		local d="$dir/nodes/$n"
+		mkdir -p "$d/vms" && chmod 700 "$d" "$d/vms"
+		port=$(free_port)
+		echo "$port" >"$d/agent.port"
+		NODE_NAME=$n POD_NAMESPACE=$ns KUBECONFIG="$dir/node-vmm.kubeconfig" RUST_LOG="${RUST_LOG:-warn}" \
+			setsid "$bin/corescale-node-vmm" agent --backend simulator --sim-host-cpus "$host_cpus" \
+			--state-dir "$d/vms" --launcher-socket "$d/launcher.sock" \
+			--metrics-addr "127.0.0.1:$port" --log-format text \
+			>>"$d/agent.log" 2>&1 </dev/null &
+		echo $! >"$d/agent.pid"
+	done
+	for n in "${nodes[@]}"; do
+		wait_http "http://127.0.0.1:$(cat "$dir/nodes/$n/agent.port")/readyz" 30 || die "agent of $n is not ready; see $dir/nodes/$n/agent.log"
+	done
+	port=$(free_port)
+	echo "$port" >"$dir/operator.port"
+	POD_NAMESPACE=$ns POD_NAME=operator-0 KUBECONFIG="$dir/operator.kubeconfig" RUST_LOG="${RUST_LOG:-warn}" \
+		setsid "$bin/corescale-operator" --metrics-addr "127.0.0.1:$port" --log-format text \
+		>>"$dir/operator.log" 2>&1 </dev/null &
+	echo $! >"$dir/operator.pid"
+	wait_http "http://127.0.0.1:$port/readyz" 60 || die "operator is not ready; see $dir/operator.log"
+	{
+		echo "# Written by e2e/scale.sh up. Stop with: e2e/scale.sh down"
+		echo "source $dir/cluster/env"
+		echo "export CORESCALE_STACK_DIR=$dir"
+		echo "export CORESCALE_OPERATOR_METRICS=http://127.0.0.1:$port"
+	} >"$dir/env"
+	log "up: $nnodes simulated nodes ($host_cpus host CPUs each); source $dir/env"
+}
+
+down() {
+	stop_pidfile "$dir/operator.pid"
+	local f
+	for f in "$dir"/nodes/*/agent.pid; do [[ -f "$f" ]] && stop_pidfile "$f"; done
+	if [[ -d "$dir/cluster" ]]; then bash "$repo/e2e/cluster/down.sh" --dir "$dir/cluster" >&2; fi
+	log "down"
+}
+
+run() {
+	cd "$repo"
+	cargo build -q --release -p corescale-operator -p corescale-node-vmm -p corescale-e2e
+	down >/dev/null 2>&1 || true
+	rm -rf "$dir"
+	[[ "${KEEP:-0}" == 1 ]] || trap 'down >/dev/null 2>&1 || true' EXIT
+	local size results=()
+	for size in $sizes; do
+		down >/dev/null 2>&1 || true
+		rm -rf "$dir/nodes" "$dir"/*.log
+		up
+		"$bin/corescale-scale" run "$size"
+		results+=("$dir/scale-$size.json")
+	done
+	"$bin/corescale-scale" growth "${results[@]}"
+	local png="${PLOT_OUT-$repo/docs/scale-growth.png}"
+	if [[ -n "$png" ]]; then
+		mkdir -p "$(dirname "$png")"
+		"$bin/corescale-scale" plot "$png" "${results[@]}"
+	fi
+}
+
+case "${1:-run}" in
+run) run ;;
+up) up ;;
+down) down ;;
+*) die "usage: scale.sh [run|up|down]" ;;
+esac
