@@ -207,7 +207,15 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
 
 impl Context {
     /// Build the [`View`] for one VM from the stores.
-    pub fn view(&self, vm: &VirtualMachine) -> View {
+    ///
+    /// `recent` is the locked map of placements not yet seen in the store; the caller
+    /// holds its lock across the decision so that choosing a node and reserving it is
+    /// one step (concurrent reconciles of a burst would otherwise all see one load).
+    pub fn view(
+        &self,
+        vm: &VirtualMachine,
+        recent: &HashMap<ObjectRef<VirtualMachine>, String>,
+    ) -> View {
         let now = Timestamp::now();
         let nodes: HashMap<String, BTreeMap<String, String>> = self
             .nodes
@@ -251,7 +259,6 @@ impl Context {
             };
         }
         let me = ObjectRef::from_obj(vm);
-        let recent = self.recent.lock().map(|r| r.clone()).unwrap_or_default();
         let mut load = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
         for other in self.vms.state() {
@@ -266,7 +273,7 @@ impl Context {
             }
             seen.insert(r);
         }
-        for (r, n) in &recent {
+        for (r, n) in recent {
             if r != &me && !seen.contains(r) {
                 // Placed moments ago and not in the store yet: count it with one vCPU at
                 // least, so a burst of placements does not pile onto one node.
@@ -445,9 +452,6 @@ async fn publish(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &
     }
 }
 
-/// Held while a reconcile computes its view and, for a placement, reserves the node.
-static PLACING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Reconcile one VM: decide, then carry out the one write the decision needs.
 pub async fn reconcile(
     vm: Arc<VirtualMachine>,
@@ -460,17 +464,14 @@ pub async fn reconcile(
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let name = vm.name_any();
     let (view, decision) = {
-        // Choosing a node and reserving it in `recent` is one step: concurrent reconciles
-        // of a burst would otherwise all see the same load and pile onto one node.
-        let _placing = PLACING
+        let mut recent = ctx
+            .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let view = ctx.view(&vm);
+        let view = ctx.view(&vm, &recent);
         let decision = decide(&vm, &view);
         if let Decision::Place { node, .. } = &decision {
-            if let Ok(mut r) = ctx.recent.lock() {
-                r.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
-            }
+            recent.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
         }
         (view, decision)
     };
