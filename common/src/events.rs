@@ -26,6 +26,24 @@ impl EventRecorder {
         EventRecorder { client, reporter }
     }
 
+    /// Create one Event whose action is its reason, the way corescale reports decisions.
+    pub async fn note(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) -> Result<(), kube::Error> {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        self.publish(&ev, regarding).await
+    }
+
     /// Create one Event about `regarding`. Notes are cut to the API's 1 kB limit.
     pub async fn publish(
         &self,

@@ -189,6 +189,20 @@ impl Stack {
         )
     }
 
+    /// Wait (up to 5 s) until the agent reports a slot Plugging: the middle of a resize.
+    /// Returns without error if the resize was already past that point.
+    pub async fn wait_plugging(&self, ns: &str, name: &str) {
+        let _ = self
+            .wait_vm(ns, name, "plugging", Duration::from_secs(5), |v| {
+                v.status.as_ref().is_some_and(|s| {
+                    s.vcpus
+                        .iter()
+                        .any(|c| c.state == corescale_api::VcpuState::Plugging)
+                })
+            })
+            .await;
+    }
+
     /// Wait until the VM object is gone (its finalizer removed).
     pub async fn wait_gone(&self, ns: &str, name: &str, timeout: Duration) -> Result<()> {
         let start = Instant::now();
@@ -449,4 +463,29 @@ fn dechunk(body: &str) -> String {
 /// Name of the VM and its namespace, for messages.
 pub fn id(vm: &VirtualMachine) -> String {
     format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any())
+}
+
+/// The machine a benchmark ran on: CPUs, model, memory.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kib| format!(", {:.0} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cpus} CPUs, {model}{mem}")
 }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -440,14 +440,11 @@ async fn set_finalizers(
 }
 
 async fn publish(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+    if let Err(e) = ctx
+        .recorder
+        .note(&vm.object_ref(&()), type_, reason, note)
+        .await
+    {
         tracing::warn!(error = %e, vm = %vm.name_any(), reason, "cannot publish event");
     }
 }

@@ -136,7 +136,7 @@ async fn overhead(s: &Stack, n: usize) -> Result<()> {
     let json = serde_json::json!({
         "benchmark": "control-plane-overhead",
         "resizes": n,
-        "machine": machine(),
+        "machine": corescale_e2e::machine(),
         "write_to_backend_ms": {"min": a.0, "median": a.1, "p99": a.2},
         "watch_to_backend_ms": {"min": b.0, "median": b.1, "p99": b.2, "samples": watch_backend.len()},
         "write_to_online_ms": {"min": c.0, "median": c.1, "p99": c.2},
@@ -146,19 +146,4 @@ async fn overhead(s: &Stack, n: usize) -> Result<()> {
     println!("  written to {}", out.display());
     s.delete(NS, name).await?;
     Ok(())
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    format!("{cpus} CPUs, {model}")
 }

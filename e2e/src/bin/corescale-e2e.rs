@@ -694,13 +694,7 @@ async fn agent_kill(s: &Stack) -> Result<String> {
     let qemu = s.qemu(&node, NS, "example").context("no QEMU")?;
     s.scale(NS, "example", 4).await?;
     // Mid-resize: as soon as the agent reports a slot Plugging (or right away).
-    let _ = s
-        .wait_vm(NS, "example", "plugging", Duration::from_secs(5), |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
-        })
-        .await;
+    s.wait_plugging(NS, "example").await;
     s.stack(&["agent", "kill", &node])?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
@@ -888,13 +882,7 @@ async fn qemu_kill(s: &Stack) -> Result<String> {
     let node = node_of(&vm).context("no node")?;
     let (pid, _) = s.qemu(&node, NS, "crash").context("no QEMU")?;
     s.scale(NS, "crash", 3).await?;
-    let _ = s
-        .wait_vm(NS, "crash", "plugging", Duration::from_secs(5), |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
-        })
-        .await;
+    s.wait_plugging(NS, "crash").await;
     signal(pid, "KILL")?;
     let killed = chrono::Utc::now();
     let vm = s
@@ -975,13 +963,7 @@ async fn delete_mid_resize(s: &Stack) -> Result<String> {
     s.create(NS, yaml).await?;
     s.wait_online(NS, "dmr", 1, BOOT).await?;
     s.scale(NS, "dmr", 6).await?;
-    let _ = s
-        .wait_vm(NS, "dmr", "plugging", Duration::from_secs(5), |v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.vcpus.iter().any(|c| c.state == VcpuState::Plugging))
-        })
-        .await;
+    s.wait_plugging(NS, "dmr").await;
     let t0 = Instant::now();
     s.delete(NS, "dmr").await?;
     s.wait_gone(NS, "dmr", CONVERGE).await?;

@@ -370,7 +370,7 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
     println!(
         "scale: {n} VMs on {} simulated nodes ({})",
         procs.iter().filter(|p| p.node.is_some()).count(),
-        machine()
+        corescale_e2e::machine()
     );
 
     let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
@@ -464,7 +464,7 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
         "benchmark": "scale",
         "vms": n,
         "nodes": per_node.len(),
-        "machine": machine(),
+        "machine": corescale_e2e::machine(),
         "date": chrono::Utc::now().to_rfc3339(),
         // Other work on the machine competes with the apiserver for its cores.
         "loadavg_at_start": loadavg_at_start,
@@ -627,28 +627,4 @@ fn plot(out: &Path, results: &[Value]) -> Result<()> {
     root.present()?;
     println!("plot written to {}", out.display());
     Ok(())
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map(|kib| format!(", {:.0} GiB", kib / 1024.0 / 1024.0))
-        .unwrap_or_default();
-    format!("{cpus} CPUs, {model}{mem}")
 }

@@ -16,7 +16,7 @@ use corescale_api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -955,14 +955,12 @@ impl Worker {
             return;
         }
         self.last_event = Some(key);
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.shared.recorder.publish(&ev, &vm.object_ref(&())).await {
+        if let Err(e) = self
+            .shared
+            .recorder
+            .note(&vm.object_ref(&()), type_, reason, note)
+            .await
+        {
             tracing::warn!(vm = %self.key, error = %e, reason, "cannot publish event");
         }
     }
