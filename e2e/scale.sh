@@ -27,40 +27,9 @@ nodes=()
 for ((i = 0; i < nnodes; i++)); do nodes+=("sim-$(printf '%02d' "$i")"); done
 
 log() { printf 'scale: %s\n' "$*" >&2; }
+# shellcheck source=e2e/lib.sh
+source "$repo/e2e/lib.sh"
 die() { printf 'scale: error: %s\n' "$*" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
-wait_http() { # url seconds
-	local i
-	for ((i = 0; i < $2 * 10; i++)); do
-		curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-		sleep 0.1
-	done
-	return 1
-}
-stop_pidfile() { # pidfile
-	local pid i
-	pid=$(cat "$1" 2>/dev/null || true)
-	if alive "$pid"; then
-		kill -TERM "$pid" 2>/dev/null || true
-		for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
-		alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-	fi
-	rm -f "$1"
-}
-
-# The RBAC objects of the chart, as e2e/stack.sh renders them.
-rbac_from_chart() {
-	local helm="$cache/bin/helm"
-	[[ -x "$helm" ]] || bash "$repo/e2e/cluster/install-helm.sh" >&2
-	"$helm" template corescale "$repo/charts/corescale" --namespace "$ns" >"$dir/chart.yaml"
-	/usr/bin/python3 - "$dir/chart.yaml" "$dir/rbac.yaml" <<'PY'
-import sys, yaml
-keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") in keep]
-yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
-PY
-}
 
 up() {
 	for b in corescale-operator corescale-node-vmm corescale-scale; do
@@ -73,7 +42,7 @@ up() {
 	kubectl apply --server-side -f "$repo/crds/" >&2
 	kubectl wait --for=condition=Established crd/virtualmachines.corescale.dev --timeout=60s >&2
 	kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >&2
-	rbac_from_chart
+	rbac_from_chart "$dir" "$ns" >/dev/null
 	kubectl apply -f "$dir/rbac.yaml" >&2
 	bash "$repo/e2e/cluster/sa-kubeconfig.sh" --dir "$dir/cluster" "$ns" corescale-operator "$dir/operator.kubeconfig" >&2
 	bash "$repo/e2e/cluster/sa-kubeconfig.sh" --dir "$dir/cluster" "$ns" corescale-node-vmm "$dir/node-vmm.kubeconfig" >&2

@@ -23,20 +23,9 @@ ns=corescale-system
 nodes=(node-a node-b)
 
 log() { printf 'stack: %s\n' "$*" >&2; }
+# shellcheck source=e2e/lib.sh
+source "$repo/e2e/lib.sh"
 die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
-
-wait_http() { # url seconds
-	local i
-	for ((i = 0; i < $2 * 10; i++)); do
-		curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-		sleep 0.1
-	done
-	return 1
-}
 
 require() {
 	for b in corescale-operator corescale-node-vmm; do
@@ -78,34 +67,6 @@ start_agent() { # node
 	wait_http "http://127.0.0.1:$port/readyz" 30 || die "agent of $n is not ready; see $d/agent.log"
 }
 
-stop_pidfile() { # pidfile signal
-	local pid
-	pid=$(cat "$1" 2>/dev/null || true)
-	if alive "$pid"; then
-		kill "-$2" "$pid" 2>/dev/null || true
-		local i
-		for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
-		alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-	fi
-	rm -f "$1"
-}
-
-rbac_from_chart() {
-	local helm="$cache/bin/helm"
-	[[ -x "$helm" ]] || bash "$repo/e2e/cluster/install-helm.sh" >&2
-	"$helm" template corescale "$repo/charts/corescale" --namespace "$ns" >"$dir/chart.yaml"
-	/usr/bin/python3 - "$dir/chart.yaml" "$dir/rbac.yaml" <<'PY'
-import sys, yaml
-keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") in keep]
-if not any(d["kind"] == "ClusterRole" for d in docs):
-    sys.exit("the chart renders no ClusterRole")
-yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
-print(len(docs))
-PY
-}
-
 up() {
 	require
 	mkdir -p "$dir" && chmod 700 "$dir"
@@ -116,7 +77,7 @@ up() {
 	kubectl wait --for=condition=Established crd/virtualmachines.corescale.dev --timeout=60s >&2
 	kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >&2
 	local n
-	n=$(rbac_from_chart)
+	n=$(rbac_from_chart "$dir" "$ns")
 	kubectl apply -f "$dir/rbac.yaml" >&2
 	log "applied $n RBAC objects rendered from charts/corescale"
 	bash "$repo/e2e/cluster/sa-kubeconfig.sh" --dir "$dir/cluster" "$ns" corescale-operator "$dir/operator.kubeconfig" >&2
@@ -198,6 +159,7 @@ down() {
 	left=$(pgrep -f "qemu-system-x86_64.*$dir" || true)
 	if [[ -n "$left" ]]; then
 		log "killing leftover QEMU processes: $left"
+		# shellcheck disable=SC2086 # one word per pid
 		kill -KILL $left 2>/dev/null || true
 	fi
 	log "down"
