@@ -203,6 +203,20 @@ impl Stack {
             .await;
     }
 
+    /// Create a one-socket VM of `cores` slots with 1 vCPU, wait until its guest runs, and
+    /// return its node.
+    pub async fn boot_one(&self, ns: &str, name: &str, cores: u32) -> Result<String> {
+        let yaml = format!(
+            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
+             spec: {{cpus: 1, topology: {{sockets: 1, cores: {cores}, threads: 1}}}}\n"
+        );
+        self.create(ns, &yaml).await?;
+        let vm = self
+            .wait_online(ns, name, 1, Duration::from_secs(90))
+            .await?;
+        node_of(&vm).ok_or_else(|| anyhow!("{ns}/{name} has no node"))
+    }
+
     /// Wait until the VM object is gone (its finalizer removed).
     pub async fn wait_gone(&self, ns: &str, name: &str, timeout: Duration) -> Result<()> {
         let start = Instant::now();

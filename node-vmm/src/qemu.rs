@@ -449,6 +449,29 @@ impl QemuBackend {
         launcher::vm_dir(&self.cfg.state_dir, &key.namespace, &key.name)
     }
 
+    /// Drop the launcher's record of `key`'s VMM if it has exited; a VMM that still runs
+    /// is an error whose message ends with `what_to_do`.
+    async fn forget_exited(&self, key: &VmKey, what_to_do: &str) -> Result<(), BackendError> {
+        let Some(p) = self
+            .launcher
+            .status(&key.namespace, &key.name)
+            .await
+            .map_err(launcher_err)?
+        else {
+            return Ok(());
+        };
+        if p.running {
+            return Err(BackendError::State {
+                path: self.dir(key).display().to_string(),
+                message: format!("{key} still runs (pid {}); {what_to_do}", p.pid),
+            });
+        }
+        self.launcher
+            .forget(&key.namespace, &key.name)
+            .await
+            .map_err(launcher_err)
+    }
+
     /// Start a guest; the concrete handle (the trait's `start` boxes it).
     pub async fn start_vm(&self, spec: &VmSpec) -> Result<QemuVm, BackendError> {
         validate_spec(spec)?;
@@ -471,26 +494,8 @@ impl QemuBackend {
             }
         }
         let key = spec.key();
-        if let Some(p) = self
-            .launcher
-            .status(&key.namespace, &key.name)
-            .await
-            .map_err(launcher_err)?
-        {
-            if p.running {
-                return Err(BackendError::State {
-                    path: self.dir(&key).display().to_string(),
-                    message: format!(
-                        "{key} already runs (pid {}); adopt it instead of starting it again",
-                        p.pid
-                    ),
-                });
-            }
-            self.launcher
-                .forget(&key.namespace, &key.name)
-                .await
-                .map_err(launcher_err)?;
-        }
+        self.forget_exited(&key, "adopt it instead of starting it again")
+            .await?;
         let dir = self.dir(&key);
         let argv = qemu_argv(spec, &self.cfg, &binary, &dir)?;
         let spec_json =
@@ -707,26 +712,8 @@ impl Backend for QemuBackend {
 
     async fn cleanup(&self, key: &VmKey) -> Result<(), BackendError> {
         let dir = self.dir(key);
-        if let Some(p) = self
-            .launcher
-            .status(&key.namespace, &key.name)
-            .await
-            .map_err(launcher_err)?
-        {
-            if p.running {
-                return Err(BackendError::State {
-                    path: dir.display().to_string(),
-                    message: format!(
-                        "{key} still runs (pid {}); stop it before cleaning up",
-                        p.pid
-                    ),
-                });
-            }
-            self.launcher
-                .forget(&key.namespace, &key.name)
-                .await
-                .map_err(launcher_err)?;
-        }
+        self.forget_exited(key, "stop it before cleaning up")
+            .await?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(BackendError::io(format!("removing {}", dir.display()), &e))

@@ -723,12 +723,7 @@ async fn agent_kill(s: &Stack) -> Result<String> {
 /// Scenario 9: An autoscaler storm: 200 writes of random targets within 10 s.
 async fn storm(s: &Stack) -> Result<String> {
     // 64 slots: under TCG one QEMU process creates at most maxcpus vCPU threads in its life.
-    let yaml =
-        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: storm}\n\
-                spec: {cpus: 1, topology: {sockets: 1, cores: 64, threads: 1}}\n";
-    s.create(NS, yaml).await?;
-    let vm = s.wait_online(NS, "storm", 1, BOOT).await?;
-    let node = node_of(&vm).context("no node")?;
+    let node = s.boot_one(NS, "storm", 64).await?;
     let qemu = s.qemu(&node, NS, "storm").context("no QEMU")?;
     let api = s.vms(NS);
     let mut last = 1;
@@ -828,12 +823,7 @@ async fn scrape_during(s: &Stack, node: &str) -> Result<String> {
 /// resize it saw, cannot report it, and reports it once the API server is back; the guest
 /// is never restarted, and a later write still gets through.
 async fn api_outage(s: &Stack) -> Result<String> {
-    let yaml =
-        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: outage}\n\
-                spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
-    s.create(NS, yaml).await?;
-    let vm = s.wait_online(NS, "outage", 1, BOOT).await?;
-    let node = node_of(&vm).context("no node")?;
+    let node = s.boot_one(NS, "outage", 8).await?;
     let qemu = s.qemu(&node, NS, "outage").context("no QEMU")?;
     let pid: i32 = s.var("CORESCALE_APISERVER_PID")?.parse()?;
     s.scale(NS, "outage", 3).await?;
@@ -874,12 +864,7 @@ fn signal(pid: i32, sig: &str) -> Result<()> {
 /// VmmExited, condition Running=False), restarts the guest per runStrategy with the
 /// current spec.cpus, and leaves exactly one QEMU for the VM.
 async fn qemu_kill(s: &Stack) -> Result<String> {
-    let yaml =
-        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: crash}\n\
-                spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
-    s.create(NS, yaml).await?;
-    let vm = s.wait_online(NS, "crash", 1, BOOT).await?;
-    let node = node_of(&vm).context("no node")?;
+    let node = s.boot_one(NS, "crash", 8).await?;
     let (pid, _) = s.qemu(&node, NS, "crash").context("no QEMU")?;
     s.scale(NS, "crash", 3).await?;
     s.wait_plugging(NS, "crash").await;
