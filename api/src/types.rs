@@ -54,6 +54,8 @@ pub const FINALIZER: &str = "corescale.dev/guest-stopped";
     validation = Rule::new("self.granularity != 'Core' || !has(self.topology) || (self.cpus % self.topology.threads == 0 && self.minCpus % self.topology.threads == 0)").message("spec.cpus and spec.minCpus must be multiples of spec.topology.threads when spec.granularity is Core").reason(Reason::FieldValueInvalid).field_path(".cpus"),
     validation = Rule::new("!has(oldSelf.topology) || (has(self.topology) && self.topology == oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
     validation = Rule::new("!has(oldSelf.arch) || (has(self.arch) && self.arch == oldSelf.arch)").message("spec.arch is immutable").reason(Reason::FieldValueForbidden).field_path(".arch"),
+    validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
+    validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
 )]
 pub struct VirtualMachineSpec {
     /// vCPUs the guest should have online. Written by people, `kubectl scale` and autoscalers
@@ -89,8 +91,11 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.memory is immutable").reason(Reason::FieldValueForbidden))]
     pub memory: Quantity,
 
-    /// Guest CPU architecture (default x86_64). Immutable.
+    /// Guest CPU architecture: x86_64 (default) or ppc64le. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "arch_schema")]
+    #[x_kube(validation = Rule::new("self != 'aarch64' && self != 'arm64'").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self == 'aarch64' || self == 'arm64' || self in ['x86_64', 'ppc64le']").message("spec.arch must be x86_64 or ppc64le").reason(Reason::FieldValueInvalid))]
     pub arch: Option<Arch>,
 
     /// What to boot. Paths are resolved inside the node's guest image directory; empty means
@@ -135,6 +140,15 @@ fn memory_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "maxLength": 32,
         "default": "256Mi",
         "description": "Guest memory, a quantity between 64Mi and 1Ti (default 256Mi). Immutable."
+    })
+}
+/// A plain string checked by CEL rules (rather than an enum), so that an architecture
+/// corescale cannot hot-plug is refused with the reason, not only "unsupported value".
+fn arch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "maxLength": 16,
+        "description": "Guest CPU architecture: x86_64 (default) or ppc64le. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1)."
     })
 }
 fn default_unplug_timeout() -> u32 {
@@ -214,6 +228,29 @@ pub enum Arch {
     #[default]
     #[serde(rename = "x86_64")]
     X86_64,
+    /// 64-bit little-endian POWER (pseries machine, sPAPR core hot-plug: a core with all
+    /// its threads is the unit).
+    #[serde(rename = "ppc64le")]
+    Ppc64le,
+}
+
+impl Arch {
+    /// Every architecture the API accepts.
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Ppc64le];
+
+    /// The name used in the API, node announcements and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Ppc64le => "ppc64le",
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Whether the guest should run.

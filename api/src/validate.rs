@@ -5,7 +5,7 @@
 //! older API server, a CRD installed without rules) is refused with the same field-naming
 //! message, and the running guest is left untouched.
 
-use crate::types::{Granularity, VirtualMachineSpec, MAX_VCPUS};
+use crate::types::{Arch, Granularity, VirtualMachineSpec, MAX_VCPUS};
 use thiserror::Error;
 
 /// A spec field that breaks a rule. Messages name the field as `kubectl explain` does.
@@ -60,6 +60,12 @@ pub enum ValidationError {
     /// spec.memory is not a quantity in bounds.
     #[error("spec.memory must be a quantity between 64Mi and 1Ti, got {0:?}")]
     Memory(String),
+    /// ppc64le with an SMT mode POWER does not have.
+    #[error("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes), got {0}")]
+    PowerThreads(u32),
+    /// ppc64le with Thread granularity and several threads per core.
+    #[error("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1 ({0}): POWER hot-plugs whole cores, every SMT thread at once")]
+    PowerNeedsCore(u32),
     /// spec.boot.cmdline is too long.
     #[error("spec.boot.cmdline must be at most 1024 characters, got {0}")]
     CmdlineTooLong(usize),
@@ -97,6 +103,14 @@ pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
                 cpus: spec.cpus,
                 max,
             });
+        }
+        if spec.effective_arch() == Arch::Ppc64le {
+            if ![1, 2, 4, 8].contains(&t.threads) {
+                return Err(ValidationError::PowerThreads(t.threads));
+            }
+            if spec.granularity == Granularity::Thread && t.threads > 1 {
+                return Err(ValidationError::PowerNeedsCore(t.threads));
+            }
         }
         if spec.granularity == Granularity::Core {
             for (field, value) in [("spec.cpus", spec.cpus), ("spec.minCpus", spec.min_cpus)] {
@@ -185,5 +199,35 @@ mod tests {
         assert_eq!(parse_quantity("1.5Gi"), None);
         assert_eq!(parse_quantity("Mi"), None);
         assert_eq!(parse_quantity("99999999999999999999Ti"), None);
+    }
+
+    fn power(cpus: u32, threads: u32, granularity: Granularity) -> VirtualMachineSpec {
+        serde_json::from_value(serde_json::json!({
+            "cpus": cpus,
+            "minCpus": threads,
+            "arch": "ppc64le",
+            "granularity": granularity,
+            "topology": {"sockets": 1, "cores": 4, "threads": threads},
+        }))
+        .expect("a spec")
+    }
+
+    #[test]
+    fn power_needs_whole_cores_and_its_smt_modes() {
+        assert_eq!(validate_spec(&power(2, 1, Granularity::Thread)), Ok(()));
+        assert_eq!(validate_spec(&power(4, 2, Granularity::Core)), Ok(()));
+        let e = validate_spec(&power(2, 2, Granularity::Thread)).unwrap_err();
+        assert_eq!(e, ValidationError::PowerNeedsCore(2));
+        assert!(
+            e.to_string().starts_with("spec.granularity must be Core"),
+            "{e}"
+        );
+        let e = validate_spec(&power(3, 3, Granularity::Core)).unwrap_err();
+        assert_eq!(e, ValidationError::PowerThreads(3));
+        assert!(e.to_string().contains("spec.topology.threads"), "{e}");
+        // The same shape is fine on x86_64.
+        let mut x86 = power(3, 3, Granularity::Core);
+        x86.arch = None;
+        assert_eq!(validate_spec(&x86), Ok(()));
     }
 }

@@ -105,9 +105,7 @@ pub fn choose_node(
 }
 
 fn arch_name(spec: &VirtualMachineSpec) -> &'static str {
-    match spec.effective_arch() {
-        corescale_api::Arch::X86_64 => "x86_64",
-    }
+    spec.effective_arch().as_str()
 }
 
 #[cfg(test)]

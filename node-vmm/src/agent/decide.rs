@@ -5,7 +5,7 @@ use crate::backend::{NodeCapacity, Observation};
 use chrono::{DateTime, Utc};
 use corescale_api::planner::{self, SlotView};
 use corescale_api::{
-    Arch, Plan, PlanError, RunStrategy, Topology, VcpuState, VirtualMachine, VirtualMachineSpec,
+    Plan, PlanError, RunStrategy, Topology, VcpuState, VirtualMachine, VirtualMachineSpec,
 };
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -74,9 +74,7 @@ pub fn feasibility(
     promised_to_others: u32,
     current: u32,
 ) -> Feasibility {
-    let arch = match spec.effective_arch() {
-        Arch::X86_64 => "x86_64",
-    };
+    let arch = spec.effective_arch().as_str();
     if !capacity.arches.iter().any(|a| a == arch) {
         return Feasibility::Infeasible(format!(
             "this node cannot run {arch} guests (it runs {})",
