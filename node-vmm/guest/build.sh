@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Build corescale's test/default guest image from Debian packages only:
-#   vmlinux            uncompressed kernel (PVH entry) from linux-image-amd64 (Debian 12, 6.1)
+# Build corescale's test/default guest image from Debian 12 (bookworm) packages only:
+#   vmlinux            uncompressed kernel from linux-image-<flavour> (Debian 12, 6.1)
 #   initramfs.cpio.gz  busybox-static + qemu-guest-agent (with its shared libraries) + /init
 #   manifest.json      package versions and sha256 of the outputs
 #
-# Usage: node-vmm/guest/build.sh [OUTDIR]
-#   OUTDIR defaults to ${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/x86_64
+# Usage: node-vmm/guest/build.sh [--arch x86_64|ppc64le] [OUTDIR]
+#   --arch    x86_64 (default): linux-image-amd64's bzImage payload (PVH entry) for q35;
+#             ppc64le: linux-image-powerpc64le's vmlinux for QEMU's pseries machine
+#             (packages of the foreign architecture ppc64el; see below)
+#   OUTDIR    defaults to ${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/<arch>
 #
 # Nothing is installed into the host: packages are fetched with `apt-get download` and
 # unpacked with `dpkg -x` into a scratch directory. The build is skipped when the outputs
@@ -13,12 +16,30 @@
 # this script's own hash) match what would be built now. `apt-get update` runs only when
 # the package lists lack a package or a download fails.
 #
-# The guest's /init does NOT online hot-plugged CPUs: the node onlines them through the
-# guest agent (guest-set-vcpus), which is what corescale tests.
+# x86_64 uses the host's apt lists. ppc64le keeps its own ppc64el-only apt lists under
+# ${CORESCALE_CACHE:-$HOME/.cache/corescale}/apt-ppc64el (apt options point apt's lists,
+# cache and dpkg status there), so the host's dpkg architectures stay untouched.
+#
+# x86_64: the guest's /init does NOT online hot-plugged CPUs: the node onlines them through
+# the guest agent (guest-set-vcpus), which is what corescale tests. ppc64le: the pseries
+# guest kernel onlines a hot-added core's threads itself (DLPAR); /init does nothing for it.
 set -euo pipefail
 
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
-OUT=${1:-${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/x86_64}
+CACHE_DIR=${CORESCALE_CACHE:-$HOME/.cache/corescale}
+usage() { printf 'usage: %s [--arch x86_64|ppc64le] [OUTDIR]\n' "$0" >&2; exit 2; }
+ARCH=x86_64
+OUT=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --arch) [ $# -ge 2 ] || usage; ARCH=$2; shift 2 ;;
+        --arch=*) ARCH=${1#--arch=}; shift ;;
+        -h|--help) usage ;;
+        -*) printf 'guest/build.sh: error: unknown option %s\n' "$1" >&2; usage ;;
+        *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
+    esac
+done
+OUT=${OUT:-$CACHE_DIR/guest/$ARCH}
 # Debian 12 ships 6.1; bookworm-backports carries newer kernels that we do not want.
 KERNEL_SERIES=${CORESCALE_GUEST_KERNEL_SERIES:-6.1}
 AGENT_PKG=qemu-guest-agent
@@ -27,30 +48,66 @@ BUSYBOX_PKG=busybox-static
 log() { printf 'guest/build.sh: %s\n' "$*" >&2; }
 die() { printf 'guest/build.sh: error: %s\n' "$*" >&2; exit 1; }
 
-for tool in apt-get apt-cache dpkg dpkg-deb cpio gzip xz od readelf objdump sha256sum find sort; do
+# Per-architecture facts: Debian's name for it, the kernel flavour, the multiarch triplet,
+# the guest agent's tty, and apt options (empty: the host's own apt setup).
+APT_OPTS=()
+case $ARCH in
+    x86_64)
+        DEB_ARCH=amd64; FLAVOUR=amd64; TRIPLET=x86_64-linux-gnu
+        AGENT_TTY=ttyS1; AGENT_PORT="the second serial port (ttyS1)"; AGENT_HINT="no second isa-serial?"
+        KERNEL_CONFIG="CONFIG_PVH CONFIG_ACPI_HOTPLUG_CPU CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_8250_CONSOLE"
+        ;;
+    ppc64le)
+        DEB_ARCH=ppc64el; FLAVOUR=powerpc64le; TRIPLET=powerpc64le-linux-gnu
+        AGENT_TTY=hvc1; AGENT_PORT="the second spapr-vty (hvc1)"; AGENT_HINT="no second spapr-vty?"
+        # pseries CPU hot-plug is DLPAR driven by RTAS hot-plug events: hotplug-cpu.o needs
+        # HOTPLUG_CPU, the event and device-tree paths need PPC_RTAS and OF_DYNAMIC; the
+        # console and the agent's port are spapr-vty (hvc_vio, HVC_CONSOLE).
+        KERNEL_CONFIG="CONFIG_PPC_PSERIES CONFIG_SMP CONFIG_HOTPLUG_CPU CONFIG_PPC_RTAS CONFIG_OF_DYNAMIC CONFIG_HVC_CONSOLE CONFIG_DEVTMPFS CONFIG_RD_GZIP"
+        APT_DIR=$CACHE_DIR/apt-$DEB_ARCH
+        APT_OPTS=(-o "APT::Architectures::=$DEB_ARCH" -o "APT::Architecture=$DEB_ARCH"
+                  -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::Cache=$APT_DIR/cache"
+                  -o "Dir::State::status=/dev/null")
+        mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
+        ;;
+    *) die "--arch must be x86_64 or ppc64le, not '$ARCH'" ;;
+esac
+META_PKG=linux-image-$FLAVOUR
+
+for tool in apt-get apt-cache dpkg dpkg-deb cpio gzip xz od readelf sha256sum find sort; do
     command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' is missing (apt-get install apt dpkg cpio gzip xz-utils coreutils binutils findutils)"
 done
 
 apt_updated=0
 apt_update_once() {
     if [ "$apt_updated" = 0 ]; then
-        log "running apt-get update"
-        apt-get update -qq >&2 || die "apt-get update failed"
         apt_updated=1
+        if [ ${#APT_OPTS[@]} -eq 0 ]; then
+            log "running apt-get update"
+            apt-get update -qq >&2 || die "apt-get update failed"
+        else
+            # The host's sources are reused for $DEB_ARCH: some of them carry no such index
+            # (third-party repositories) or fail now and then; bookworm main is what counts.
+            log "running apt-get update for $DEB_ARCH (lists in $APT_DIR)"
+            apt-get "${APT_OPTS[@]}" -o APT::Sandbox::User=root update -qq >&2 \
+                || log "apt-get update for $DEB_ARCH reported errors (checked below)"
+            compgen -G "$APT_DIR/lists/*_dists_bookworm_main_binary-${DEB_ARCH}_Packages*" >/dev/null \
+                || die "apt-get update fetched no bookworm main index for $DEB_ARCH (is a Debian 12 bookworm source configured?)"
+        fi
     fi
 }
 
 # candidate_versions PKG... -> "PKG VERSION" lines for the versions apt would download
 # (one apt-cache call: each call costs about half a second).
 candidate_versions() {
-    apt-cache policy "$@" 2>/dev/null | awk '
+    apt-cache "${APT_OPTS[@]}" policy "$@" 2>/dev/null | awk '
         /^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1) }
         /^  Candidate:/ { if ($2 != "(none)") print pkg, $2 }'
 }
 
-# kernel_meta_version -> highest linux-image-amd64 version in the KERNEL_SERIES series
+# kernel_meta_version -> highest linux-image-<flavour> version in the KERNEL_SERIES series
 kernel_meta_version() {
-    apt-cache madison linux-image-amd64 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' \
+    apt-cache "${APT_OPTS[@]}" madison "$META_PKG" 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' \
         | grep -E "^${KERNEL_SERIES//./\\.}\." | sort -V | tail -n1 || true
 }
 
@@ -59,18 +116,18 @@ if [ -z "$meta_ver" ]; then
     apt_update_once
     meta_ver=$(kernel_meta_version)
 fi
-[ -n "$meta_ver" ] || die "no linux-image-amd64 version ${KERNEL_SERIES}.x in the apt package lists (is a Debian 12 bookworm source configured?)"
+[ -n "$meta_ver" ] || die "no $META_PKG version ${KERNEL_SERIES}.x in the apt package lists (is a Debian 12 bookworm source configured?)"
 
-# The metapackage depends on exactly one linux-image-<abi>-amd64 package of the same version.
-kernel_pkg=$(apt-cache show "linux-image-amd64=$meta_ver" | awk -F': ' '/^Depends:/ {print $2; exit}' \
-    | tr ',' '\n' | sed -E 's/^ +//; s/ .*//' | grep -E '^linux-image-[0-9].*-amd64$' | head -n1)
-[ -n "$kernel_pkg" ] || die "cannot find the kernel package that linux-image-amd64=$meta_ver depends on"
+# The metapackage depends on exactly one linux-image-<abi>-<flavour> package of the same version.
+kernel_pkg=$(apt-cache "${APT_OPTS[@]}" show "$META_PKG=$meta_ver" | awk -F': ' '/^Depends:/ {print $2; exit}' \
+    | tr ',' '\n' | sed -E 's/^ +//; s/ .*//' | grep -E "^linux-image-[0-9].*-$FLAVOUR\$" | head -n1)
+[ -n "$kernel_pkg" ] || die "cannot find the kernel package that $META_PKG=$meta_ver depends on"
 kernel_ver=$meta_ver
 
 # The agent's runtime dependency closure (Depends only; shared libraries are then resolved
 # from the unpacked files, so an unneeded package costs only a download).
 closure() {
-    apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+    apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
         --no-replaces --no-enhances --no-pre-depends "$AGENT_PKG" 2>/dev/null \
         | grep -v '^ ' | grep -v '^<' | grep -vx "$AGENT_PKG" | sort -u || true
 }
@@ -85,7 +142,7 @@ fi
 
 declare -A pkg_ver=()
 pkg_ver[$kernel_pkg]=$kernel_ver
-pkg_ver[linux-image-amd64]=$meta_ver
+pkg_ver[$META_PKG]=$meta_ver
 for p in "$AGENT_PKG" "$BUSYBOX_PKG" $lib_pkgs; do
     [ -n "${cand[$p]:-}" ] || die "package $p has no installable version in the apt package lists"
     pkg_ver[$p]=${cand[$p]}
@@ -121,10 +178,10 @@ mkdir -p "$WORK/debs" "$WORK/x" "$WORK/root"
 # ---- download and unpack ------------------------------------------------------------------
 specs=()
 for p in "${!pkg_ver[@]}"; do
-    [ "$p" = linux-image-amd64 ] && continue   # metapackage: nothing to unpack
+    [ "$p" = "$META_PKG" ] && continue   # metapackage: nothing to unpack
     specs+=("$p=${pkg_ver[$p]}")
 done
-download() { (cd "$WORK/debs" && apt-get -q -o APT::Sandbox::User=root download "${specs[@]}" >&2); }
+download() { (cd "$WORK/debs" && apt-get -q "${APT_OPTS[@]}" -o APT::Sandbox::User=root download "${specs[@]}" >&2); }
 log "downloading ${#specs[@]} packages"
 if ! download; then
     apt_update_once
@@ -135,45 +192,73 @@ for deb in "$WORK"/debs/*.deb; do
 done
 X=$WORK/x
 
-# ---- vmlinux: the compressed payload of the bzImage, decompressed ---------------------------
+# ---- vmlinux ------------------------------------------------------------------------------
 kver=${kernel_pkg#linux-image-}
-bz=$X/boot/vmlinuz-$kver
-[ -f "$bz" ] || die "kernel image $bz not found in $kernel_pkg"
-rd_u() { od -An -t "u$2" -j "$1" -N "$2" "$bz" | tr -d ' \n'; }
-[ "$(od -An -c -j 514 -N 4 "$bz" | tr -d ' \n')" = HdrS ] || die "$bz is not a bzImage (no HdrS header)"
-setup_sects=$(rd_u 497 1)               # 0x1f1
-[ "$setup_sects" -ne 0 ] || setup_sects=4
-payload_off=$(rd_u 584 4)               # 0x248, relative to the protected-mode code
-payload_len=$(rd_u 588 4)               # 0x24c
-start=$(( (setup_sects + 1) * 512 + payload_off ))
-magic=$(od -An -tx1 -j "$start" -N 6 "$bz" | tr -d ' \n')
-payload() { dd if="$bz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$payload_len" status=none; }
-case $magic in
-    fd377a585a00) payload | xz -dc --single-stream >"$WORK/vmlinux" ;;
-    1f8b*)        payload | gzip -dc >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
-    28b52ffd*)    command -v zstd >/dev/null || die "kernel payload is zstd: install zstd"
-                  payload | zstd -dc >"$WORK/vmlinux" ;;
-    5d0000*)      payload | xz -dc --format=lzma >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
-    *) die "unknown kernel payload compression (magic $magic) in $bz" ;;
-esac
-[ "$(od -An -tx1 -N4 "$WORK/vmlinux" | tr -d ' \n')" = 7f454c46 ] || die "decompressed kernel is not an ELF file"
-# mkpiggy appends the decompressed size as the payload's last 4 bytes (little endian).
-want_size=$(od -An -tu4 -j "$((start + payload_len - 4))" -N 4 "$bz" | tr -d ' \n')
-got_size=$(stat -c %s "$WORK/vmlinux")
-[ "$want_size" = "$got_size" ] || die "decompressed kernel is $got_size bytes, the bzImage says $want_size"
-# The PVH entry point is ELF note "Xen" type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU needs it for -kernel vmlinux.
-readelf -n "$WORK/vmlinux" | grep -Eq 'Xen[[:space:]]+0x[0-9a-f]+[[:space:]].*\(0x00000012\)' \
-    || die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); the kernel needs CONFIG_PVH=y"
-for opt in CONFIG_PVH CONFIG_ACPI_HOTPLUG_CPU CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_8250_CONSOLE; do
+
+# x86_64: the compressed payload of the bzImage, decompressed.
+kernel_x86_64() {
+    local bz setup_sects payload_off payload_len start magic want_size got_size
+    bz=$X/boot/vmlinuz-$kver
+    [ -f "$bz" ] || die "kernel image $bz not found in $kernel_pkg"
+    rd_u() { od -An -t "u$2" -j "$1" -N "$2" "$bz" | tr -d ' \n'; }
+    [ "$(od -An -c -j 514 -N 4 "$bz" | tr -d ' \n')" = HdrS ] || die "$bz is not a bzImage (no HdrS header)"
+    setup_sects=$(rd_u 497 1)               # 0x1f1
+    [ "$setup_sects" -ne 0 ] || setup_sects=4
+    payload_off=$(rd_u 584 4)               # 0x248, relative to the protected-mode code
+    payload_len=$(rd_u 588 4)               # 0x24c
+    start=$(( (setup_sects + 1) * 512 + payload_off ))
+    magic=$(od -An -tx1 -j "$start" -N 6 "$bz" | tr -d ' \n')
+    payload() { dd if="$bz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$payload_len" status=none; }
+    case $magic in
+        fd377a585a00) payload | xz -dc --single-stream >"$WORK/vmlinux" ;;
+        1f8b*)        payload | gzip -dc >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
+        28b52ffd*)    command -v zstd >/dev/null || die "kernel payload is zstd: install zstd"
+                      payload | zstd -dc >"$WORK/vmlinux" ;;
+        5d0000*)      payload | xz -dc --format=lzma >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
+        *) die "unknown kernel payload compression (magic $magic) in $bz" ;;
+    esac
+    [ "$(od -An -tx1 -N4 "$WORK/vmlinux" | tr -d ' \n')" = 7f454c46 ] || die "decompressed kernel is not an ELF file"
+    # mkpiggy appends the decompressed size as the payload's last 4 bytes (little endian).
+    want_size=$(od -An -tu4 -j "$((start + payload_len - 4))" -N 4 "$bz" | tr -d ' \n')
+    got_size=$(stat -c %s "$WORK/vmlinux")
+    [ "$want_size" = "$got_size" ] || die "decompressed kernel is $got_size bytes, the bzImage says $want_size"
+    # The PVH entry point is ELF note "Xen" type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU needs it for -kernel vmlinux.
+    readelf -n "$WORK/vmlinux" | grep -Eq 'Xen[[:space:]]+0x[0-9a-f]+[[:space:]].*\(0x00000012\)' \
+        || die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); the kernel needs CONFIG_PVH=y"
+}
+
+# ppc64le: the package ships the uncompressed ELF kernel that QEMU's pseries loads itself.
+kernel_ppc64le() {
+    local k=$X/boot/vmlinux-$kver
+    [ -f "$k" ] || die "kernel image $k not found in $kernel_pkg"
+    readelf -h "$k" | grep -Eq 'Machine:[[:space:]]+PowerPC64' \
+        || die "$k is not a PowerPC64 ELF kernel"
+    readelf -h "$k" | grep -q 'little endian' || die "$k is not little endian (ppc64le)"
+    cp "$k" "$WORK/vmlinux"
+}
+
+kernel_$ARCH
+for opt in $KERNEL_CONFIG; do
     grep -qx "$opt=y" "$X/boot/config-$kver" || die "kernel config lacks $opt=y"
 done
 
 # ---- initramfs --------------------------------------------------------------------------
 R=$WORK/root
-mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,proc,sys,dev,run,tmp,etc/qemu,etc/acpi/PWRF,var,root}
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,lib/$TRIPLET,lib64,proc,sys,dev,run,tmp,etc/qemu,var,root}
+[ "$ARCH" != x86_64 ] || mkdir -p "$R/etc/acpi/PWRF"
 ln -s ../run "$R/var/run"
 cp "$X/bin/busybox" "$R/bin/busybox"
-for applet in $("$R/bin/busybox" --list); do
+# The applet names, read from the binary (it may not run on this host): busybox keeps them
+# as one sorted run of NUL-terminated strings starting "[", "[[" and ending in an empty one.
+busybox_applets() {
+    # (awk reads to the end: an early exit would kill tr with SIGPIPE under pipefail)
+    tr '\0' '\n' <"$1" | awk 'done {next} p && $0 == "" {done = 1; next} p {print} prev == "[" && $0 == "[[" {p = 1; print "["; print "[["} {prev = $0}'
+}
+applets=$(busybox_applets "$R/bin/busybox")
+for a in sh mount poweroff sleep pidof; do
+    grep -qx "$a" <<<"$applets" || die "cannot read busybox's applet list from $BUSYBOX_PKG (no '$a' found)"
+done
+for applet in $applets; do
     [ "$applet" = busybox ] || ln -sf busybox "$R/bin/$applet"
 done
 ln -s ../bin/busybox "$R/sbin/hwclock"   # qemu-ga's guest-set-time runs /sbin/hwclock
@@ -192,42 +277,66 @@ resolve_in_x() {
     done
     [ -f "$X$p" ] && printf '%s\n' "$p"
 }
-libdirs="/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64"
+libdirs="/lib/$TRIPLET /usr/lib/$TRIPLET /lib64"
 declare -A copied=()
 queue=("$R/usr/sbin/qemu-ga")
 interp=$(readelf -l "$agent_bin" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
 [ -n "$interp" ] || die "cannot read qemu-ga's ELF interpreter"
 while [ ${#queue[@]} -gt 0 ]; do
     elf=${queue[0]}; queue=("${queue[@]:1}")
-    for so in $(objdump -p "$elf" | awk '/NEEDED/ {print $2}') $(basename "$interp"); do
+    # readelf, not objdump: the host's objdump may not know the guest's ELF machine.
+    for so in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p') $(basename "$interp"); do
         [ -n "${copied[$so]:-}" ] && continue
         found=""
         for d in $libdirs; do
             if f=$(resolve_in_x "$d/$so"); then found=$f; break; fi
         done
         [ -n "$found" ] || die "shared library $so (needed by $(basename "$elf")) is in none of the unpacked packages: ${!pkg_ver[*]}"
-        cp "$X$found" "$R/lib/x86_64-linux-gnu/$so"
+        cp "$X$found" "$R/lib/$TRIPLET/$so"
         copied[$so]=$found
-        queue+=("$R/lib/x86_64-linux-gnu/$so")
+        queue+=("$R/lib/$TRIPLET/$so")
     done
 done
-ln -s ../lib/x86_64-linux-gnu/"$(basename "$interp")" "$R/lib64/$(basename "$interp")"
+[ "$(dirname "$interp")" = /lib64 ] || die "unexpected ELF interpreter $interp (expected one in /lib64)"
+ln -s ../lib/$TRIPLET/"$(basename "$interp")" "$R/lib64/$(basename "$interp")"
 log "qemu-ga libraries: ${!copied[*]}"
 
-# ACPI power button -> busybox acpid -> poweroff, so QMP system_powerdown stops the guest.
+# How QMP system_powerdown reaches the guest, and the matching /init lines (empty: none).
 mods=""
-for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko; do
-    f=$X/lib/modules/$kver/$m
-    [ -f "$f" ] || die "kernel module $m not found in $kernel_pkg"
-    cp "$f" "$R/lib/"
-    mods="$mods $(basename "$m")"
-done
+power_init=""
+power_files=()
+power_x86_64() {
+    # ACPI power button -> busybox acpid -> poweroff, so QMP system_powerdown stops the guest.
+    for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko; do
+        f=$X/lib/modules/$kver/$m
+        [ -f "$f" ] || die "kernel module $m not found in $kernel_pkg"
+        cp "$f" "$R/lib/"
+        mods="$mods $(basename "$m")"
+    done
 
-cat >"$R/etc/acpi/PWRF/00000080" <<'SH'
+    cat >"$R/etc/acpi/PWRF/00000080" <<'SH'
 #!/bin/sh
 # busybox acpid runs this on the ACPI power button (QMP system_powerdown).
 exec /sbin/shutdown -h -P +0 "ACPI power button"
 SH
+    power_init="for m in$mods; do insmod /lib/\$m; done
+acpid -c /etc/acpi -l /dev/null
+"
+    power_files=("$R/etc/acpi/PWRF/00000080")
+}
+power_ppc64le() {
+    # pseries: system_powerdown raises an RTAS EPOW event; the kernel's handler calls
+    # orderly_poweroff(), which runs /sbin/poweroff (and powers off by force if that fails).
+    cat >"$R/sbin/poweroff" <<'SH'
+#!/bin/sh
+# The kernel runs this on an EPOW power-off request (QMP system_powerdown on pseries).
+echo "corescale-guest: poweroff requested (EPOW)" >/dev/console
+sync
+exec /bin/poweroff -f
+SH
+    power_files=("$R/sbin/poweroff")
+}
+power_$ARCH
 
 cat >"$R/sbin/shutdown" <<'SH'
 #!/bin/sh
@@ -246,11 +355,16 @@ sync
 exec /bin/$action -f
 SH
 
+case $ARCH in
+    x86_64) cpu_note="It never onlines hot-plugged CPUs itself:
+# the node does that through the agent (guest-set-vcpus)." ;;
+    *) cpu_note="It never onlines hot-plugged CPUs itself
+# (a pseries kernel onlines a hot-added core's threads by itself)." ;;
+esac
 cat >"$R/init" <<SH
 #!/bin/sh
 # corescale test guest, PID 1. Mounts the pseudo file systems, starts the guest agent on
-# the second serial port (ttyS1) and idles. It never onlines hot-plugged CPUs itself:
-# the node does that through the agent (guest-set-vcpus).
+# $AGENT_PORT and idles. $cpu_note
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -259,24 +373,22 @@ mkdir -p /dev/pts /run/qemu-ga
 exec </dev/console >/dev/console 2>&1
 echo "corescale-guest: init started (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
 hostname corescale-guest
-for m in$mods; do insmod /lib/\$m; done
-acpid -c /etc/acpi -l /dev/null
-echo "corescale-guest: kernel \$(uname -r) cpus online=\$(cat /sys/devices/system/cpu/online) present=\$(cat /sys/devices/system/cpu/present) possible=\$(cat /sys/devices/system/cpu/possible)"
-[ -c /dev/ttyS1 ] || echo "corescale-guest: warning: /dev/ttyS1 missing (no second isa-serial?)"
+${power_init}echo "corescale-guest: kernel \$(uname -r) cpus online=\$(cat /sys/devices/system/cpu/online) present=\$(cat /sys/devices/system/cpu/present) possible=\$(cat /sys/devices/system/cpu/possible)"
+[ -c /dev/$AGENT_TTY ] || echo "corescale-guest: warning: /dev/$AGENT_TTY missing ($AGENT_HINT)"
 (
     while :; do
-        qemu-ga -m isa-serial -p /dev/ttyS1 -t /run/qemu-ga -f /run/qemu-ga.pid
+        qemu-ga -m isa-serial -p /dev/$AGENT_TTY -t /run/qemu-ga -f /run/qemu-ga.pid
         echo "corescale-guest: qemu-ga exited with \$?, restarting in 1s"
         rm -f /run/qemu-ga.pid
         sleep 1
     done
 ) &
-# Ready once qemu-ga holds /dev/ttyS1 open (it writes no pid file unless it daemonizes).
+# Ready once qemu-ga holds /dev/$AGENT_TTY open (it writes no pid file unless it daemonizes).
 i=0
 while [ \$i -lt 200 ]; do
     for pid in \$(pidof qemu-ga); do
         for fd in /proc/\$pid/fd/*; do
-            [ "\$(readlink \$fd)" = /dev/ttyS1 ] && break 3
+            [ "\$(readlink \$fd)" = /dev/$AGENT_TTY ] && break 3
         done
     done
     sleep 0.05
@@ -285,7 +397,7 @@ done
 echo "corescale-guest: ready (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
 while :; do sleep 3600; done
 SH
-chmod 0755 "$R/init" "$R/sbin/shutdown" "$R/etc/acpi/PWRF/00000080"
+chmod 0755 "$R/init" "$R/sbin/shutdown" "${power_files[@]}"
 
 # Deterministic archive: fixed mtimes, root ownership, sorted names.
 find "$R" -exec touch -h -d @0 {} +
