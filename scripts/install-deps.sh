@@ -9,17 +9,19 @@ BACKPORTS=/etc/apt/sources.list.d/corescale-bookworm-backports.sources
 pkgs_main=(busybox-static cpio prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl)
 # QEMU 10.0 from bookworm-backports: Debian 12's QEMU 7.2 crashes (double free) on the
 # first CPU device_add after a device_del under TCG.
-pkgs_bpo=(qemu-system-x86 qemu-utils)
+# qemu-system-ppc (qemu-system-ppc64) for POWER/pseries guests, from the same backports
+# release: core hot-plug and the TCG behaviour node-vmm relies on were measured with 10.0.
+pkgs_bpo=(qemu-system-x86 qemu-system-ppc qemu-utils)
 
 missing=()
 for p in "${pkgs_main[@]}" "${pkgs_bpo[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-qemu_ok=0
-if command -v qemu-system-x86_64 >/dev/null; then
-  v=$(qemu-system-x86_64 --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/')
-  [ "${v:-0}" -ge 10 ] && qemu_ok=1
-fi
+qemu_ok=1
+for q in qemu-system-x86_64 qemu-system-ppc64; do
+  v=$(command -v "$q" >/dev/null && "$q" --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/' || true)
+  case $v in ''|*[!0-9]*) qemu_ok=0 ;; *) [ "$v" -ge 10 ] || qemu_ok=0 ;; esac
+done
 if [ ${#missing[@]} -eq 0 ] && [ $qemu_ok -eq 1 ]; then
   echo "install-deps: all system packages present"; exit 0
 fi
@@ -38,3 +40,4 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${pkgs_main[@]}"
 apt-get install -y -qq --no-install-recommends -t bookworm-backports "${pkgs_bpo[@]}"
 qemu-system-x86_64 --version | head -1
+qemu-system-ppc64 --version | head -1
