@@ -13,8 +13,14 @@ Python 3 standard library only. Exits non-zero on the first failed check. Every 
 message is written to a JSON-lines transcript (--transcript) so the exact protocol can be
 read back. Timings of every phase are printed.
 
-Usage: smoke.py [--kernel PATH] [--initrd PATH] [--qemu BIN] [--case NAME ...]
-                [--workdir DIR] [--transcript FILE] [--verbose]
+With --arch ppc64le it boots the pseries guest (build.sh --arch ppc64le) under
+qemu-system-ppc64 and proves the POWER sequence instead: device_add of a whole core ->
+the guest kernel onlines its threads by itself (seen through the agent on an spapr-vty)
+-> the logical CPUs map to core-id/thread through physical_id and topology/core_id ->
+device_del -> DEVICE_DELETED per thread, then for the core.
+
+Usage: smoke.py [--arch x86_64|ppc64le] [--kernel PATH] [--initrd PATH] [--qemu BIN]
+                [--case NAME ...] [--workdir DIR] [--transcript FILE] [--verbose]
 """
 
 import argparse
@@ -31,12 +37,16 @@ import tempfile
 import time
 
 CACHE = os.environ.get("CORESCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "corescale")
-DEFAULT_GUEST_DIR = os.path.join(CACHE, "guest", "x86_64")
 READY_MARKER = b"corescale-guest: ready"
 # TCG's CPU models report vendor AuthenticAMD without TOPOEXT, and Linux then ignores SMT
 # siblings (every thread looks like its own core). With an Intel vendor string the guest
 # reads CPUID leaf 0xB and sees the real socket/core/thread layout.
 DEFAULT_CPU = "qemu64,vendor=GenuineIntel"
+# Per architecture: QEMU binary, the Debian package that ships it, default -cpu.
+ARCHES = {
+    "x86_64": {"qemu": "qemu-system-x86_64", "package": "qemu-system-x86", "cpu": DEFAULT_CPU},
+    "ppc64le": {"qemu": "qemu-system-ppc64", "package": "qemu-system-ppc", "cpu": "POWER9"},
+}
 T0 = time.monotonic()
 
 
@@ -315,6 +325,12 @@ class Guest:
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
         self.qga_path = os.path.join(self.dir, "qga.sock")
         self.serial_path = os.path.join(self.dir, "serial.log")
+        if args.arch == "ppc64le":
+            self.cmd = ppc64le_command(args, smp, extra, accel, self.serial_path, self.qmp_path, self.qga_path)
+            self.proc = None
+            self.qmp = None
+            self.qga = None
+            return
         self.cmd = [
             args.qemu,
             "-machine", "q35",
@@ -395,6 +411,37 @@ class Guest:
                 self.proc.wait()
         if self.qga:
             self.qga.close()
+
+
+def ppc64le_command(args, smp, extra, accel, serial_path, qmp_path, qga_path):
+    """The pseries recipe: VOF instead of SLOF, console and agent on two spapr-vty ports.
+
+    -nodefaults drops the default VGA/USB/serial; the machine still creates its nvram at
+    reg 0x71000000, so the two vty ports take 0x71000001 (console, hvc0: the lowest vty is
+    the firmware's stdout) and 0x71000002 (agent, hvc1). A vty's IRQ follows the low bits of
+    its reg, so a reg like 0x30000000 collides with the nvram ("IRQ 4592 is not free").
+    """
+    return [
+        args.qemu,
+        "-machine", "pseries,x-vof=on",
+        "-accel", accel,
+        "-cpu", args.cpu,
+        "-m", "512M",
+        "-smp", smp,
+        *extra,
+        "-kernel", args.kernel,
+        "-initrd", args.initrd,
+        "-append", "console=hvc0 panic=-1",
+        "-display", "none",
+        "-nodefaults",
+        "-chardev", f"file,id=con0,path={serial_path}",
+        "-device", "spapr-vty,chardev=con0,reg=0x71000001",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-chardev", f"socket,path={qga_path},server=on,wait=off,id=qga0",
+        "-device", "spapr-vty,chardev=qga0,reg=0x71000002",
+        "-sandbox", args.sandbox,
+        "-no-reboot",
+    ]
 
 
 # ---- helpers over a running guest -----------------------------------------------------------
@@ -844,25 +891,320 @@ def case_budget(args, tr, tm):
 CASES = {"sockets1": case_sockets1, "numa2": case_numa2, "smt2": case_smt2, "budget": case_budget}
 
 
+# ---- ppc64le (pseries) ----------------------------------------------------------------------
+#
+# On pseries a hot-pluggable slot is a whole core (vcpus-count = threads). device_add gets
+# no event back: the guest kernel receives an RTAS hot-plug event, adds the core through
+# DLPAR and onlines every thread by itself. device_del ends with DEVICE_DELETED events: per
+# thread its interrupt presenters and the thread, then the core (the only one with "device").
+
+SYSCPU = "/sys/devices/system/cpu"
+
+
+def cpulist(text):
+    """Parse a kernel cpu list ("0-1,4-5") into a set of ints."""
+    out = set()
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-")
+            out.update(range(int(a), int(b) + 1))
+        else:
+            out.add(int(part))
+    return out
+
+
+def guest_cpus(g):
+    """(online, present) sets of guest logical CPUs, read through the agent."""
+    on, err = read_text(g, f"{SYSCPU}/online")
+    check(err is None, f"{SYSCPU}/online unreadable: {err}")
+    pr, err = read_text(g, f"{SYSCPU}/present")
+    check(err is None, f"{SYSCPU}/present unreadable: {err}")
+    return cpulist(on), cpulist(pr)
+
+
+def ppc_cpu_files(g, n):
+    """What the guest says about logical CPU n: hard id, core, siblings."""
+    out = {}
+    for f in ("physical_id", "topology/core_id", "topology/thread_siblings_list",
+              "topology/core_siblings_list", "topology/physical_package_id"):
+        text, err = read_text(g, f"{SYSCPU}/cpu{n}/{f}")
+        out[f.split("/")[-1]] = text if err is None else {"error": err["error"]["desc"]}
+    return out
+
+
+def ppc_check_map(g, core_id, threads, logical):
+    """Prove the mapping rule on these logical CPUs of one core; returns {logical: files}."""
+    files = {n: ppc_cpu_files(g, n) for n in sorted(logical)}
+    g.tr.note({"cpu_files": files, "core_id": core_id})
+    print(f"  core-id {core_id}: guest files {json.dumps(files)}", flush=True)
+    hard = set()
+    for n, f in files.items():
+        check(f["core_id"] == str(core_id), f"cpu{n}: topology/core_id {f['core_id']} != QEMU core-id {core_id}")
+        pid = int(f["physical_id"])
+        check(core_id <= pid < core_id + threads, f"cpu{n}: physical_id {pid} outside core {core_id}'s threads")
+        hard.add(pid)
+        check(cpulist(f["thread_siblings_list"]) == set(logical),
+              f"cpu{n}: thread_siblings_list {f['thread_siblings_list']} != {sorted(logical)}")
+    check(hard == set(range(core_id, core_id + threads)), f"physical_ids {hard} != core {core_id}'s threads")
+    fast = [c for c in cpus_fast(g) if c["props"]["core-id"] == core_id]
+    check(sorted(c["cpu-index"] for c in fast) == sorted(hard),
+          f"query-cpus-fast cpu-index of core {core_id} {fast} != guest physical_ids {sorted(hard)}")
+    return files
+
+
+def ppc_plug(g, tm, slot, dev_id):
+    """device_add a core; wait until the guest has onlined all its threads. Returns their logical ids."""
+    threads = slot["vcpus-count"]
+    before, _ = guest_cpus(g)
+    args = {"driver": slot["type"], "id": dev_id, **slot["props"]}
+    t0 = now()
+    r = g.qmp.execute("device_add", args)
+    t_add = now()
+    check(r == {"return": {}}, f"device_add returned {r}")
+    tm.add(g.name, f"device_add {dev_id} -> QMP return", t_add - t0)
+    first = None
+    deadline = now() + 30
+    while True:
+        on, pr = guest_cpus(g)
+        new = on - before
+        if new and first is None:
+            first = now()
+            tm.add(g.name, f"device_add {dev_id} -> first thread online in the guest", first - t0)
+        if len(new) == threads:
+            break
+        check(now() < deadline, f"{dev_id}: guest onlined {sorted(new)} of {threads} threads within 30s")
+        time.sleep(0.005)
+    tm.add(g.name, f"device_add {dev_id} -> all {threads} threads online (cpus {sorted(new)})", now() - t0)
+    check(new <= pr, f"online CPUs {sorted(new)} not in present {sorted(pr)}")
+    v = g.qga.vcpus()
+    check(all(v[n]["online"] for n in new), f"guest-get-vcpus disagrees with {SYSCPU}/online: {v}")
+    g.qmp.drain(0.3)
+    evs = [e for t, e in g.qmp.events if t >= t0]
+    g.tr.note({"events_after_device_add": evs})
+    check(not evs, f"no QMP event expected after a pseries core device_add: {evs}")
+    return new
+
+
+def ppc_unplug(g, tm, dev_id, logical, threads, note="", since=None, t_ref=None):
+    """device_del a core (unless `since` says it was already sent); check the DEVICE_DELETED sequence."""
+    if since is None:
+        since = now()
+        r = g.qmp.execute("device_del", {"id": dev_id})
+        check(r == {"return": {}}, f"device_del returned {r}")
+    t_ref = t_ref or since
+    label = f"device_del {dev_id}{note}"
+    t_ev, _ = g.qmp.wait_event(lambda e: e["event"] == "DEVICE_DELETED" and e["data"].get("device") == dev_id,
+                               30, f"DEVICE_DELETED of core {dev_id}", since=since)
+    tm.add(g.name, f"{label} -> DEVICE_DELETED of the core", t_ev - t_ref)
+    g.qmp.drain(0.2)
+    evs = [e for t, e in g.qmp.events if t >= since and e["event"] not in ("STOP", "RESUME")]
+    g.tr.note({"events_after_device_del": evs})
+    paths = [e["data"]["path"] for e in evs if e["event"] == "DEVICE_DELETED"]
+    core_path = f"/machine/peripheral/{dev_id}"
+    want = []
+    for t in range(threads):
+        want += [f"{core_path}/thread[{t}]/icp", f"{core_path}/thread[{t}]/xive-tctx", f"{core_path}/thread[{t}]"]
+    want.append(core_path)
+    check(paths == want, f"DEVICE_DELETED paths {paths} != expected {want}")
+    check(all("device" not in e["data"] for e in evs[:-1]) and evs[-1]["data"].get("device") == dev_id,
+          f"only the last DEVICE_DELETED (the core) names the device: {evs}")
+    check(not any(c["qom-path"].startswith(core_path + "/") for c in cpus_fast(g)),
+          f"{dev_id}'s threads still in query-cpus-fast after its DEVICE_DELETED")
+    deadline = now() + 10
+    while True:
+        on, pr = guest_cpus(g)
+        if not (set(logical) & (on | pr)):
+            break
+        check(now() < deadline, f"cpus {sorted(logical)} still online/present in the guest 10s after DEVICE_DELETED")
+        time.sleep(0.005)
+    tm.add(g.name, f"{label} -> cpus {sorted(logical)} neither online nor present", now() - t_ref)
+    return evs
+
+
+def ppc_boot_checks(g, threads, cores):
+    slots = hotpluggable(g)
+    g.tr.note({"query-hotpluggable-cpus": slots})
+    print(f"  query-hotpluggable-cpus: {json.dumps(slots)}", flush=True)
+    check(len(slots) == cores, f"expected {cores} core slots: {slots}")
+    check(all(s["vcpus-count"] == threads and s["type"].endswith("-spapr-cpu-core") for s in slots),
+          f"every slot is a {threads}-thread spapr core: {slots}")
+    check(sorted(s["props"]["core-id"] for s in slots) == list(range(0, cores * threads, threads)),
+          f"core-ids step by threads: {slots}")
+    check(all(set(s["props"]) == {"core-id", "node-id"} for s in slots), f"props are core-id and node-id: {slots}")
+    present = [s for s in slots if "qom-path" in s]
+    check(len(present) == 1 and present[0]["props"]["core-id"] == 0, f"only the boot core is plugged: {present}")
+    fast = cpus_fast(g)
+    g.tr.note({"query-cpus-fast": fast})
+    print(f"  query-cpus-fast: {json.dumps(fast)}", flush=True)
+    check([c["cpu-index"] for c in fast] == list(range(threads)), f"boot threads' cpu-index: {fast}")
+    check([c["qom-path"] for c in fast] == [f"{present[0]['qom-path']}/thread[{t}]" for t in range(threads)],
+          f"thread qom-paths are <core>/thread[N]: {fast}")
+    check(g.qga.execute("guest-ping") == {"return": {}}, "guest-ping")
+    v = g.qga.vcpus()
+    g.tr.note({"guest-get-vcpus": v})
+    check(set(v) == set(range(cores * threads)), f"guest-get-vcpus lists every possible CPU on POWER: {v}")
+    on, pr = guest_cpus(g)
+    check(on == pr == set(range(threads)), f"boot: online {on} present {pr}")
+    check({n for n in v if v[n]["online"]} == on, f"guest-get-vcpus online flags != {SYSCPU}/online: {v}")
+    ppc_check_map(g, 0, threads, on)
+    return slots, present[0]
+
+
+def case_ppc_threads1(args, tr, tm):
+    """pseries, 4 single-thread cores: plug a core that is not the next free one, map it,
+    unplug it online, unplug while stopped (+ a repeated device_del), re-plug a removed
+    core-id, errors, system_powerdown (EPOW)."""
+    g = Guest(args, "ppc-threads1", "1,maxcpus=4,cores=4,threads=1", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        tr.note({"qga_version": g.qga.execute("guest-info")["return"]["version"]})
+        slots, boot = ppc_boot_checks(g, 1, 4)
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "dup", "core-id": 0}, "device_add of the boot core")
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "bad", "core-id": 9}, "device_add with core-id 9")
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "bad", "core-id": 1, "node-id": 1},
+                         "device_add with node-id 1")
+        expect_qmp_error(g, "device_del", {"id": boot["qom-path"]}, "device_del of the boot core")
+        expect_qmp_error(g, "device_del", {"id": "no-such-core"}, "device_del of an unknown id")
+
+        new = ppc_plug(g, tm, slot_of(slots, **{"core-id": 2}), "core2")
+        check(new == {1}, f"core 2 should become logical cpu1 (next free number): {new}")
+        ppc_check_map(g, 2, 1, new)
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "core2x", "core-id": 2},
+                         "device_add of a plugged core (new id)")
+        check(slot_of(hotpluggable(g), **{"core-id": 2}).get("qom-path") == "/machine/peripheral/core2",
+              "plugged slot's qom-path")
+        ppc_unplug(g, tm, "core2", new, 1, " (threads online)")
+
+        # Paused guest: device_del is accepted, nothing happens until cont.
+        new3 = ppc_plug(g, tm, slot_of(slots, **{"core-id": 3}), "core3")
+        g.qmp.execute("stop")
+        t0 = now()
+        r = g.qmp.execute("device_del", {"id": "core3"})
+        check(r == {"return": {}}, f"device_del while stopped: {r}")
+        r2 = g.qmp.execute("device_del", {"id": "core3"}, allow_error=True)
+        tr.note({"second_device_del_while_pending": r2})
+        print(f"  second device_del of core3 while its unplug is pending: {json.dumps(r2)}", flush=True)
+        g.qmp.drain(2.0)
+        stopped = [e for t, e in g.qmp.events if t >= t0 and e["event"] != "STOP"]
+        check(not stopped, f"no event may come while the guest is stopped: {stopped}")
+        check(any(c["props"]["core-id"] == 3 for c in cpus_fast(g)), "core3's thread must remain while stopped")
+        t_cont = now()
+        g.qmp.execute("cont")
+        ppc_unplug(g, tm, "core3", new3, 1, " (sent while stopped; timed from cont)", since=t0, t_ref=t_cont)
+
+        # Re-plug a removed core-id under a new device id (4th of maxcpus=4 vCPU threads).
+        new2 = ppc_plug(g, tm, slot_of(slots, **{"core-id": 2}), "core2b")
+        tr.note({"replug_logical": sorted(new2)})
+        print(f"  re-plugged core 2 became logical cpus {sorted(new2)}", flush=True)
+        ppc_check_map(g, 2, 1, new2)
+
+        t0 = now()
+        g.qmp.execute("system_powerdown")
+        t_ev, ev = g.qmp.wait_event(lambda e: e["event"] == "SHUTDOWN", 30, "SHUTDOWN after system_powerdown", since=t0)
+        tr.note({"shutdown_event": ev})
+        check(ev["data"] == {"guest": True, "reason": "guest-shutdown"}, f"SHUTDOWN after system_powerdown: {ev}")
+        tm.add(g.name, "system_powerdown -> SHUTDOWN (guest)", t_ev - t0)
+        rc = g.wait_exit(30)
+        check(rc == 0, f"QEMU exit code after system_powerdown: {rc}")
+        check(b"corescale-guest: poweroff requested (EPOW)" in g.serial(), "the guest's /sbin/poweroff did not run")
+    finally:
+        g.kill()
+
+
+def case_ppc_threads2(args, tr, tm):
+    """pseries, 4 cores x 2 threads (boot: 1 core): plug core 4 then core 2, map their threads,
+    unplug core 4, re-plug it, guest-shutdown through the agent."""
+    g = Guest(args, "ppc-threads2", "2,maxcpus=8,cores=4,threads=2", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        slots, boot = ppc_boot_checks(g, 2, 4)
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "odd", "core-id": 3},
+                         "device_add with a core-id that is not a multiple of threads")
+        expect_qmp_error(g, "device_add", {"driver": boot["type"], "id": "big", "core-id": 8},
+                         "device_add with core-id 8 (maxcpus 8)")
+        n4 = ppc_plug(g, tm, slot_of(slots, **{"core-id": 4}), "core4")
+        check(n4 == {2, 3}, f"core 4 should become logical cpus 2-3: {n4}")
+        ppc_check_map(g, 4, 2, n4)
+        n2 = ppc_plug(g, tm, slot_of(slots, **{"core-id": 2}), "core2")
+        check(n2 == {4, 5}, f"core 2 should become logical cpus 4-5: {n2}")
+        ppc_check_map(g, 2, 2, n2)
+        tr.note({"query-hotpluggable-cpus-after-plugs": hotpluggable(g), "query-cpus-fast-after-plugs": cpus_fast(g)})
+        ppc_unplug(g, tm, "core4", n4, 2)
+        n4b = ppc_plug(g, tm, slot_of(slots, **{"core-id": 4}), "core4b")
+        print(f"  re-plugged core 4 became logical cpus {sorted(n4b)}", flush=True)
+        ppc_check_map(g, 4, 2, n4b)
+        t0 = now()
+        g.qga.execute("guest-shutdown", {"mode": "powerdown"}, expect_reply=False)
+        t_ev, ev = g.qmp.wait_event(lambda e: e["event"] == "SHUTDOWN", 30, "SHUTDOWN after guest-shutdown", since=t0)
+        check(ev["data"] == {"guest": True, "reason": "guest-shutdown"}, f"SHUTDOWN event data: {ev}")
+        rc = g.wait_exit(30)
+        check(rc == 0, f"QEMU exit code after guest-shutdown: {rc}")
+        tm.add(g.name, "guest-shutdown -> QEMU exited 0", now() - t0)
+    finally:
+        g.kill()
+
+
+def case_ppc_budget(args, tr, tm):
+    """pseries, maxcpus=2: boot core + plug core 1 + unplug + re-plug = 3rd vCPU thread."""
+    g = Guest(args, "ppc-budget", "1,maxcpus=2,cores=2,threads=1", [], tr)
+    try:
+        tm.boot.append(g.start(tm))
+        s1 = slot_of(hotpluggable(g), **{"core-id": 1})
+        n = ppc_plug(g, tm, s1, "core1")
+        ppc_unplug(g, tm, "core1", n, 1)
+        try:
+            r = g.qmp.execute("device_add", {"driver": s1["type"], "id": "core1b", **s1["props"]},
+                              allow_error=True, timeout=20)
+        except (SmokeError, OSError) as e:
+            r = {"no_reply": str(e)}
+        rc, out = qemu_died(g)
+        tr.note({"replug_past_budget": {"reply": r, "qemu_exit": rc, "qemu_output": out}})
+        print(f"  3rd vCPU creation with maxcpus=2: reply {json.dumps(r)}, exit {rc}, output {out!r}", flush=True)
+        check(rc is not None and "tcg_max_ctxs" in out,
+              f"QEMU should abort on the (maxcpus+1)-th vCPU thread (tcg_max_ctxs): exit {rc}, {out}")
+    finally:
+        g.kill()
+
+
+PPC_CASES = {"ppc-threads1": case_ppc_threads1, "ppc-threads2": case_ppc_threads2, "ppc-budget": case_ppc_budget}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", default=os.path.join(DEFAULT_GUEST_DIR, "vmlinux"))
-    ap.add_argument("--initrd", default=os.path.join(DEFAULT_GUEST_DIR, "initramfs.cpio.gz"))
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--arch", default="x86_64", choices=sorted(ARCHES), help="guest architecture (default: x86_64)")
+    ap.add_argument("--kernel", default=None, help="default: the build.sh output for --arch")
+    ap.add_argument("--initrd", default=None, help="default: the build.sh output for --arch")
+    ap.add_argument("--qemu", default=None, help="default: qemu-system-x86_64 / qemu-system-ppc64")
     ap.add_argument("--sandbox", default="on", help="QEMU -sandbox value (default: on)")
-    ap.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU -cpu model (default: {DEFAULT_CPU})")
-    ap.add_argument("--case", action="append", choices=sorted(CASES), help="run only these cases (repeatable)")
+    ap.add_argument("--cpu", default=None, help=f"QEMU -cpu model (default: {DEFAULT_CPU} / POWER9)")
+    ap.add_argument("--case", action="append", choices=sorted(CASES) + sorted(PPC_CASES),
+                    help="run only these cases (repeatable; they must belong to --arch)")
     ap.add_argument("--workdir", default=None, help="where sockets and logs go (default: a temp dir, kept on failure)")
     ap.add_argument("--transcript", default=None, help="write every QMP/QGA message as JSON lines here")
     ap.add_argument("--verbose", action="store_true", help="print every QMP/QGA message")
     args = ap.parse_args()
+    arch = ARCHES[args.arch]
+    guest_dir = os.path.join(CACHE, "guest", args.arch)
+    args.kernel = args.kernel or os.path.join(guest_dir, "vmlinux")
+    args.initrd = args.initrd or os.path.join(guest_dir, "initramfs.cpio.gz")
+    args.qemu = args.qemu or arch["qemu"]
+    args.cpu = args.cpu or arch["cpu"]
+    cases = PPC_CASES if args.arch == "ppc64le" else CASES
+    wrong = [c for c in args.case or [] if c not in cases]
+    if wrong:
+        print(f"smoke.py: --case {', '.join(wrong)} is not a case for --arch {args.arch} "
+              f"(its cases: {', '.join(cases)})", file=sys.stderr)
+        return 2
 
     for what, path in (("kernel", args.kernel), ("initrd", args.initrd)):
         if not os.path.isfile(path):
-            print(f"smoke.py: {what} {path} not found: run node-vmm/guest/build.sh first", file=sys.stderr)
+            print(f"smoke.py: {what} {path} not found: run node-vmm/guest/build.sh --arch {args.arch} first",
+                  file=sys.stderr)
             return 2
     if shutil.which(args.qemu) is None:
-        print(f"smoke.py: {args.qemu} not found: install qemu-system-x86 (scripts/install-deps.sh)", file=sys.stderr)
+        print(f"smoke.py: {args.qemu} not found: install {arch['package']} (scripts/install-deps.sh)", file=sys.stderr)
         return 2
     own_workdir = args.workdir is None
     if own_workdir:
@@ -873,18 +1215,18 @@ def main():
     tm = Timings()
     tm.boot = []
     failed = []
-    for name in args.case or list(CASES):
+    for name in args.case or list(cases):
         print(f"== case {name}", flush=True)
         tr.case = name
         try:
-            CASES[name](args, tr, tm)
+            cases[name](args, tr, tm)
             print(f"   {name}: ok", flush=True)
         except SmokeError as e:
             print(f"   {name}: FAILED: {e}", flush=True)
             failed.append(name)
     if tm.boot:
         print(f"boot to agent ready: min {min(tm.boot):.2f}s max {max(tm.boot):.2f}s over {len(tm.boot)} boots")
-    ran = len(args.case or CASES)
+    ran = len(args.case or cases)
     print(f"{ran - len(failed)} passed, {len(failed)} failed")
     if failed:
         print(f"logs kept in {args.workdir}", file=sys.stderr)
