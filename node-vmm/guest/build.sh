@@ -54,12 +54,16 @@ APT_OPTS=()
 case $ARCH in
     x86_64)
         DEB_ARCH=amd64; FLAVOUR=amd64; TRIPLET=x86_64-linux-gnu
-        AGENT_TTY=ttyS1; AGENT_PORT="the second serial port (ttyS1)"; AGENT_HINT="no second isa-serial?"
+        AGENT_TTY=ttyS1; AGENT_PORT="the second serial port (ttyS1)"
+        AGENT_CHECK="[ -c /dev/ttyS1 ]"; AGENT_MISSING="/dev/ttyS1 missing (no second isa-serial?)"
         KERNEL_CONFIG="CONFIG_PVH CONFIG_ACPI_HOTPLUG_CPU CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_8250_CONSOLE"
         ;;
     ppc64le)
         DEB_ARCH=ppc64el; FLAVOUR=powerpc64le; TRIPLET=powerpc64le-linux-gnu
-        AGENT_TTY=hvc1; AGENT_PORT="the second spapr-vty (hvc1)"; AGENT_HINT="no second spapr-vty?"
+        AGENT_TTY=hvc1; AGENT_PORT="the second spapr-vty (hvc1)"
+        # /dev/hvc0-7 always exist; the device tree says how many vty ports QEMU gave.
+        AGENT_CHECK="[ \$(ls -d /proc/device-tree/vdevice/vty@* 2>/dev/null | wc -l) -ge 2 ]"
+        AGENT_MISSING="fewer than two spapr-vty devices: hvc1 has no port behind it"
         # pseries CPU hot-plug is DLPAR driven by RTAS hot-plug events: hotplug-cpu.o needs
         # HOTPLUG_CPU, the event and device-tree paths need PPC_RTAS and OF_DYNAMIC; the
         # console and the agent's port are spapr-vty (hvc_vio, HVC_CONSOLE).
@@ -374,7 +378,7 @@ exec </dev/console >/dev/console 2>&1
 echo "corescale-guest: init started (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
 hostname corescale-guest
 ${power_init}echo "corescale-guest: kernel \$(uname -r) cpus online=\$(cat /sys/devices/system/cpu/online) present=\$(cat /sys/devices/system/cpu/present) possible=\$(cat /sys/devices/system/cpu/possible)"
-[ -c /dev/$AGENT_TTY ] || echo "corescale-guest: warning: /dev/$AGENT_TTY missing ($AGENT_HINT)"
+$AGENT_CHECK || echo "corescale-guest: warning: $AGENT_MISSING"
 (
     while :; do
         qemu-ga -m isa-serial -p /dev/$AGENT_TTY -t /run/qemu-ga -f /run/qemu-ga.pid
