@@ -45,7 +45,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY node-vmm/guest/build.sh /src/node-vmm/guest/build.sh
 # build.sh downloads the Debian packages itself (apt-get download) into a scratch dir.
-RUN bash /src/node-vmm/guest/build.sh /out/guest/x86_64
+RUN bash /src/node-vmm/guest/build.sh --arch x86_64 /out/guest/x86_64 \
+ && bash /src/node-vmm/guest/build.sh --arch ppc64le /out/guest/ppc64le
 
 # --- node-vmm: agent + launcher + QEMU ------------------------------------------------
 FROM docker.io/library/debian:${DEBIAN}-slim AS node-vmm
@@ -53,13 +54,13 @@ ARG DEBIAN
 RUN printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "${DEBIAN}" \
         > /etc/apt/sources.list.d/backports.sources \
  && apt-get update \
- && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 \
+ && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 qemu-system-ppc \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 corescale \
  && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --shell /usr/sbin/nologin corescale
 COPY --from=build /out/corescale-node-vmm /usr/local/bin/corescale-node-vmm
-COPY --from=guest /out/guest/x86_64 /usr/share/corescale/guest/x86_64
-ENV CORESCALE_IMAGE_DIR=/usr/share/corescale/guest/x86_64
+COPY --from=guest /out/guest /usr/share/corescale/guest
+ENV CORESCALE_IMAGE_DIR=/usr/share/corescale/guest
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/corescale-node-vmm"]
 CMD ["agent"]

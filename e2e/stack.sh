@@ -33,7 +33,7 @@ require() {
 	done
 	command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing: run scripts/install-deps.sh"
 	command -v prometheus >/dev/null || die "prometheus is missing: run scripts/install-deps.sh"
-	[[ -f "$cache/guest/x86_64/vmlinux" ]] || die "no guest image in $cache/guest/x86_64: run node-vmm/guest/build.sh"
+	[[ -f "$cache/guest/x86_64/vmlinux" ]] || die "no guest image in $cache/guest/x86_64: run node-vmm/guest/build.sh (make guest)"
 }
 
 # --- pieces -----------------------------------------------------------------
@@ -59,7 +59,7 @@ start_agent() { # node
 	NODE_NAME=$n POD_NAMESPACE=$ns KUBECONFIG="$dir/node-vmm.kubeconfig" RUST_LOG="${RUST_LOG:-info}" \
 		setsid "$bin/corescale-node-vmm" agent \
 		--state-dir "$d/vms" --launcher-socket "$d/run/launcher.sock" \
-		--image-dir "$cache/guest/x86_64" --accel tcg \
+		--image-dir "$cache/guest" --accel tcg \
 		--metrics-addr "127.0.0.1:$port" --lease-seconds "${CORESCALE_LEASE_SECONDS:-10}" \
 		--overcommit "${CORESCALE_OVERCOMMIT:-4}" --log-format text \
 		>>"$d/agent.log" 2>&1 </dev/null &

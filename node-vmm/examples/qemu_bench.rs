@@ -298,7 +298,9 @@ async fn main() -> anyhow::Result<()> {
     let runs = args.runs.max(1);
     let rounds = args.rounds.unwrap_or(runs).clamp(1, runs);
     let images = ImageDir::new(ImageDir::default_root());
-    let boot = images.resolve(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let boot = images
+        .resolve(None, Arch::X86_64)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cores = u32::try_from(2 * runs + 8).unwrap_or(255).min(255);
     let tmp = tempfile::Builder::new()
         .prefix("corescale-bench.")

@@ -3,16 +3,17 @@
 //! `spec.boot.kernel` and `spec.boot.initrd` are paths relative to the node's image
 //! directory. A path that is absolute, contains `..`, or reaches outside the directory
 //! through a symlink is refused with [`BackendError::BootPath`] naming the field; so is a
-//! file that does not exist. Empty fields take the node's defaults (`vmlinux` and
-//! `initramfs.cpio.gz`, what `node-vmm/guest/build.sh` writes).
+//! file that does not exist. Empty fields take the node's defaults for the guest's
+//! architecture: `<arch>/vmlinux` and `<arch>/initramfs.cpio.gz` (for example
+//! `ppc64le/vmlinux`), what `node-vmm/guest/build.sh --arch <arch>` writes.
 
 use crate::backend::BackendError;
-use corescale_api::Boot;
+use corescale_api::{Arch, Boot};
 use std::path::{Component, Path, PathBuf};
 
-/// Default kernel file name inside the image directory.
+/// Default kernel file name inside an architecture's subdirectory.
 pub const DEFAULT_KERNEL: &str = "vmlinux";
-/// Default initrd file name inside the image directory.
+/// Default initrd file name inside an architecture's subdirectory.
 pub const DEFAULT_INITRD: &str = "initramfs.cpio.gz";
 /// Field names, as the errors name them.
 pub const KERNEL_FIELD: &str = "spec.boot.kernel";
@@ -46,8 +47,8 @@ impl ImageDir {
         ImageDir { root: root.into() }
     }
 
-    /// `${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/x86_64`, where
-    /// `node-vmm/guest/build.sh` puts the test guest.
+    /// `${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest`, where `node-vmm/guest/build.sh`
+    /// puts the test guests (one subdirectory per architecture).
     pub fn default_root() -> PathBuf {
         let cache = std::env::var_os("CORESCALE_CACHE")
             .filter(|v| !v.is_empty())
@@ -58,7 +59,7 @@ impl ImageDir {
                     .unwrap_or_else(|| PathBuf::from("/root"));
                 home.join(".cache").join("corescale")
             });
-        cache.join("guest").join("x86_64")
+        cache.join("guest")
     }
 
     /// The directory.
@@ -66,19 +67,22 @@ impl ImageDir {
         &self.root
     }
 
-    /// Resolve `spec.boot` (absent or empty fields take the defaults).
-    pub fn resolve(&self, boot: Option<&Boot>) -> Result<BootFiles, BackendError> {
+    /// Resolve `spec.boot` for a guest of `arch` (absent or empty fields take that
+    /// architecture's defaults).
+    pub fn resolve(&self, boot: Option<&Boot>, arch: Arch) -> Result<BootFiles, BackendError> {
+        let default_kernel = format!("{arch}/{DEFAULT_KERNEL}");
+        let default_initrd = format!("{arch}/{DEFAULT_INITRD}");
         fn field(v: Option<&Option<String>>) -> Option<&str> {
             v.and_then(|o| o.as_deref())
                 .filter(|s| !s.trim().is_empty())
         }
         let kernel = self.resolve_file(
             KERNEL_FIELD,
-            field(boot.map(|b| &b.kernel)).unwrap_or(DEFAULT_KERNEL),
+            field(boot.map(|b| &b.kernel)).unwrap_or(&default_kernel),
         )?;
         let initrd = match field(boot.map(|b| &b.initrd)) {
             Some(rel) => Some(self.resolve_file(INITRD_FIELD, rel)?),
-            None => self.resolve_file(INITRD_FIELD, DEFAULT_INITRD).ok(),
+            None => self.resolve_file(INITRD_FIELD, &default_initrd).ok(),
         };
         let cmdline = boot.and_then(|b| b.cmdline.clone()).unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE {
@@ -172,7 +176,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("images");
         std::fs::create_dir_all(root.join("sub")).unwrap();
-        std::fs::write(root.join(DEFAULT_KERNEL), b"k").unwrap();
+        std::fs::create_dir_all(root.join("x86_64")).unwrap();
+        std::fs::create_dir_all(root.join("ppc64le")).unwrap();
+        std::fs::write(root.join("x86_64").join(DEFAULT_KERNEL), b"k").unwrap();
+        std::fs::write(root.join("ppc64le").join(DEFAULT_KERNEL), b"p").unwrap();
         std::fs::write(root.join("sub/k2"), b"k").unwrap();
         std::fs::write(dir.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("escape")).unwrap();
@@ -180,23 +187,30 @@ mod tests {
         let img = ImageDir::new(&root);
         let real_root = root.canonicalize().unwrap();
 
-        // Defaults: kernel present, no initrd in the directory.
-        let b = img.resolve(None).unwrap();
-        assert_eq!(b.kernel, real_root.join(DEFAULT_KERNEL));
+        // Defaults: kernel present, no initrd in the directory; per architecture.
+        let b = img.resolve(None, Arch::X86_64).unwrap();
+        assert_eq!(b.kernel, real_root.join("x86_64").join(DEFAULT_KERNEL));
         assert_eq!(b.initrd, None);
-        std::fs::write(root.join(DEFAULT_INITRD), b"i").unwrap();
-        let b = img.resolve(Some(&boot(Some(""), None))).unwrap();
-        assert_eq!(b.initrd, Some(real_root.join(DEFAULT_INITRD)));
+        let b = img.resolve(None, Arch::Ppc64le).unwrap();
+        assert_eq!(b.kernel, real_root.join("ppc64le").join(DEFAULT_KERNEL));
+        std::fs::write(root.join("x86_64").join(DEFAULT_INITRD), b"i").unwrap();
+        let b = img
+            .resolve(Some(&boot(Some(""), None)), Arch::X86_64)
+            .unwrap();
+        assert_eq!(
+            b.initrd,
+            Some(real_root.join("x86_64").join(DEFAULT_INITRD))
+        );
         assert_eq!(b.cmdline, "quiet");
 
         assert_eq!(
-            img.resolve(Some(&boot(Some("sub/k2"), None)))
+            img.resolve(Some(&boot(Some("sub/k2"), None)), Arch::X86_64)
                 .unwrap()
                 .kernel,
             real_root.join("sub/k2")
         );
         assert_eq!(
-            img.resolve(Some(&boot(Some("inside"), None)))
+            img.resolve(Some(&boot(Some("inside"), None)), Arch::X86_64)
                 .unwrap()
                 .kernel,
             real_root.join("sub/k2")
@@ -217,7 +231,7 @@ mod tests {
             (None, Some("nope.cpio"), INITRD_FIELD, "not found"),
             (Some("sub"), None, KERNEL_FIELD, "not a regular file"),
         ] {
-            let e = img.resolve(Some(&boot(k, i))).unwrap_err();
+            let e = img.resolve(Some(&boot(k, i)), Arch::X86_64).unwrap_err();
             match &e {
                 BackendError::BootPath { field: f, message } => {
                     assert_eq!(*f, field, "{e}");
@@ -230,14 +244,14 @@ mod tests {
         let mut long = boot(None, None);
         long.cmdline = Some("x".repeat(MAX_CMDLINE + 1));
         assert!(matches!(
-            img.resolve(Some(&long)),
+            img.resolve(Some(&long), Arch::X86_64),
             Err(BackendError::BootPath {
                 field: CMDLINE_FIELD,
                 ..
             })
         ));
         let missing_root = ImageDir::new(dir.path().join("nowhere"));
-        let e = missing_root.resolve(None).unwrap_err();
+        let e = missing_root.resolve(None, Arch::X86_64).unwrap_err();
         assert!(e.to_string().contains("build.sh"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod backend;
 pub mod images;
 pub mod launcher;
+pub mod machine;
 pub mod metrics;
 pub mod qemu;
 pub mod qga;

@@ -49,15 +49,23 @@ struct AgentArgs {
     #[arg(long, env = "CORESCALE_LAUNCHER_SOCKET", default_value = launcher::DEFAULT_SOCKET)]
     launcher_socket: PathBuf,
     /// Directory of guest images; spec.boot paths resolve only inside it
-    /// (default: $CORESCALE_CACHE/guest/x86_64).
+    /// (default: $CORESCALE_CACHE/guest; default images are <arch>/vmlinux and <arch>/initramfs.cpio.gz).
     #[arg(long, env = "CORESCALE_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
     /// Backend: qemu, or simulator (in-memory, for scale tests only; never a default).
     #[arg(long, default_value = "qemu", value_parser = ["qemu", "simulator"])]
     backend: String,
-    /// QEMU binary (a name in PATH or a path).
+    /// QEMU binary for x86_64 guests (a name in PATH or a path).
     #[arg(long, env = "CORESCALE_QEMU", default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// QEMU binary for ppc64le guests (a name in PATH or a path); the node runs ppc64le
+    /// guests only when it is found.
+    #[arg(
+        long,
+        env = "CORESCALE_QEMU_PPC64",
+        default_value = "qemu-system-ppc64"
+    )]
+    qemu_ppc64: String,
     /// Accelerator: auto (KVM when it can run guests, else TCG), kvm or tcg.
     #[arg(long, env = "CORESCALE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     accel: String,
@@ -116,6 +124,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         _ => {
             let mut cfg = QemuConfig::new(&args.state_dir, &args.launcher_socket);
             cfg.binary = args.qemu.clone();
+            cfg.ppc64_binary = args.qemu_ppc64.clone();
             cfg.accel = args.accel.clone();
             cfg.run_as_user = args.qemu_user.clone();
             let images = ImageDir::new(

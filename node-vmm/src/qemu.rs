@@ -53,10 +53,11 @@ use crate::backend::{
     ResizeReport, SlotObservation, StepReport, VmEvent, VmHandle, VmKey, VmSpec,
 };
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
+use crate::machine::{EjectDone, GuestCpuId, InsertDone, Machine};
 use crate::qga::{slot_from_acpi_path, QgaClient, QgaError};
 use crate::qmp::{self, CpuProps, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use corescale_api::planner::slots as topology_slots;
-use corescale_api::{Granularity, Plan, SlotId, Topology, VcpuState, MAX_VCPUS};
+use corescale_api::{Arch, Granularity, Plan, SlotId, Topology, VcpuState, MAX_VCPUS};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -66,33 +67,41 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio::task::JoinHandle;
 
-/// The QEMU binary looked up in `PATH` by default.
-pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
-/// What to do when QEMU is missing.
+/// The x86_64 QEMU binary looked up in `PATH` by default.
+pub const DEFAULT_BINARY: &str = crate::machine::X86_64_BINARY;
+/// What to do when QEMU (x86_64) is missing.
 pub const INSTALL_HINT: &str = "install QEMU 10 or newer (Debian 12: qemu-system-x86 from bookworm-backports; scripts/install-deps.sh does it, as root)";
-/// CPU model under TCG (see the module documentation).
+/// x86_64 CPU model under TCG (see the module documentation).
 pub const TCG_CPU_MODEL: &str = "qemu64,vendor=GenuineIntel";
 /// CPU model under KVM.
 pub const KVM_CPU_MODEL: &str = "host";
 /// The backend's own per-VM state (budget, pending unplugs), next to `vm.json`.
 pub const BACKEND_JSON: &str = "backend.json";
-/// Console settings the backend puts before the spec's command line.
+/// Console settings the backend puts before the spec's command line (x86_64; other
+/// architectures name their own console, see [`base_cmdline`]).
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// The kernel command line the backend puts before the spec's.
+pub fn base_cmdline(m: Machine) -> String {
+    format!("console={} panic=-1", m.console())
+}
 
 /// Configuration of the QEMU backend.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
-    /// QEMU binary: a name looked up in `PATH`, or a path.
+    /// QEMU binary for x86_64 guests: a name looked up in `PATH`, or a path.
     pub binary: String,
+    /// QEMU binary for ppc64le guests.
+    pub ppc64_binary: String,
     /// Where the per-VM directories are (`<state>/<namespace>/<name>/`); the launcher's.
     pub state_dir: PathBuf,
     /// The launcher's socket.
     pub launcher_socket: PathBuf,
     /// Run QEMU as this user (`-run-with user=`), when set.
     pub run_as_user: Option<String>,
-    /// `-cpu` under TCG.
+    /// `-cpu` of x86_64 guests under TCG (ppc64le guests get POWER9).
     pub tcg_cpu_model: String,
-    /// `-cpu` under KVM.
+    /// `-cpu` under KVM (any architecture: KVM runs guests of the host's own).
     pub kvm_cpu_model: String,
     /// How long QEMU may take to open its QMP socket after spawning.
     pub connect_timeout: Duration,
@@ -111,6 +120,7 @@ impl QemuConfig {
     pub fn new(state_dir: impl Into<PathBuf>, launcher_socket: impl Into<PathBuf>) -> Self {
         QemuConfig {
             binary: DEFAULT_BINARY.into(),
+            ppc64_binary: crate::machine::PPC64_BINARY.into(),
             state_dir: state_dir.into(),
             launcher_socket: launcher_socket.into(),
             run_as_user: None,
@@ -121,6 +131,23 @@ impl QemuConfig {
             agent_timeout: Duration::from_secs(2),
             extra_args: Vec::new(),
             accel: String::new(),
+        }
+    }
+
+    /// The QEMU binary for guests of `arch`.
+    pub fn binary_for(&self, arch: Arch) -> &str {
+        match arch {
+            Arch::X86_64 => &self.binary,
+            Arch::Ppc64le => &self.ppc64_binary,
+        }
+    }
+
+    /// `-cpu` for guests of `arch` under `accel`.
+    pub fn cpu_model(&self, arch: Arch, accel: Accel) -> &str {
+        match (accel, arch) {
+            (Accel::Kvm, _) => &self.kvm_cpu_model,
+            (Accel::Tcg, Arch::X86_64) => &self.tcg_cpu_model,
+            (Accel::Tcg, a) => Machine::of(a).tcg_cpu_model(),
         }
     }
 }
@@ -171,10 +198,15 @@ fn store_persisted(dir: &Path, st: &Persisted) -> Result<(), BackendError> {
 
 /// Find the QEMU binary: a path must be an executable file; a name is looked up in `PATH`.
 pub fn find_binary(binary: &str) -> Result<PathBuf, BackendError> {
+    find_binary_for(binary, Arch::X86_64)
+}
+
+/// [`find_binary`] for guests of `arch` (the error says what to install for it).
+pub fn find_binary_for(binary: &str, arch: Arch) -> Result<PathBuf, BackendError> {
     use std::os::unix::fs::PermissionsExt;
     let missing = || BackendError::MissingBinary {
         binary: binary.to_string(),
-        hint: INSTALL_HINT.to_string(),
+        hint: Machine::of(arch).install_hint().to_string(),
     };
     let executable = |p: &Path| {
         p.metadata()
@@ -226,6 +258,15 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), BackendError> {
             ),
         ));
     }
+    if Machine::of(spec.arch).unit_threads(t) > 1 && spec.granularity != Granularity::Core {
+        return Err(invalid_spec(
+            "spec.granularity",
+            format!(
+                "{} hot-plugs whole cores ({} threads each): use granularity Core",
+                spec.arch, t.threads
+            ),
+        ));
+    }
     if spec.granularity == Granularity::Core && !spec.boot_vcpus.is_multiple_of(t.threads) {
         return Err(invalid_spec(
             "spec.cpus",
@@ -268,11 +309,19 @@ pub fn qemu_argv(
         "-name",
         &format!("guest={}/{},debug-threads=on", spec.namespace, spec.name),
     ]);
-    push(&["-machine", "q35"]);
+    let m = Machine::of(spec.arch);
+    let cpu = cfg.cpu_model(spec.arch, spec.accel);
     match spec.accel {
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", &cfg.kvm_cpu_model]),
+        Accel::Kvm => push(&["-machine", m.machine_arg(), "-accel", "kvm", "-cpu", cpu]),
         // thread=single cannot unplug (QEMU aborts in qemu_thread_join): multi only.
-        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", &cfg.tcg_cpu_model]),
+        Accel::Tcg => push(&[
+            "-machine",
+            &format!("{}{}", m.machine_arg(), m.tcg_machine_caps()),
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            cpu,
+        ]),
     }
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&[
@@ -297,22 +346,24 @@ pub fn qemu_argv(
             ]);
             push(&["-numa", &format!("node,nodeid={i},memdev=mem{i}")]);
         }
-        for i in 0..t.sockets {
-            push(&["-numa", &format!("cpu,node-id={i},socket-id={i}")]);
+        for arg in m.numa_cpu_args(t) {
+            push(&["-numa", &arg]);
         }
     }
     push(&["-kernel", &spec.kernel.display().to_string()]);
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd", &initrd.display().to_string()]);
     }
+    let base = base_cmdline(m);
     let append = if spec.cmdline.trim().is_empty() {
-        BASE_CMDLINE.to_string()
+        base
     } else {
-        format!("{BASE_CMDLINE} {}", spec.cmdline.trim())
+        format!("{base} {}", spec.cmdline.trim())
     };
     push(&["-append", &append]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    push(&["-serial", &format!("file:{}", path(launcher::SERIAL_LOG))]);
+    let console = m.console_args(&path(launcher::SERIAL_LOG));
+    push(&console.iter().map(String::as_str).collect::<Vec<_>>());
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", path(launcher::QMP_SOCK)),
@@ -324,7 +375,7 @@ pub fn qemu_argv(
             path(launcher::QGA_SOCK)
         ),
     ]);
-    push(&["-device", "isa-serial,chardev=qga0"]);
+    push(&["-device", m.agent_port_device()]);
     match &cfg.run_as_user {
         // Dropping to the user is a setuid after the filter is installed: allow it.
         Some(user) => {
@@ -360,19 +411,14 @@ pub fn apic_id(t: &Topology, s: &SlotId) -> u32 {
     (s.socket << (cw + tw)) | (s.core << tw) | s.thread
 }
 
-/// The slot of a CPU from its QMP properties.
+/// The slot of an x86 CPU from its QMP properties ([`Machine::slot_of_props`] for others).
 pub fn slot_of_props(t: &Topology, p: &CpuProps) -> Option<u32> {
-    let get = |v: Option<i64>| u32::try_from(v.unwrap_or(0)).ok();
-    let (s, c, th) = (get(p.socket_id)?, get(p.core_id)?, get(p.thread_id)?);
-    if s >= t.sockets || c >= t.cores || th >= t.threads {
-        return None;
-    }
-    Some((s * t.cores + c) * t.threads + th)
+    Machine::of(Arch::X86_64).slot_of_props(t, p)
 }
 
-/// The `device_add` id of a slot.
+/// The `device_add` id of an x86 slot ([`Machine::device_id`] for others).
 pub fn device_id(s: &SlotId) -> String {
-    format!("cpu-s{}-c{}-t{}", s.socket, s.core, s.thread)
+    Machine::of(Arch::X86_64).device_id(s)
 }
 
 /// Parse `/proc/cpuinfo` into logical CPU -> APIC id.
@@ -445,6 +491,22 @@ impl QemuBackend {
         &self.cfg
     }
 
+    /// The guest architectures this node can run: those whose QEMU binary is installed
+    /// (guests of another architecture than the host's run under TCG).
+    pub fn arches(&self) -> Vec<String> {
+        Arch::ALL
+            .into_iter()
+            .filter(|&a| match find_binary_for(self.cfg.binary_for(a), a) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::info!(arch = %a, error = %e, "this node cannot run these guests");
+                    false
+                }
+            })
+            .map(|a| a.as_str().to_string())
+            .collect()
+    }
+
     fn dir(&self, key: &VmKey) -> PathBuf {
         launcher::vm_dir(&self.cfg.state_dir, &key.namespace, &key.name)
     }
@@ -475,7 +537,7 @@ impl QemuBackend {
     /// Start a guest; the concrete handle (the trait's `start` boxes it).
     pub async fn start_vm(&self, spec: &VmSpec) -> Result<QemuVm, BackendError> {
         validate_spec(spec)?;
-        let binary = find_binary(&self.cfg.binary)?;
+        let binary = find_binary_for(self.cfg.binary_for(spec.arch), spec.arch)?;
         if !spec.kernel.is_file() {
             return Err(BackendError::BootPath {
                 field: crate::images::KERNEL_FIELD,
@@ -670,7 +732,7 @@ impl Backend for QemuBackend {
                 host_cpus: c.host_cpus,
                 max_vcpus_per_vm: c.max_vcpus,
                 accel: c.accel,
-                arches: vec!["x86_64".into()],
+                arches: self.arches(),
             },
             Err(e) => {
                 tracing::error!(error = %e, "accelerator choice failed; announcing TCG");
@@ -766,6 +828,9 @@ pub struct QemuVm {
     launcher: LauncherClient,
     cfg: Arc<QemuConfig>,
     slots: Vec<SlotId>,
+    machine: Machine,
+    /// QEMU's `vsmt` once asked (0: not yet).
+    vsmt: std::sync::atomic::AtomicU32,
     apic_to_slot: HashMap<u32, u32>,
     ops: Mutex<Ops>,
     ready: AtomicBool,
@@ -887,6 +952,7 @@ impl QemuVm {
         st: Persisted,
     ) -> Self {
         let key = spec.key();
+        let spec_arch = spec.arch;
         let slots = topology_slots(&spec.topology);
         let apic_to_slot = slots
             .iter()
@@ -904,6 +970,8 @@ impl QemuVm {
             launcher,
             cfg,
             slots,
+            machine: Machine::of(spec_arch),
+            vsmt: std::sync::atomic::AtomicU32::new(0),
             apic_to_slot,
             ops: Mutex::new(Ops {
                 qga,
@@ -1020,11 +1088,16 @@ impl QemuVm {
             .query_hotpluggable_cpus(self.cfg.qmp_timeout)
             .await
             .map_err(|e| self.qmp_err(e))?;
+        let t = &self.spec.topology;
+        let per_unit = self.machine.unit_threads(t);
         let mut out = BTreeMap::new();
         for c in list {
-            match slot_of_props(&self.spec.topology, &c.props) {
+            match self.machine.slot_of_props(t, &c.props) {
+                // Every slot of the unit (the threads of a sPAPR core) shares its entry.
                 Some(s) => {
-                    out.insert(s, c);
+                    for slot in s..s.saturating_add(per_unit).min(t.max_vcpus()) {
+                        out.insert(slot, c.clone());
+                    }
                 }
                 None => {
                     tracing::warn!(vm = %self.key, props = ?c.props, "a CPU slot outside the topology")
@@ -1047,7 +1120,8 @@ impl QemuVm {
                 .max(Duration::from_millis(50))
         };
         let mut map = BTreeMap::new();
-        if vcpus.iter().any(|v| v.online) {
+        if self.machine.guest_cpu_id() == GuestCpuId::ApicAndAcpi && vcpus.iter().any(|v| v.online)
+        {
             let text = qga.read_text("/proc/cpuinfo", left()).await?;
             for (logical, apic) in parse_cpuinfo_apic(&text) {
                 if let Some(&slot) = self.apic_to_slot.get(&apic) {
@@ -1059,25 +1133,85 @@ impl QemuVm {
             if map.contains_key(&v.logical_id) {
                 continue;
             }
-            if let Some(slot) = self.acpi_slot(qga, v.logical_id, left()).await? {
+            if let Some(slot) = self.guest_slot(qga, v.logical_id, left()).await? {
                 map.insert(v.logical_id, slot);
             }
         }
         Ok(map)
     }
 
-    /// The slot of a logical CPU from its ACPI processor path.
-    async fn acpi_slot(
+    /// The guest's logical CPUs as the agent lists them, without the ones the guest does
+    /// not have: on sPAPR, `guest-get-vcpus` also lists every possible CPU that is not
+    /// present (as offline, with hard id 0), so those are dropped by the guest's
+    /// `/sys/devices/system/cpu/present`.
+    async fn guest_vcpus(
+        &self,
+        qga: &mut QgaClient,
+        timeout: Duration,
+    ) -> Result<Vec<crate::qga::GuestLogicalProcessor>, QgaError> {
+        let deadline = Instant::now() + timeout;
+        let mut vcpus = qga.get_vcpus(timeout).await?;
+        if self.machine.guest_cpu_id() == GuestCpuId::PhysicalId {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(50));
+            let present = crate::machine::parse_cpulist(
+                &qga.read_text("/sys/devices/system/cpu/present", left)
+                    .await?,
+            );
+            vcpus.retain(|v| present.contains(&v.logical_id));
+        }
+        Ok(vcpus)
+    }
+
+    /// QEMU's `vsmt` (spacing of sPAPR hard CPU ids per core), asked once.
+    async fn vsmt(&self) -> u32 {
+        let known = self.vsmt.load(Ordering::Relaxed);
+        if known != 0 {
+            return known;
+        }
+        let got = self
+            .qmp
+            .execute_value(
+                "qom-get",
+                Some(serde_json::json!({"path": "/machine", "property": "vsmt"})),
+                self.cfg.qmp_timeout,
+            )
+            .await
+            .ok()
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|v| *v > 0);
+        let v = got.unwrap_or(self.spec.topology.threads);
+        self.vsmt.store(v, Ordering::Relaxed);
+        v
+    }
+
+    /// The slot of a logical CPU from what the guest says of it: its ACPI processor path
+    /// (x86), or its hard id (sPAPR).
+    async fn guest_slot(
         &self,
         qga: &mut QgaClient,
         logical: u32,
         timeout: Duration,
     ) -> Result<Option<u32>, QgaError> {
-        let path = format!("/sys/devices/system/cpu/cpu{logical}/firmware_node/path");
-        match qga.read_text(&path, timeout).await {
-            Ok(text) => {
-                Ok(slot_from_acpi_path(&text).filter(|s| *s < self.spec.topology.max_vcpus()))
+        let t = &self.spec.topology;
+        let path = match self.machine.guest_cpu_id() {
+            GuestCpuId::ApicAndAcpi => {
+                format!("/sys/devices/system/cpu/cpu{logical}/firmware_node/path")
             }
+            GuestCpuId::PhysicalId => format!("/sys/devices/system/cpu/cpu{logical}/physical_id"),
+        };
+        match qga.read_text(&path, timeout).await {
+            Ok(text) => Ok(match self.machine.guest_cpu_id() {
+                GuestCpuId::ApicAndAcpi => {
+                    slot_from_acpi_path(&text).filter(|s| *s < t.max_vcpus())
+                }
+                GuestCpuId::PhysicalId => match text.trim().parse::<u32>() {
+                    Ok(id) => self.machine.slot_of_hard_id(t, self.vsmt().await, id),
+                    Err(_) => None,
+                },
+            }),
             Err(QgaError::Refused { desc, .. }) => {
                 tracing::debug!(vm = %self.key, logical, desc, "no ACPI path for a guest CPU");
                 Ok(None)
@@ -1094,7 +1228,7 @@ impl QemuVm {
         timeout: Duration,
     ) -> Result<AgentView, QgaError> {
         let deadline = Instant::now() + timeout;
-        let vcpus = ops.qga.get_vcpus(timeout).await?;
+        let vcpus = self.guest_vcpus(&mut ops.qga, timeout).await?;
         let logical: Vec<u32> = vcpus.iter().map(|v| v.logical_id).collect();
         let sig = (present.to_vec(), logical);
         if ops.map.signature.as_ref() != Some(&sig) {
@@ -1121,9 +1255,13 @@ impl QemuVm {
             .query_cpus_fast(self.cfg.qmp_timeout)
             .await
             .map_err(|e| self.qmp_err(e))?;
-        let tids: HashMap<&str, i64> = fast
+        let t = &self.spec.topology;
+        let tids: HashMap<u32, i64> = fast
             .iter()
-            .map(|c| (c.qom_path.as_str(), c.thread_id))
+            .filter_map(|c| {
+                let slot = self.machine.slot_of_thread(t, &c.props, &c.qom_path)?;
+                Some((slot, c.thread_id))
+            })
             .collect();
         let present: Vec<u32> = hp
             .iter()
@@ -1160,7 +1298,7 @@ impl QemuVm {
             let entry = hp.get(&s.index);
             let qom = entry.and_then(|c| c.qom_path.as_deref());
             let host_thread = qom
-                .and_then(|q| tids.get(q))
+                .and(tids.get(&s.index))
                 .and_then(|t| i32::try_from(*t).ok());
             let mapped = agent.as_ref().and_then(|a| a.slots.get(&s.index)).copied();
             let state = match (qom.is_some(), &agent) {
@@ -1289,7 +1427,7 @@ impl QemuVm {
         // all such a guest can report, and that is no error.
         let has_agent = self.has_agent(ops).await;
         let before: Option<BTreeSet<u32>> = if has_agent {
-            match ops.qga.get_vcpus(self.cfg.agent_timeout).await {
+            match self.guest_vcpus(&mut ops.qga, self.cfg.agent_timeout).await {
                 Ok(v) => Some(v.iter().map(|c| c.logical_id).collect()),
                 Err(e) => {
                     tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable before plug");
@@ -1322,89 +1460,87 @@ impl QemuVm {
         }
         let mut events = self.qmp.subscribe();
         let mut added: Vec<usize> = Vec::new();
+        // One device_add per hot-plug unit QEMU knows: a slot on x86, a whole core (every
+        // slot of the plan unit) on sPAPR.
+        let t = self.spec.topology;
+        let mut groups: Vec<(u32, HotpluggableCpu, Vec<usize>)> = Vec::new();
         for (i, &slot) in unit.iter().enumerate() {
-            let Some(entry) = hp.get(&slot).cloned() else {
+            let Some(entry) = hp.get(&slot) else {
                 steps[i].error = Some(BackendError::Protocol(format!(
                     "QEMU does not list vCPU slot {slot} as hot-pluggable"
                 )));
                 continue;
             };
-            let sid = self.slots[usize::try_from(slot).unwrap_or(0)];
+            let first = self.machine.slot_of_props(&t, &entry.props).unwrap_or(slot);
+            match groups.iter_mut().find(|g| g.0 == first) {
+                Some(g) => g.2.push(i),
+                None => groups.push((first, entry.clone(), vec![i])),
+            }
+        }
+        for (first, entry, idx) in groups {
+            let sid = self.slots[usize::try_from(first).unwrap_or(0)];
+            let threads = u32::try_from(idx.len()).unwrap_or(u32::MAX);
             // Counted before the command: a crash in between must not hide a thread.
-            ops.st.vcpu_threads_created += 1;
-            ops.st.plugging.insert(slot);
+            ops.st.vcpu_threads_created += threads;
+            for &i in &idx {
+                ops.st.plugging.insert(unit[i]);
+            }
             self.persist(&ops.st);
             let r = self
                 .qmp
                 .device_add_cpu(
                     &entry.type_,
-                    &device_id(&sid),
+                    &self.machine.device_id(&sid),
                     &entry.props,
                     self.cfg.qmp_timeout,
                 )
                 .await;
             match r {
                 Ok(()) => {
-                    steps[i].applied = Some(t0.elapsed());
-                    ops.st.failed.remove(&slot);
-                    added.push(i);
+                    let at = t0.elapsed();
+                    for &i in &idx {
+                        steps[i].applied = Some(at);
+                        ops.st.failed.remove(&unit[i]);
+                        added.push(i);
+                    }
                 }
                 Err(e) => {
                     let refused = matches!(e, QmpError::Refused { .. });
                     if refused {
-                        // QEMU refuses before it creates the vCPU thread.
-                        ops.st.vcpu_threads_created -= 1;
-                        ops.st.plugging.remove(&slot);
+                        // QEMU refuses before it creates the vCPU threads.
+                        ops.st.vcpu_threads_created -= threads;
+                        for &i in &idx {
+                            ops.st.plugging.remove(&unit[i]);
+                        }
                     }
                     let mut err = self.qmp_err(e);
                     if let BackendError::Qmp { desc, .. } = &mut err {
                         if entry.qom_path.is_some() {
-                            desc.push_str(&format!("; vCPU slot {slot} is already plugged: observe the VM and plan again"));
+                            desc.push_str(&format!("; vCPU slot {first} is already plugged: observe the VM and plan again"));
                         }
                     }
-                    if entry.qom_path.is_none() && refused {
-                        ops.st.failed.insert(slot);
+                    for &i in &idx {
+                        if entry.qom_path.is_none() && refused {
+                            ops.st.failed.insert(unit[i]);
+                        }
+                        steps[i].error = Some(err.clone());
                     }
-                    steps[i].error = Some(err);
                 }
             }
             self.persist(&ops.st);
         }
-        // Wait for the guest's insert _OST of every added slot.
-        let mut waiting: BTreeMap<String, usize> =
-            added.iter().map(|&i| (unit[i].to_string(), i)).collect();
-        while !waiting.is_empty() {
-            let got = qmp::wait_event(&self.qmp, &mut events, deadline, |ev| {
-                ev.acpi_ost().filter(|o| {
-                    o.slot_type == "CPU"
-                        && o.source == qmp::OST_SOURCE_INSERT
-                        && waiting.contains_key(&o.slot)
-                })
-            })
-            .await;
-            let Some(ost) = got else { break };
-            let Some(i) = waiting.remove(&ost.slot) else {
-                continue;
-            };
-            if ost.status == qmp::OST_STATUS_SUCCESS {
-                steps[i].acked = Some(t0.elapsed());
-            } else {
-                steps[i].error = Some(BackendError::Protocol(format!(
-                    "the guest failed to add vCPU slot {} (ACPI _OST status {:#x}); does its kernel have CONFIG_ACPI_HOTPLUG_CPU?",
-                    unit[i], ost.status
-                )));
+        match self.machine.insert_done() {
+            InsertDone::AcpiOst => {
+                self.wait_insert_ost(&mut events, unit, &added, &mut steps, deadline, t0, opts)
+                    .await
             }
-        }
-        for (_, i) in waiting {
-            steps[i].error = Some(if self.qmp.is_closed() {
-                BackendError::NotRunning(self.key.to_string())
-            } else {
-                BackendError::Timeout {
-                    what: "acknowledge",
-                    slot: unit[i],
-                    seconds: secs(opts.plug_timeout),
+            // The hypervisor has notified the guest; its kernel takes the CPUs by itself
+            // and the agent below sees them come online.
+            InsertDone::DeviceAdded => {
+                for &i in &added {
+                    steps[i].acked = steps[i].applied;
                 }
-            });
+            }
         }
         // Online the acknowledged vCPUs through the agent.
         let acked: Vec<usize> = added
@@ -1445,14 +1581,65 @@ impl QemuVm {
                 ops.st.plugging.remove(&slot);
             }
             if let Some(e) = hp.get_mut(&slot) {
+                let first = self.machine.slot_of_props(&t, &e.props).unwrap_or(slot);
                 e.qom_path = Some(format!(
                     "/machine/peripheral/{}",
-                    device_id(&self.slots[usize::try_from(slot).unwrap_or(0)])
+                    self.machine
+                        .device_id(&self.slots[usize::try_from(first).unwrap_or(0)])
                 ));
             }
         }
         self.persist(&ops.st);
         steps
+    }
+
+    /// Wait for the guest's insert `_OST` of every added slot (x86).
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_insert_ost(
+        &self,
+        events: &mut broadcast::Receiver<qmp::Event>,
+        unit: &[u32],
+        added: &[usize],
+        steps: &mut [StepReport],
+        deadline: Instant,
+        t0: Instant,
+        opts: &ResizeOptions,
+    ) {
+        let mut waiting: BTreeMap<String, usize> =
+            added.iter().map(|&i| (unit[i].to_string(), i)).collect();
+        while !waiting.is_empty() {
+            let got = qmp::wait_event(&self.qmp, events, deadline, |ev| {
+                ev.acpi_ost().filter(|o| {
+                    o.slot_type == "CPU"
+                        && o.source == qmp::OST_SOURCE_INSERT
+                        && waiting.contains_key(&o.slot)
+                })
+            })
+            .await;
+            let Some(ost) = got else { break };
+            let Some(i) = waiting.remove(&ost.slot) else {
+                continue;
+            };
+            if ost.status == qmp::OST_STATUS_SUCCESS {
+                steps[i].acked = Some(t0.elapsed());
+            } else {
+                steps[i].error = Some(BackendError::Protocol(format!(
+                    "the guest failed to add vCPU slot {} (ACPI _OST status {:#x}); does its kernel have CONFIG_ACPI_HOTPLUG_CPU?",
+                    unit[i], ost.status
+                )));
+            }
+        }
+        for (_, i) in waiting {
+            steps[i].error = Some(if self.qmp.is_closed() {
+                BackendError::NotRunning(self.key.to_string())
+            } else {
+                BackendError::Timeout {
+                    what: "acknowledge",
+                    slot: unit[i],
+                    seconds: secs(opts.plug_timeout),
+                }
+            });
+        }
     }
 
     async fn online_slots(
@@ -1473,7 +1660,10 @@ impl QemuVm {
         // Find the new logical CPUs: listed by the agent, not mapped yet.
         let mut found: BTreeMap<u32, u32> = BTreeMap::new(); // slot -> logical
         loop {
-            let vcpus = ops.qga.get_vcpus(left()).await.map_err(Self::qga_err)?;
+            let vcpus = self
+                .guest_vcpus(&mut ops.qga, left())
+                .await
+                .map_err(Self::qga_err)?;
             let known: BTreeSet<u32> = ops.map.by_logical.keys().copied().collect();
             // One new CPU for one plugged slot: the set difference identifies it.
             if let (Some(before), [slot]) =
@@ -1494,7 +1684,7 @@ impl QemuVm {
             // Otherwise each unknown CPU's ACPI processor path names its slot.
             for v in vcpus.iter().filter(|v| !known.contains(&v.logical_id)) {
                 match self
-                    .acpi_slot(&mut ops.qga, v.logical_id, left())
+                    .guest_slot(&mut ops.qga, v.logical_id, left())
                     .await
                     .map_err(Self::qga_err)?
                 {
@@ -1540,7 +1730,10 @@ impl QemuVm {
         }
         // Confirm with the agent's own view.
         loop {
-            let vcpus = ops.qga.get_vcpus(left()).await.map_err(Self::qga_err)?;
+            let vcpus = self
+                .guest_vcpus(&mut ops.qga, left())
+                .await
+                .map_err(Self::qga_err)?;
             let online: BTreeSet<u32> = vcpus
                 .iter()
                 .filter(|v| v.online)
@@ -1643,75 +1836,107 @@ impl QemuVm {
             }
         }
         let mut events = self.qmp.subscribe();
-        let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
+        // One device_del per device (a slot on x86, a core on sPAPR); `waiting` is keyed
+        // by what names the completion: the _OST slot (x86) or the device's QOM path.
+        let eject = self.machine.eject_done();
+        let mut waiting: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut by_device: Vec<(String, Vec<usize>)> = Vec::new();
         for &i in &todo {
-            let slot = unit[i];
             let qom = hp
-                .get(&slot)
+                .get(&unit[i])
                 .and_then(|c| c.qom_path.clone())
                 .unwrap_or_default();
-            match self.qmp.device_del(&qom, self.cfg.qmp_timeout).await {
-                Ok(()) => {
-                    steps[i].applied = Some(t0.elapsed());
-                    ops.st.unplugging.insert(slot);
-                    waiting.insert(slot.to_string(), i);
-                }
-                Err(QmpError::Refused { class, .. })
-                    if class == "DeviceNotFound" && self.slot_gone(slot).await =>
-                {
-                    // The guest finished an earlier eject in the meantime (a retry).
-                    steps[i].applied = Some(t0.elapsed());
-                    steps[i].acked = Some(t0.elapsed());
-                }
-                Err(QmpError::Refused { desc, .. })
-                    if desc.contains("in the process of unplug") =>
-                {
-                    steps[i].applied = Some(t0.elapsed());
-                    ops.st.unplugging.insert(slot);
-                    waiting.insert(slot.to_string(), i);
-                }
-                Err(e) => steps[i].error = Some(self.qmp_err(e)),
+            match by_device.iter_mut().find(|d| d.0 == qom) {
+                Some(d) => d.1.push(i),
+                None => by_device.push((qom, vec![i])),
             }
         }
-        self.persist(&ops.st);
-        // Wait for the final eject _OST; poll QEMU now and then in case the event was missed.
-        let mut next_poll = Instant::now() + Duration::from_millis(500);
-        while !waiting.is_empty() && Instant::now() < deadline && !self.qmp.is_closed() {
-            let until = deadline.min(next_poll);
-            let got = qmp::wait_event(&self.qmp, &mut events, until, |ev| {
-                ev.acpi_ost().filter(|o| {
-                    o.slot_type == "CPU"
-                        && o.source == qmp::OST_SOURCE_EJECT
-                        && waiting.contains_key(&o.slot)
-                })
-            })
-            .await;
-            match got {
-                Some(ost) if ost.status == qmp::OST_STATUS_SUCCESS => {
-                    if let Some(i) = waiting.remove(&ost.slot) {
+        for (qom, idx) in by_device {
+            let first = unit[idx[0]];
+            let mut pending = |steps: &mut [StepReport], ops: &mut Ops| {
+                for &i in &idx {
+                    steps[i].applied = Some(t0.elapsed());
+                    ops.st.unplugging.insert(unit[i]);
+                    let key = match eject {
+                        EjectDone::AcpiOst => unit[i].to_string(),
+                        EjectDone::DeviceDeleted => qom.clone(),
+                    };
+                    waiting.entry(key).or_default().push(i);
+                }
+            };
+            match self.qmp.device_del(&qom, self.cfg.qmp_timeout).await {
+                Ok(()) => pending(&mut steps, ops),
+                Err(QmpError::Refused { class, .. })
+                    if class == "DeviceNotFound" && self.slot_gone(first).await =>
+                {
+                    // The guest finished an earlier eject in the meantime (a retry).
+                    for &i in &idx {
+                        steps[i].applied = Some(t0.elapsed());
                         steps[i].acked = Some(t0.elapsed());
                     }
                 }
-                Some(ost) if ost.status == qmp::OST_STATUS_EJECT_IN_PROGRESS => {}
-                Some(ost) => {
-                    if let Some(i) = waiting.remove(&ost.slot) {
+                Err(QmpError::Refused { desc, .. })
+                    if desc.contains("in the process of unplug")
+                        || desc.contains("already in progress") =>
+                {
+                    pending(&mut steps, ops)
+                }
+                Err(e) => {
+                    let err = self.qmp_err(e);
+                    for &i in &idx {
+                        steps[i].error = Some(err.clone());
+                    }
+                }
+            }
+        }
+        self.persist(&ops.st);
+        // Wait for the completion; poll QEMU now and then in case the event was missed.
+        let mut next_poll = Instant::now() + Duration::from_millis(500);
+        while !waiting.is_empty() && Instant::now() < deadline && !self.qmp.is_closed() {
+            let until = deadline.min(next_poll);
+            let got = qmp::wait_event(&self.qmp, &mut events, until, |ev| match eject {
+                EjectDone::AcpiOst => ev
+                    .acpi_ost()
+                    .filter(|o| {
+                        o.slot_type == "CPU"
+                            && o.source == qmp::OST_SOURCE_EJECT
+                            && waiting.contains_key(&o.slot)
+                    })
+                    .map(|o| (o.slot, o.status)),
+                EjectDone::DeviceDeleted => match ev.kind() {
+                    EventKind::DeviceDeleted { path, .. } if waiting.contains_key(&path) => {
+                        Some((path, qmp::OST_STATUS_SUCCESS))
+                    }
+                    _ => None,
+                },
+            })
+            .await;
+            match got {
+                Some((key, status)) if status == qmp::OST_STATUS_SUCCESS => {
+                    for i in waiting.remove(&key).unwrap_or_default() {
+                        steps[i].acked = Some(t0.elapsed());
+                    }
+                }
+                Some((_, status)) if status == qmp::OST_STATUS_EJECT_IN_PROGRESS => {}
+                Some((key, status)) => {
+                    for i in waiting.remove(&key).unwrap_or_default() {
                         steps[i].error = Some(BackendError::Protocol(format!(
-                            "the guest refused to eject vCPU slot {} (ACPI _OST status {:#x}); it stays Unplugging and the next attempt retries",
-                            unit[i], ost.status
+                            "the guest refused to eject vCPU slot {} (ACPI _OST status {status:#x}); it stays Unplugging and the next attempt retries",
+                            unit[i]
                         )));
                     }
                 }
                 None if Instant::now() >= next_poll => {
                     next_poll = Instant::now() + Duration::from_millis(500);
                     if let Ok(now) = self.hotpluggable().await {
-                        waiting.retain(|slot, i| {
-                            let gone = slot
-                                .parse::<u32>()
-                                .ok()
-                                .and_then(|s| now.get(&s))
-                                .is_some_and(|c| c.qom_path.is_none());
+                        waiting.retain(|_, idx| {
+                            let gone = idx
+                                .iter()
+                                .all(|&i| now.get(&unit[i]).is_some_and(|c| c.qom_path.is_none()));
                             if gone {
-                                steps[*i].acked = Some(t0.elapsed());
+                                for &i in idx.iter() {
+                                    steps[i].acked = Some(t0.elapsed());
+                                }
                             }
                             !gone
                         });
@@ -1862,7 +2087,10 @@ impl VmHandle for QemuVm {
         };
         let mut out = Vec::new();
         for c in fast {
-            let Some(slot) = slot_of_props(&self.spec.topology, &c.props) else {
+            let Some(slot) =
+                self.machine
+                    .slot_of_thread(&self.spec.topology, &c.props, &c.qom_path)
+            else {
                 continue;
             };
             if let Some(secs) = task_cpu_seconds(self.pid, c.thread_id) {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use corescale_api::{Boot, Granularity, Placement, Plan, PlanError, Topology, VcpuState};
+use corescale_api::{Arch, Boot, Granularity, Placement, Plan, PlanError, Topology, VcpuState};
 use corescale_node_vmm::backend::{
     Backend, BackendError, Direction, ResizeOptions, VmEvent, VmHandle,
 };
@@ -54,7 +54,7 @@ async fn errors_say_what_to_fix() {
         initrd: None,
         cmdline: None,
     };
-    let e = images.resolve(Some(&bad_boot)).unwrap_err();
+    let e = images.resolve(Some(&bad_boot), Arch::X86_64).unwrap_err();
     println!("[errors] missing kernel: {e}");
     assert!(
         matches!(
@@ -72,10 +72,13 @@ async fn errors_say_what_to_fix() {
         "{e}"
     );
     let e = images
-        .resolve(Some(&Boot {
-            kernel: Some("../../etc/passwd".into()),
-            ..bad_boot.clone()
-        }))
+        .resolve(
+            Some(&Boot {
+                kernel: Some("../../etc/passwd".into()),
+                ..bad_boot.clone()
+            }),
+            Arch::X86_64,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("'..'"), "{e}");
     let mut bad = spec.clone();

@@ -65,7 +65,7 @@ app.kubernetes.io/component: node-vmm
 
 {{/* Path of the guest images inside the node-vmm image (see the Dockerfile). */}}
 {{- define "corescale.guestImageDir" -}}
-/usr/share/corescale/guest/x86_64
+/usr/share/corescale/guest
 {{- end -}}
 
 {{/* Directory of the launcher's socket, shared by the two node-vmm containers. */}}

@@ -560,7 +560,7 @@ async fn kernel_symlink_node(s: &Stack) -> Result<String> {
         .with_context(|| format!("creating {}", link.0.display()))?;
     let name = "kernel-symlink";
     let yaml = format!(
-        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  boot: {{kernel: \"{link_name}\"}}\n"
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  boot: {{kernel: \"x86_64/{link_name}\"}}\n"
     );
     let _ = s.delete(NS, name).await;
     let _ = s.wait_gone(NS, name, Duration::from_secs(60)).await;

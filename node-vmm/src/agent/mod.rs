@@ -88,7 +88,7 @@ impl Shared {
     ) -> Result<VmSpec, BackendError> {
         let (kernel, initrd, cmdline) = match &self.images {
             Some(images) => {
-                let f = images.resolve(vm.spec.boot.as_ref())?;
+                let f = images.resolve(vm.spec.boot.as_ref(), vm.spec.effective_arch())?;
                 (f.kernel, f.initrd, Some(f.cmdline))
             }
             None => (Default::default(), None, None),
@@ -97,7 +97,7 @@ impl Shared {
             vm,
             topology,
             boot_vcpus,
-            self.capacity.accel,
+            crate::machine::accel_for(vm.spec.effective_arch(), self.capacity.accel),
             kernel,
             initrd,
         )?;

@@ -9,7 +9,7 @@ use corescale_node_vmm::backend::{
 };
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
-use corescale_node_vmm::qemu::{find_binary, QemuBackend, QemuConfig, QemuVm, DEFAULT_BINARY};
+use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,16 +29,22 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// The guest image and QEMU, or a panic that says what to run.
+/// The x86_64 guest image and QEMU, or a panic that says what to run.
 pub fn prerequisites() -> (PathBuf, PathBuf) {
-    if let Err(e) = find_binary(DEFAULT_BINARY) {
-        panic!("these tests boot real guests: {e}");
+    prerequisites_for(Arch::X86_64)
+}
+
+/// The guest image and QEMU of an architecture, or a panic that says what to run.
+pub fn prerequisites_for(arch: Arch) -> (PathBuf, PathBuf) {
+    let m = corescale_node_vmm::machine::Machine::of(arch);
+    if let Err(e) = corescale_node_vmm::qemu::find_binary_for(m.default_binary(), arch) {
+        panic!("these tests boot real {arch} guests: {e}");
     }
-    let dir = ImageDir::default_root();
+    let dir = ImageDir::default_root().join(arch.as_str());
     let kernel = dir.join("vmlinux");
     let initrd = dir.join("initramfs.cpio.gz");
     for f in [&kernel, &initrd] {
-        assert!(f.is_file(), "guest image file {} is missing: run node-vmm/guest/build.sh (it needs scripts/install-deps.sh first)", f.display());
+        assert!(f.is_file(), "guest image file {} is missing: run node-vmm/guest/build.sh --arch {arch} (it needs scripts/install-deps.sh first)", f.display());
     }
     (kernel, initrd)
 }
