@@ -97,6 +97,10 @@ pub struct Context {
     pub vms: Store<VirtualMachine>,
     /// Placements made but maybe not yet seen in `vms` (the store lags the writes).
     pub recent: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
+    /// Node labels written by a placement and not yet seen in `vms`: the status write of
+    /// the placement triggers a reconcile that may read the object before its labels
+    /// arrive, and must not write them a second time.
+    pub labels_written: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
 }
 
 /// What one reconcile decided to do. Each variant is one write.
@@ -109,8 +113,9 @@ pub enum Decision {
     WaitForAgent(String),
     /// Remove our finalizer (never placed, or the node's agent is gone).
     RemoveFinalizer(String),
-    /// Add our finalizer so deletion waits for the guest to stop.
-    AddFinalizer,
+    /// Add our finalizer so deletion waits for the guest to stop; in the same write, the
+    /// defaulted topology when the spec has none (one write instead of two per new VM).
+    AddFinalizer(Option<Topology>),
     /// Write the defaulted topology into the spec so it is fixed for the VM's life.
     DefaultTopology(Topology),
     /// The spec breaks a rule that admission should have enforced.
@@ -135,6 +140,9 @@ pub struct View {
     pub candidates: Vec<Candidate>,
     /// vCPUs wanted per node by the VMs placed there, not counting this VM.
     pub load: BTreeMap<String, u32>,
+    /// The node whose labels this operator wrote on the VM and the store does not show
+    /// yet.
+    pub labels_written: Option<String>,
 }
 
 impl View {
@@ -167,7 +175,11 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
         };
     }
     if !has_finalizer {
-        return Decision::AddFinalizer;
+        let topology = match (validate_spec(&vm.spec), vm.spec.topology) {
+            (Ok(()), None) => Some(Topology::default_for(vm.spec.cpus)),
+            _ => None,
+        };
+        return Decision::AddFinalizer(topology);
     }
     if let Err(e) = validate_spec(&vm.spec) {
         return Decision::Invalid(e.to_string());
@@ -180,7 +192,7 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
         Some(n) if view.live(n) => {
             let labelled = vm.labels().get(NODE_LABEL) == Some(n)
                 && vm.labels().get(VM_LABEL) == Some(&vm.name_any());
-            if labelled {
+            if labelled || view.labels_written.as_deref() == Some(n.as_str()) {
                 Decision::Nothing
             } else {
                 Decision::Label(n.clone())
@@ -256,6 +268,7 @@ impl Context {
             return View {
                 candidates,
                 load: BTreeMap::new(),
+                labels_written: None,
             };
         }
         let me = ObjectRef::from_obj(vm);
@@ -280,7 +293,11 @@ impl Context {
                 *load.entry(n.clone()).or_insert(0) += 1;
             }
         }
-        View { candidates, load }
+        View {
+            candidates,
+            load,
+            labels_written: None,
+        }
     }
 }
 
@@ -419,13 +436,17 @@ async fn set_finalizers(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,
     finalizers: Vec<String>,
+    topology: Option<Topology>,
 ) -> Result<(), ReconcileError> {
     // The resourceVersion makes this a compare-and-swap: a concurrent change of the list
     // (another controller's finalizer) makes it fail with 409 and we retry on fresh data.
-    let body = json!({"metadata": {
+    let mut body = json!({"metadata": {
         "resourceVersion": vm.resource_version(),
         "finalizers": finalizers,
     }});
+    if let Some(t) = topology {
+        body["spec"] = json!({ "topology": t });
+    }
     api.patch(
         &vm.name_any(),
         &PatchParams::default(),
@@ -465,7 +486,18 @@ pub async fn reconcile(
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let view = ctx.view(&vm, &recent);
+        let mut view = ctx.view(&vm, &recent);
+        if let Ok(mut written) = ctx.labels_written.lock() {
+            let me = ObjectRef::from_obj(vm.as_ref());
+            let shown = vm.labels().get(NODE_LABEL);
+            match written.get(&me) {
+                Some(n) if shown == Some(n) => {
+                    written.remove(&me);
+                }
+                Some(n) => view.labels_written = Some(n.clone()),
+                None => {}
+            }
+        }
         let decision = decide(&vm, &view);
         if let Decision::Place { node, .. } = &decision {
             recent.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
@@ -483,15 +515,15 @@ pub async fn reconcile(
                 .filter(|f| *f != FINALIZER)
                 .cloned()
                 .collect();
-            set_finalizers(&api, &vm, rest).await?;
+            set_finalizers(&api, &vm, rest, None).await?;
             publish(&ctx, &vm, EventType::Normal, "FinalizerRemoved", why).await;
             forget(&ctx, &vm);
             Action::await_change()
         }
-        Decision::AddFinalizer => {
+        Decision::AddFinalizer(topology) => {
             let mut all = vm.finalizers().to_vec();
             all.push(FINALIZER.to_string());
-            set_finalizers(&api, &vm, all).await?;
+            set_finalizers(&api, &vm, all, topology).await?;
             Action::await_change()
         }
         Decision::DefaultTopology(t) => {
@@ -552,6 +584,9 @@ pub async fn reconcile(
                     action: "label VM",
                     source,
                 })?;
+            if let Ok(mut written) = ctx.labels_written.lock() {
+                written.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
+            }
             let reason = if from.is_some() {
                 "Rescheduled"
             } else {
@@ -576,6 +611,9 @@ pub async fn reconcile(
 fn forget(ctx: &Context, vm: &VirtualMachine) {
     if let Ok(mut r) = ctx.recent.lock() {
         r.remove(&ObjectRef::from_obj(vm));
+    }
+    if let Ok(mut w) = ctx.labels_written.lock() {
+        w.remove(&ObjectRef::from_obj(vm));
     }
 }
 
@@ -618,6 +656,7 @@ mod tests {
                 })
                 .collect(),
             load: BTreeMap::new(),
+            labels_written: None,
         }
     }
 
@@ -625,8 +664,30 @@ mod tests {
 
     #[test]
     fn pipeline_order_finalizer_then_topology_then_place() {
+        // A new VM: the finalizer and the defaulted topology in one write.
         let v = vm(&format!("{BASE}spec: {{cpus: 2}}"));
-        assert_eq!(decide(&v, &view(&[("a", true)])), Decision::AddFinalizer);
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::AddFinalizer(Some(Topology {
+                sockets: 1,
+                cores: 2,
+                threads: 1
+            }))
+        );
+        // An invalid spec gets no topology written; one with a topology keeps it.
+        let v = vm(&format!("{BASE}spec: {{cpus: 2, minCpus: 3}}"));
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::AddFinalizer(None)
+        );
+        let v = vm(&format!(
+            "{BASE}spec: {{cpus: 2, topology: {{sockets: 1, cores: 4, threads: 1}}}}"
+        ));
+        assert_eq!(
+            decide(&v, &view(&[("a", true)])),
+            Decision::AddFinalizer(None)
+        );
+        // A VM that got its finalizer some other way still gets the topology defaulted.
         let v = vm(&format!(
             "{BASE}  finalizers: [{FINALIZER}]\nspec: {{cpus: 2}}"
         ));
@@ -663,6 +724,12 @@ mod tests {
             decide(&v, &view(&[("a", true)])),
             Decision::Label("a".into())
         );
+        // The placement wrote the labels and the store has not caught up: no second write.
+        let mut in_flight = view(&[("a", true)]);
+        in_flight.labels_written = Some("a".into());
+        assert_eq!(decide(&v, &in_flight), Decision::Nothing);
+        in_flight.labels_written = Some("b".into());
+        assert_eq!(decide(&v, &in_flight), Decision::Label("a".into()));
         let labelled = placed.replace(
             "  finalizers:",
             &format!("  labels: {{{NODE_LABEL}: a, {VM_LABEL}: x}}\n  finalizers:"),

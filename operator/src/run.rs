@@ -131,6 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         nodes: node_store.clone(),
         vms: vm_store.clone(),
         recent: Default::default(),
+        labels_written: Default::default(),
     });
 
     // Reconcile every VM when the set of live nodes or their announcements change (an agent

@@ -83,6 +83,7 @@ fn context(leases: Vec<Lease>) -> (Arc<Context>, Handle) {
         nodes: node_store,
         vms: vm_store,
         recent: Default::default(),
+        labels_written: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
