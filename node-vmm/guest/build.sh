@@ -54,20 +54,39 @@ APT_OPTS=()
 case $ARCH in
     x86_64)
         DEB_ARCH=amd64; FLAVOUR=amd64; TRIPLET=x86_64-linux-gnu
-        AGENT_TTY=ttyS1; AGENT_PORT="the second serial port (ttyS1)"
+        AGENT_METHOD=isa-serial; AGENT_DEV=/dev/ttyS1; AGENT_PORT="the second serial port (ttyS1)"
         AGENT_CHECK="[ -c /dev/ttyS1 ]"; AGENT_MISSING="/dev/ttyS1 missing (no second isa-serial?)"
+        AGENT_SETUP=""; AGENT_MODULES=""
         KERNEL_CONFIG="CONFIG_PVH CONFIG_ACPI_HOTPLUG_CPU CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_8250_CONSOLE"
         ;;
     ppc64le)
         DEB_ARCH=ppc64el; FLAVOUR=powerpc64le; TRIPLET=powerpc64le-linux-gnu
-        AGENT_TTY=hvc1; AGENT_PORT="the second spapr-vty (hvc1)"
-        # /dev/hvc0-7 always exist; the device tree says how many vty ports QEMU gave.
-        AGENT_CHECK="[ \$(ls -d /proc/device-tree/vdevice/vty@* 2>/dev/null | wc -l) -ge 2 ]"
-        AGENT_MISSING="fewer than two spapr-vty devices: hvc1 has no port behind it"
+        # The agent talks over virtio-serial, not a second spapr-vty: an hvc port echoes
+        # in its default (cooked) mode until the agent makes it raw, and the echo of what
+        # the node sent while the guest booted drains slowly (16 bytes per hypervisor
+        # call), interleaved with the agent's replies: replies were lost. A virtio port is
+        # not a tty. The modules are loaded by /init; the port is found by its name.
+        AGENT_METHOD=virtio-serial; AGENT_DEV='$port'
+        AGENT_PORT="the virtio-serial port org.qemu.guest_agent.0"
+        AGENT_CHECK="[ -n \"\$port\" ]"
+        AGENT_MISSING="no virtio-serial port named org.qemu.guest_agent.0 (QEMU: -device virtio-serial-pci -device virtserialport,name=org.qemu.guest_agent.0)"
+        AGENT_MODULES="virtio/virtio virtio/virtio_ring virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci char/virtio_console"
+        AGENT_SETUP='for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console; do insmod /lib/agent/$m.ko; done
+port=""
+i=0
+while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for n in /sys/class/virtio-ports/*/name; do
+        [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename "$(dirname "$n")")
+    done
+    [ -n "$port" ] || sleep 0.02
+    i=$((i + 1))
+done
+'
         # pseries CPU hot-plug is DLPAR driven by RTAS hot-plug events: hotplug-cpu.o needs
         # HOTPLUG_CPU, the event and device-tree paths need PPC_RTAS and OF_DYNAMIC; the
-        # console and the agent's port are spapr-vty (hvc_vio, HVC_CONSOLE).
-        KERNEL_CONFIG="CONFIG_PPC_PSERIES CONFIG_SMP CONFIG_HOTPLUG_CPU CONFIG_PPC_RTAS CONFIG_OF_DYNAMIC CONFIG_HVC_CONSOLE CONFIG_DEVTMPFS CONFIG_RD_GZIP"
+        # console is spapr-vty (hvc_vio, HVC_CONSOLE); the agent's port virtio-serial over
+        # PCI (modules), which needs PCI_MSI-capable PCI (PPC_PSERIES' PHB).
+        KERNEL_CONFIG="CONFIG_PPC_PSERIES CONFIG_SMP CONFIG_HOTPLUG_CPU CONFIG_PPC_RTAS CONFIG_OF_DYNAMIC CONFIG_HVC_CONSOLE CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_PCI"
         APT_DIR=$CACHE_DIR/apt-$DEB_ARCH
         APT_OPTS=(-o "APT::Architectures::=$DEB_ARCH" -o "APT::Architecture=$DEB_ARCH"
                   -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::Cache=$APT_DIR/cache"
@@ -342,6 +361,14 @@ SH
 }
 power_$ARCH
 
+# Kernel modules the agent's port needs (none on x86_64), into /lib/agent.
+for m in $AGENT_MODULES; do
+    f=$X/lib/modules/$kver/kernel/drivers/$m.ko
+    [ -f "$f" ] || die "kernel module drivers/$m.ko not found in $kernel_pkg"
+    mkdir -p "$R/lib/agent"
+    cp "$f" "$R/lib/agent/"
+done
+
 cat >"$R/sbin/shutdown" <<'SH'
 #!/bin/sh
 # qemu-ga's guest-shutdown runs: /sbin/shutdown -h {-P|-H|-r} +0 "hypervisor initiated shutdown".
@@ -378,21 +405,21 @@ exec </dev/console >/dev/console 2>&1
 echo "corescale-guest: init started (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
 hostname corescale-guest
 ${power_init}echo "corescale-guest: kernel \$(uname -r) cpus online=\$(cat /sys/devices/system/cpu/online) present=\$(cat /sys/devices/system/cpu/present) possible=\$(cat /sys/devices/system/cpu/possible)"
-$AGENT_CHECK || echo "corescale-guest: warning: $AGENT_MISSING"
+${AGENT_SETUP}$AGENT_CHECK || echo "corescale-guest: warning: $AGENT_MISSING"
 (
     while :; do
-        qemu-ga -m isa-serial -p /dev/$AGENT_TTY -t /run/qemu-ga -f /run/qemu-ga.pid
+        qemu-ga -m $AGENT_METHOD -p $AGENT_DEV -t /run/qemu-ga -f /run/qemu-ga.pid
         echo "corescale-guest: qemu-ga exited with \$?, restarting in 1s"
         rm -f /run/qemu-ga.pid
         sleep 1
     done
 ) &
-# Ready once qemu-ga holds /dev/$AGENT_TTY open (it writes no pid file unless it daemonizes).
+# Ready once qemu-ga holds $AGENT_DEV open (it writes no pid file unless it daemonizes).
 i=0
 while [ \$i -lt 200 ]; do
     for pid in \$(pidof qemu-ga); do
         for fd in /proc/\$pid/fd/*; do
-            [ "\$(readlink \$fd)" = /dev/$AGENT_TTY ] && break 3
+            [ "\$(readlink \$fd)" = $AGENT_DEV ] && break 3
         done
     done
     sleep 0.05

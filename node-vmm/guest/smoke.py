@@ -15,7 +15,7 @@ read back. Timings of every phase are printed.
 
 With --arch ppc64le it boots the pseries guest (build.sh --arch ppc64le) under
 qemu-system-ppc64 and proves the POWER sequence instead: device_add of a whole core ->
-the guest kernel onlines its threads by itself (seen through the agent on an spapr-vty)
+the guest kernel onlines its threads by itself (seen through the agent on virtio-serial)
 -> the logical CPUs map to core-id/thread through physical_id and topology/core_id ->
 device_del -> DEVICE_DELETED per thread, then for the core.
 
@@ -414,12 +414,15 @@ class Guest:
 
 
 def ppc64le_command(args, smp, extra, accel, serial_path, qmp_path, qga_path):
-    """The pseries recipe: VOF instead of SLOF, console and agent on two spapr-vty ports.
+    """The pseries recipe: VOF instead of SLOF, the console on an spapr-vty, the agent on
+    a virtio-serial port.
 
     -nodefaults drops the default VGA/USB/serial; the machine still creates its nvram at
-    reg 0x71000000, so the two vty ports take 0x71000001 (console, hvc0: the lowest vty is
-    the firmware's stdout) and 0x71000002 (agent, hvc1). A vty's IRQ follows the low bits of
-    its reg, so a reg like 0x30000000 collides with the nvram ("IRQ 4592 is not free").
+    reg 0x71000000, so the console vty takes 0x71000001 (hvc0: the lowest vty is the
+    firmware's stdout). A vty's IRQ follows the low bits of its reg, so a reg like
+    0x30000000 collides with the nvram ("IRQ 4592 is not free"). The agent is not on a
+    second vty: an hvc tty echoes what arrives before the agent sets it raw, and that echo
+    drains slowly, interleaved with (and garbling) the agent's first replies.
     """
     return [
         args.qemu,
@@ -438,7 +441,8 @@ def ppc64le_command(args, smp, extra, accel, serial_path, qmp_path, qga_path):
         "-device", "spapr-vty,chardev=con0,reg=0x71000001",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         "-chardev", f"socket,path={qga_path},server=on,wait=off,id=qga0",
-        "-device", "spapr-vty,chardev=qga0,reg=0x71000002",
+        "-device", "virtio-serial-pci,id=agent-serial",
+        "-device", "virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
         "-sandbox", args.sandbox,
         "-no-reboot",
     ]

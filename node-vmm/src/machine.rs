@@ -12,7 +12,7 @@
 //! | plug done | `ACPI_DEVICE_OST` source 1 status 0; the node onlines the CPU | `device_add` returns; the guest kernel onlines the threads itself |
 //! | unplug done | `ACPI_DEVICE_OST` source 3 status 0 (no `DEVICE_DELETED`) | `DEVICE_DELETED` of the core device |
 //! | guest CPU -> slot | APIC id (`/proc/cpuinfo`), ACPI processor path | `/sys/devices/system/cpu/cpuN/physical_id` (the hard id) |
-//! | console, agent port | `ttyS0`, `isa-serial` (ttyS1) | `hvc0`, `spapr-vty` (hvc1) |
+//! | console, agent port | `ttyS0`, `isa-serial` (ttyS1) | `hvc0` (`spapr-vty`), `virtio-serial` |
 
 use crate::backend::Accel;
 use crate::qmp::CpuProps;
@@ -124,9 +124,8 @@ impl Machine {
     /// QEMU's option syntax).
     ///
     /// pseries: `-nodefaults` leaves the nvram at reg 0x71000000, so the console vty takes
-    /// 0x71000001 (the lowest vty is the firmware's stdout and the guest's hvc0) and the
-    /// agent's 0x71000002 (hvc1). A vty's IRQ follows the low bits of its reg: a reg far
-    /// from these collides with the nvram's IRQ.
+    /// 0x71000001 (the lowest vty is the firmware's stdout and the guest's hvc0). A vty's
+    /// IRQ follows the low bits of its reg: a reg far from this collides with the nvram's.
     pub fn console_args(self, path: &str) -> Vec<String> {
         match self.arch {
             Arch::X86_64 => vec!["-serial".into(), format!("file:{path}")],
@@ -139,13 +138,21 @@ impl Machine {
         }
     }
 
-    /// The device that carries the guest agent's chardev `qga0` (the guest's ttyS1 on
-    /// x86, hvc1 on pseries).
-    pub fn agent_port_device(self) -> &'static str {
-        match self.arch {
-            Arch::X86_64 => "isa-serial,chardev=qga0",
-            Arch::Ppc64le => "spapr-vty,chardev=qga0,reg=0x71000002",
-        }
+    /// The devices that carry the guest agent's chardev `qga0`: the guest's ttyS1 on x86
+    /// (no virtio modules needed), a virtio-serial port on pseries (a second spapr-vty
+    /// would be an hvc tty, whose echo before the agent sets it raw garbles replies).
+    pub fn agent_port_args(self) -> Vec<String> {
+        let devices: &[&str] = match self.arch {
+            Arch::X86_64 => &["isa-serial,chardev=qga0"],
+            Arch::Ppc64le => &[
+                "virtio-serial-pci,id=agent-serial",
+                "virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            ],
+        };
+        devices
+            .iter()
+            .flat_map(|d| ["-device".to_string(), (*d).to_string()])
+            .collect()
     }
 
     /// vCPUs in one hot-plug unit (one `device_add`).

@@ -375,7 +375,8 @@ pub fn qemu_argv(
             path(launcher::QGA_SOCK)
         ),
     ]);
-    push(&["-device", m.agent_port_device()]);
+    let agent = m.agent_port_args();
+    push(&agent.iter().map(String::as_str).collect::<Vec<_>>());
     match &cfg.run_as_user {
         // Dropping to the user is a setuid after the filter is installed: allow it.
         Some(user) => {
