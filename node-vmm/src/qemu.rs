@@ -520,10 +520,18 @@ impl QemuBackend {
         let qmp = match ready {
             Ok(q) => q,
             Err(e) => {
+                // Reaped before the error returns, so a retry does not find it running.
                 let _ = self
                     .launcher
                     .kill(&key.namespace, &key.name, KillSignal::Kill)
                     .await;
+                let _ = launcher::exit_of(
+                    &self.launcher,
+                    &key.namespace,
+                    &key.name,
+                    Duration::from_secs(5),
+                )
+                .await;
                 return Err(e);
             }
         };
