@@ -42,6 +42,8 @@ const FRESH_OBSERVATION: Duration = Duration::from_secs(2);
 /// How long a guest may take to boot before the status says so.
 const BOOT_WARN: Duration = Duration::from_secs(120);
 
+/// Longest delay between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Reason of ResizeInProgress while nothing can be done but wait for the guest.
 const REASON_WAITING: &str = "WaitingForGuest";
 
@@ -428,14 +430,16 @@ impl Worker {
         // guest again: that round trip would sit between the API write and the backend
         // call. The backend still checks every step against the VMM, and an idle VM is
         // observed afresh every few seconds.
-        let obs = match &self.last_obs {
-            Some((t, o)) if t.elapsed() < FRESH_OBSERVATION => o.clone(),
+        let (obs, seen) = match &self.last_obs {
+            Some((t, o)) if t.elapsed() < FRESH_OBSERVATION => (o.clone(), *t),
             _ => match handle.observe().await {
-                Ok(o) => o,
+                Ok(o) => (o, Instant::now()),
                 Err(e) => return self.observe_failed(vm, e).await,
             },
         };
-        self.absorb(&obs, now);
+        // A reused observation keeps its own time: a loop that comes back within the
+        // freshness window must not keep an old observation fresh for ever.
+        self.absorb(&obs, seen, now);
         self.phase = Phase::Running;
         set_condition(
             &mut self.conds,
@@ -693,8 +697,9 @@ impl Worker {
         Next::After(Duration::from_secs(1))
     }
 
-    fn absorb(&mut self, obs: &Observation, now: DateTime<Utc>) {
-        self.last_obs = Some((Instant::now(), obs.clone()));
+    /// Take an observation made at `seen` into the book (at wall-clock `now`).
+    fn absorb(&mut self, obs: &Observation, seen: Instant, now: DateTime<Utc>) {
+        self.last_obs = Some((seen, obs.clone()));
         self.guest_agent = obs.guest_agent;
         self.book.update(obs, &self.overrides, now);
     }
@@ -877,7 +882,7 @@ impl Worker {
                     .get(usize::try_from(*s).unwrap_or(usize::MAX))
                     .is_some_and(|o| o.state.is_active())
         });
-        self.absorb(&after, finished);
+        self.absorb(&after, Instant::now(), finished);
         let online = after.online();
         budget.hold(&self.key, online.max(active(&after)));
         let phase_max = |f: fn(&crate::backend::StepReport) -> Option<Duration>| {
@@ -1021,8 +1026,7 @@ impl Worker {
     }
 
     fn backoff(&self) -> Duration {
-        let exp = self.failures.min(6);
-        Duration::from_secs(1u64 << exp).min(Duration::from_secs(60))
+        backoff_after(self.failures)
     }
 
     fn api(&self, vm: &VirtualMachine) -> Api<VirtualMachine> {
@@ -1158,6 +1162,12 @@ impl Worker {
     }
 }
 
+/// The delay before the next attempt after `failures` failed ones in a row: 1 s, then
+/// doubling, at most a minute; a spec change cuts it short.
+fn backoff_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(6)).min(MAX_BACKOFF)
+}
+
 /// What a slot the guest has not finished with is waiting for, e.g. "vCPU slot 1 is
 /// Plugging (not acknowledged or onlined by the guest yet)", or None when no slot is.
 fn stuck_slots(obs: &Observation) -> Option<String> {
@@ -1227,4 +1237,38 @@ pub fn vm_spec_of(
             .unwrap_or_default(),
         accel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SlotObservation;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let secs: Vec<u64> = (0..10).map(|f| backoff_after(f).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(backoff_after(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn stuck_slots_names_each_slot_and_why() {
+        let obs = |states: &[VcpuState]| Observation {
+            slots: states
+                .iter()
+                .map(|s| SlotObservation {
+                    state: *s,
+                    guest_cpu: None,
+                    host_thread: None,
+                })
+                .collect(),
+            guest_agent: false,
+        };
+        use VcpuState::*;
+        assert_eq!(stuck_slots(&obs(&[Online, Present, Absent])), None);
+        assert_eq!(
+            stuck_slots(&obs(&[Online, Plugging, Unplugging, Unplugging])).unwrap(),
+            "vCPU slot 1 is Plugging (not acknowledged or onlined by the guest yet), vCPU slots [2, 3] are Unplugging (not released by the guest yet)"
+        );
+    }
 }
