@@ -338,6 +338,23 @@ fn private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Why a per-VM directory cannot be made, naming the path in the way: a regular file where
+/// the directory (or its namespace directory) should be gives the OS error "File exists" or
+/// "Not a directory", which does not say which path to remove.
+fn dir_error(dir: &Path, e: &std::io::Error) -> String {
+    let blocker = dir
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()));
+    match blocker {
+        Some(p) => format!(
+            "cannot create {}: {} is not a directory (remove it)",
+            dir.display(),
+            p.display()
+        ),
+        None => format!("cannot create {}: {e}", dir.display()),
+    }
+}
+
 /// Write a file atomically with mode 0600. Atomic against a crash of this process (the
 /// rename), not against a power loss: the VMMs would not survive that either, so no fsync
 /// sits in the resize path.
@@ -625,7 +642,7 @@ async fn spawn(
         }
     }
     let dir = vm_dir(state_dir, &namespace, &name);
-    private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    private_dir(&dir).map_err(|e| dir_error(&dir, &e))?;
     for f in [QMP_SOCK, QGA_SOCK, VM_JSON] {
         let _ = std::fs::remove_file(dir.join(f));
     }

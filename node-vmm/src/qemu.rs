@@ -574,14 +574,27 @@ impl QemuBackend {
             vcpu_threads_created: spec.boot_vcpus,
             ..Default::default()
         };
-        store_persisted(&dir, &st)?;
-        let qmp = match self.connect_qmp(&key, &dir).await {
+        // A VMM whose state cannot be recorded (or that never answers) is not left running:
+        // the next start would find it in the way.
+        let ready = match store_persisted(&dir, &st) {
+            Ok(()) => self.connect_qmp(&key, &dir).await,
+            Err(e) => Err(e),
+        };
+        let qmp = match ready {
             Ok(q) => q,
             Err(e) => {
+                // Reaped before the error returns, so a retry does not find it running.
                 let _ = self
                     .launcher
                     .kill(&key.namespace, &key.name, KillSignal::Kill)
                     .await;
+                let _ = launcher::exit_of(
+                    &self.launcher,
+                    &key.namespace,
+                    &key.name,
+                    Duration::from_secs(5),
+                )
+                .await;
                 return Err(e);
             }
         };
@@ -654,9 +667,9 @@ impl QemuBackend {
             .map_err(launcher_err)?
             .filter(|p| p.running)
             .ok_or_else(|| BackendError::NotRunning(key.to_string()))?;
-        let rec = launcher::read_record(&dir).map_err(|e| BackendError::State {
-            path: dir.display().to_string(),
-            message: e.to_string(),
+        let rec = launcher::read_record(&dir).map_err(|e| match e {
+            LauncherError::State { path, message } => BackendError::State { path, message },
+            other => launcher_err(other),
         })?;
         if rec.pid != proc.pid {
             return Err(BackendError::State {
@@ -690,22 +703,33 @@ impl QemuBackend {
                 context: format!("adopting {key}"),
                 message: e.to_string(),
             })?;
-        let st = match load_persisted(&dir)? {
+        // A damaged backend.json (truncated by a full disk, edited by hand) must not make a
+        // running guest unmanageable: it is rebuilt like a missing one, and the log says so.
+        let persisted = load_persisted(&dir).unwrap_or_else(|e| {
+            tracing::warn!(vm = %key, error = %e, "ignoring the damaged backend state; rebuilding it from QEMU");
+            None
+        });
+        let st = match persisted {
             Some(st) if st.uid == spec.uid => st,
             other => {
                 // Without the record the budget is unknown: count the vCPUs present now,
-                // the least it can be.
+                // the least it can be. Pending unplugs are unknown too: a later unplug of
+                // such a slot finds QEMU already unplugging it and waits for it.
                 let present = qmp
                     .query_hotpluggable_cpus(self.cfg.qmp_timeout)
                     .await
                     .map(|v| v.iter().filter(|c| c.qom_path.is_some()).count())
                     .unwrap_or(0);
                 tracing::warn!(vm = %key, found = ?other.map(|o| o.uid), "no backend state for this VM; the vCPU budget restarts from the vCPUs present");
-                Persisted {
+                let st = Persisted {
                     uid: spec.uid.clone(),
                     vcpu_threads_created: u32::try_from(present).unwrap_or(u32::MAX),
                     ..Default::default()
+                };
+                if let Err(e) = store_persisted(&dir, &st) {
+                    tracing::error!(vm = %key, error = %e, "cannot record the rebuilt backend state");
                 }
+                st
             }
         };
         tracing::info!(vm = %key, pid = proc.pid, "adopted running QEMU");
@@ -1309,6 +1333,13 @@ impl QemuVm {
                     Some((_, false)) => VcpuState::Present,
                     None => VcpuState::Plugging,
                 },
+                // A plug the guest has not confirmed, while an agent that answered before
+                // is silent (a paused guest): still Plugging, not done.
+                (true, None)
+                    if ops.st.plugging.contains(&s.index) && self.ready.load(Ordering::Relaxed) =>
+                {
+                    VcpuState::Plugging
+                }
                 (true, None) => VcpuState::Present,
                 (false, _) if ops.st.failed.contains(&s.index) => VcpuState::Failed,
                 (false, _) => VcpuState::Absent,

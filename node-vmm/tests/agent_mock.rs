@@ -2,54 +2,18 @@
 //! the simulated backend: every status write and Event the worker sends is recorded and
 //! checked. The same worker drives real QEMU guests in the e2e suite.
 
+mod common;
+
+use common::mock_api::*;
 use corescale_api::{VirtualMachine, FINALIZER};
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
 use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity, VmKey};
 use corescale_node_vmm::metrics::Metrics;
 use corescale_node_vmm::sim::{SimBackend, SimDelays};
-use http::{Request, Response};
-use kube::client::Body;
-use kube::Client;
-use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[derive(Clone, Debug)]
-struct Call {
-    method: String,
-    uri: String,
-    body: Value,
-}
-
-/// A mocked API server that answers every request and records it.
-fn api() -> (Client, Arc<Mutex<Vec<Call>>>) {
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let rec = calls.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let method = req.method().to_string();
-            let uri = req.uri().to_string();
-            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let reply = if uri.contains("/events") {
-                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}})
-            } else {
-                json!({"apiVersion": "corescale.dev/v1alpha1", "kind": "VirtualMachine",
-                       "metadata": {"name": "x", "namespace": "d"}, "spec": {"cpus": 1}})
-            };
-            rec.lock().unwrap().push(Call { method, uri, body });
-            send.send_response(
-                Response::builder()
-                    .body(Body::from(reply.to_string().into_bytes()))
-                    .unwrap(),
-            );
-        }
-    });
-    (Client::new(svc, "default"), calls)
-}
 
 fn fast() -> SimDelays {
     SimDelays {
@@ -102,58 +66,6 @@ fn key(name: &str) -> VmKey {
         namespace: "d".into(),
         name: name.into(),
     }
-}
-
-fn statuses(calls: &Mutex<Vec<Call>>, name: &str) -> Vec<Value> {
-    calls
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| {
-            c.method == "PATCH" && c.uri.contains(&format!("/virtualmachines/{name}/status"))
-        })
-        .map(|c| c.body["status"].clone())
-        .collect()
-}
-
-fn events(calls: &Mutex<Vec<Call>>) -> Vec<(String, String)> {
-    calls
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.uri.contains("/events"))
-        .map(|c| {
-            (
-                c.body["reason"].as_str().unwrap_or("").into(),
-                c.body["note"].as_str().unwrap_or("").into(),
-            )
-        })
-        .collect()
-}
-
-/// Wait until `f` holds for the recorded calls.
-async fn until(calls: &Arc<Mutex<Vec<Call>>>, what: &str, f: impl Fn(&Mutex<Vec<Call>>) -> bool) {
-    for _ in 0..500 {
-        if f(calls) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let dump: Vec<String> = calls
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|c| format!("{} {} {}", c.method, c.uri, c.body))
-        .collect();
-    panic!("timed out waiting for {what}; calls:\n{}", dump.join("\n"));
-}
-
-fn last_status_has(calls: &Mutex<Vec<Call>>, name: &str, f: impl Fn(&Value) -> bool) -> bool {
-    statuses(calls, name).last().is_some_and(f)
-}
-
-fn cond<'a>(st: &'a Value, t: &str) -> Option<&'a Value> {
-    st["conditions"].as_array()?.iter().find(|c| c["type"] == t)
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use corescale_api::{Granularity, Placement, Topology, VcpuState};
+use corescale_api::VcpuState;
 use corescale_node_vmm::backend::{Backend, BackendError, VmHandle};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +13,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_adopts_and_resizes() {
     let env = Env::new().await;
-    let spec = spec(
-        "adopt",
-        Topology {
-            sockets: 1,
-            cores: 6,
-            threads: 1,
-        },
-        Granularity::Thread,
-        Placement::Packed,
-        1,
-    );
+    let spec = thread_spec("adopt", 6);
     let (vm, _) = boot(&env, &spec).await;
     let mut tr = Tracker::default();
     resize_to(&vm, &mut tr, 2).await;

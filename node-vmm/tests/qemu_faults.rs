@@ -1,15 +1,16 @@
 //! What goes wrong, on real QEMU/TCG guests: typed errors that say what to fix, the TCG
-//! vCPU-thread budget, and a guest paused in the middle of an unplug.
+//! vCPU-thread budget, a guest paused in the middle of an unplug or a plug, and a damaged
+//! per-VM state directory.
 
 mod common;
 
 use common::*;
-use corescale_api::{Arch, Boot, Granularity, Placement, Plan, PlanError, Topology, VcpuState};
+use corescale_api::{Arch, Boot, Plan, PlanError, VcpuState};
 use corescale_node_vmm::backend::{
     Backend, BackendError, Direction, ResizeOptions, VmEvent, VmHandle,
 };
 use corescale_node_vmm::images::{ImageDir, KERNEL_FIELD};
-use corescale_node_vmm::launcher::LauncherClient;
+use corescale_node_vmm::launcher::{self, LauncherClient, VmRecord};
 use corescale_node_vmm::qemu::QemuBackend;
 use std::time::{Duration, Instant};
 
@@ -19,12 +20,7 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_fix() {
     let env = Env::new().await;
-    let topo = Topology {
-        sockets: 1,
-        cores: 3,
-        threads: 1,
-    };
-    let spec = spec("errors", topo, Granularity::Thread, Placement::Packed, 1);
+    let spec = thread_spec("errors", 3);
     let launcher = LauncherClient::new(&env.cfg.launcher_socket);
 
     // A missing QEMU binary, by path and by name.
@@ -241,17 +237,7 @@ async fn errors_say_what_to_fix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_guest_during_unplug() {
     let env = Env::new().await;
-    let spec = spec(
-        "paused",
-        Topology {
-            sockets: 1,
-            cores: 4,
-            threads: 1,
-        },
-        Granularity::Thread,
-        Placement::Packed,
-        1,
-    );
+    let spec = thread_spec("paused", 4);
     let (vm, _) = boot(&env, &spec).await;
     let mut tr = Tracker::default();
     resize_to(&vm, &mut tr, 2).await;
@@ -317,9 +303,7 @@ async fn paused_guest_during_unplug() {
         .unwrap();
     assert_eq!(ev, Some(VmEvent::Exited { status: Some(0) }));
     vm.stop(Duration::from_secs(1)).await.unwrap();
-    let key = vm.spec().key();
-    drop(vm);
-    env.backend.cleanup(&key).await.unwrap();
+    forget(&env, vm).await;
     env.shutdown().await;
 }
 
@@ -328,17 +312,7 @@ async fn paused_guest_during_unplug() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_the_configured_user() {
     let env = Env::new().await;
-    let spec = spec(
-        "runas",
-        Topology {
-            sockets: 1,
-            cores: 2,
-            threads: 1,
-        },
-        Granularity::Thread,
-        Placement::Packed,
-        1,
-    );
+    let spec = thread_spec("runas", 2);
     let mut cfg = env.cfg.clone();
     cfg.run_as_user = Some("nobody".into());
     let backend = QemuBackend::new(cfg);
@@ -384,17 +358,7 @@ async fn runs_as_the_configured_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_without_agent() {
     let env = Env::new().await;
-    let mut spec = spec(
-        "noagent",
-        Topology {
-            sockets: 1,
-            cores: 2,
-            threads: 1,
-        },
-        Granularity::Thread,
-        Placement::Packed,
-        1,
-    );
+    let mut spec = thread_spec("noagent", 2);
     // PID 1 is `sleep`: no guest agent, no ACPI daemon.
     spec.cmdline = "rdinit=/bin/sleep -- 100000".into();
     let vm = env.backend.start_vm(&spec).await.unwrap();
@@ -466,8 +430,240 @@ async fn guest_without_agent() {
         }),
         "killed after the grace: {events:?}"
     );
-    let key = vm.spec().key();
-    drop(vm);
-    env.backend.cleanup(&key).await.unwrap();
+    forget(&env, vm).await;
+    env.shutdown().await;
+}
+
+/// A guest paused (QMP `stop`) during a plug: the insert is never acknowledged, so the step
+/// ends at its deadline with a typed timeout and the slot is reported Plugging (not Present:
+/// the guest has not confirmed it). After `cont` the guest takes the vCPU and the next
+/// observation onlines it, with no new plug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_guest_during_plug() {
+    let env = Env::new().await;
+    let spec = thread_spec("pausedplug", 3);
+    let (vm, _) = boot(&env, &spec).await;
+    verify(&vm, 1).await;
+
+    vm.qmp_command("stop", None).await.unwrap();
+    let opts = ResizeOptions {
+        unplug_timeout: Duration::from_secs(20),
+        plug_timeout: Duration::from_secs(3),
+    };
+    let plan = Plan {
+        plug: vec![1],
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let r = vm.resize(&plan, opts).await;
+    let took = t0.elapsed();
+    print_report("pausedplug", "plug while paused", &r);
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "the deadline bounds the attempt: {took:?}"
+    );
+    let step = &r.steps[0];
+    assert_eq!((step.slot, step.direction), (1, Direction::Plug));
+    assert!(step.applied.is_some(), "device_add was accepted");
+    assert!(step.acked.is_none(), "the paused guest cannot acknowledge");
+    assert_eq!(
+        step.error.as_ref().unwrap(),
+        &BackendError::Timeout {
+            what: "acknowledge",
+            slot: 1,
+            seconds: 3.0
+        }
+    );
+    let obs = vm.observe().await.unwrap();
+    assert!(!obs.guest_agent);
+    assert_eq!(obs.slots[1].state, VcpuState::Plugging, "{:?}", obs.slots);
+    assert_eq!(obs.online(), 1, "an unconfirmed plug is not counted");
+    assert_eq!(vm.vcpu_budget().await, Some((2, 3)), "one vCPU thread made");
+
+    vm.qmp_command("cont", None).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let obs = vm.observe().await.unwrap();
+        if obs.guest_agent && obs.slots[1].state == VcpuState::Online {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the resumed guest did not get slot 1 online: {:?}",
+            obs.slots
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "[pausedplug] slot 1 online {:.2} s after cont",
+        t0.elapsed().as_secs_f64()
+    );
+    verify(&vm, 2).await;
+    assert_eq!(
+        vm.vcpu_budget().await,
+        Some((2, 3)),
+        "finished, not re-plugged"
+    );
+    finish(&env, vm).await;
+    env.shutdown().await;
+}
+
+fn write(path: &std::path::Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// A damaged per-VM state directory, one VM at a time, while another VM on the same
+/// launcher keeps resizing: stale sockets and a vm.json left by a dead QEMU (its pid now
+/// another process) are cleaned by the next start; a file where the VM's directory should
+/// be, and a directory where backend.json should be, give errors naming the path (and leave
+/// no QEMU running), and the VM starts once repaired; a running guest whose vm.json is
+/// garbage is not listed and its adoption names the file; one whose backend.json is
+/// truncated is adopted with the state rebuilt from QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_state_dir_names_the_file_and_spares_other_vms() {
+    let env = Env::new().await;
+    let launcher = LauncherClient::new(&env.cfg.launcher_socket);
+    let healthy = thread_spec("healthy", 4);
+    let (a, _) = boot(&env, &healthy).await;
+    let mut tr = Tracker::default();
+
+    // Stale sockets, a vm.json whose pid is a live process that is not QEMU (this test),
+    // and a truncated backend.json, as a launcher that died with its QEMU leaves them.
+    let stale = thread_spec("stale", 2);
+    let dir = launcher::vm_dir(&env.cfg.state_dir, "test", "stale");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [launcher::QMP_SOCK, launcher::QGA_SOCK] {
+        drop(std::os::unix::net::UnixListener::bind(dir.join(f)).unwrap());
+        assert!(
+            std::os::unix::net::UnixStream::connect(dir.join(f)).is_err(),
+            "{f} is stale: nothing listens"
+        );
+    }
+    let record = VmRecord {
+        spec: serde_json::to_value(&stale).unwrap(),
+        pid: i32::try_from(std::process::id()).unwrap(),
+        argv: vec!["qemu-system-x86_64".into()],
+        started_unix_ms: 1,
+    };
+    write(
+        &dir.join(launcher::VM_JSON),
+        &serde_json::to_vec(&record).unwrap(),
+    );
+    write(&dir.join("backend.json"), b"{\"uid\": \"uid-stale");
+    let running = env.backend.running().await.unwrap();
+    assert_eq!(
+        running,
+        vec![healthy.clone()],
+        "only what the launcher runs"
+    );
+    let t0 = Instant::now();
+    let e = env.backend.adopt(&stale).await.err().expect("nothing runs");
+    assert_eq!(e, BackendError::NotRunning("test/stale".into()));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "no hang on stale files"
+    );
+    let (b, _) = boot(&env, &stale).await;
+    let rec = launcher::read_record(&dir).unwrap();
+    assert_eq!(rec.pid, b.pid(), "vm.json now names this QEMU");
+    assert_eq!(
+        b.vcpu_budget().await,
+        Some((1, 2)),
+        "backend.json rewritten"
+    );
+    resize_to(&a, &mut tr, 2).await;
+
+    // A regular file where a VM's directory should be.
+    let blocked = thread_spec("blocked", 2);
+    let bdir = launcher::vm_dir(&env.cfg.state_dir, "test", "blocked");
+    write(&bdir, b"not a directory");
+    let e = env
+        .backend
+        .start(&blocked)
+        .await
+        .err()
+        .expect("no directory");
+    println!("[state] file in place of the VM dir: {e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!(
+            "{} is not a directory (remove it)",
+            bdir.display()
+        )),
+        "{msg}"
+    );
+    assert_eq!(launcher.status("test", "blocked").await.unwrap(), None);
+    resize_to(&a, &mut tr, 3).await;
+    std::fs::remove_file(&bdir).unwrap();
+    let c = env.backend.start_vm(&blocked).await.expect("repaired");
+    c.stop(Duration::ZERO).await.unwrap();
+    forget(&env, c).await;
+
+    // A directory where backend.json should be: the start fails naming it, QEMU is not
+    // left running, and once repaired the VM starts.
+    std::fs::create_dir_all(bdir.join("backend.json")).unwrap();
+    let e = env.backend.start(&blocked).await.err().expect("unwritable");
+    println!("[state] backend.json unwritable: {e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("writing {}", bdir.join("backend.json").display())),
+        "{e}"
+    );
+    let p = launcher.status("test", "blocked").await.unwrap().unwrap();
+    assert!(!p.running, "the QEMU of a failed start is stopped: {p:?}");
+    std::fs::remove_dir(bdir.join("backend.json")).unwrap();
+    let c = env.backend.start_vm(&blocked).await.expect("repaired");
+    assert_eq!(c.vcpu_budget().await, Some((1, 2)));
+    c.stop(Duration::ZERO).await.unwrap();
+    forget(&env, c).await;
+
+    // A running guest whose vm.json is garbage: not adoptable, and the error names the file.
+    let good = std::fs::read(dir.join(launcher::VM_JSON)).unwrap();
+    let pid = b.pid();
+    drop(b);
+    write(&dir.join(launcher::VM_JSON), &good[..good.len() / 2]);
+    let running = env.backend.running().await.unwrap();
+    assert_eq!(
+        running,
+        vec![healthy.clone()],
+        "garbage vm.json: not listed"
+    );
+    let e = env
+        .backend
+        .adopt(&stale)
+        .await
+        .err()
+        .expect("garbage vm.json");
+    println!("[state] garbage vm.json: {e}");
+    match &e {
+        BackendError::State { path, message } => {
+            assert_eq!(path, &dir.join("vm.json").display().to_string());
+            assert!(message.contains("not a VM record"), "{message}");
+        }
+        other => panic!("expected a state error, got {other:?}"),
+    }
+    let e = env.backend.start(&stale).await.err().expect("still runs");
+    assert!(
+        e.to_string().contains(&format!("still runs (pid {pid})")),
+        "{e}"
+    );
+
+    // Repaired vm.json, truncated backend.json: adopted, the budget rebuilt from QEMU.
+    write(&dir.join(launcher::VM_JSON), &good);
+    write(&dir.join("backend.json"), b"{\"uid\":");
+    let b = env.backend.adopt_vm(&stale).await.expect("adopted");
+    assert_eq!(b.pid(), pid);
+    assert_eq!(b.vcpu_budget().await, Some((1, 2)), "counted from QEMU");
+    let text = std::fs::read_to_string(dir.join("backend.json")).unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+        "backend.json rewritten: {text}"
+    );
+    b.wait_guest_ready(Duration::from_secs(30)).await.unwrap();
+    let mut tr_b = Tracker::default();
+    resize_to(&b, &mut tr_b, 2).await;
+    resize_to(&a, &mut tr, 2).await;
+    finish(&env, b).await;
+    finish(&env, a).await;
     env.shutdown().await;
 }

@@ -42,6 +42,21 @@ const FRESH_OBSERVATION: Duration = Duration::from_secs(2);
 /// How long a guest may take to boot before the status says so.
 const BOOT_WARN: Duration = Duration::from_secs(120);
 
+/// Longest delay between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Reason of ResizeInProgress while nothing can be done but wait for the guest.
+const REASON_WAITING: &str = "WaitingForGuest";
+
+/// How a resize step ended.
+enum Outcome<T> {
+    /// The backend finished (every step succeeded or failed on its own).
+    Done(T),
+    /// The VMM exited or the guest stopped mid-step.
+    Lost(Option<VmEvent>),
+    /// A newer target arrived (its spec.cpus), or the VM is to be stopped (None).
+    Superseded(Option<u32>),
+}
+
 /// What the loop waits for after a step.
 enum Next {
     /// Only a spec change (or a VMM event).
@@ -415,14 +430,16 @@ impl Worker {
         // guest again: that round trip would sit between the API write and the backend
         // call. The backend still checks every step against the VMM, and an idle VM is
         // observed afresh every few seconds.
-        let obs = match &self.last_obs {
-            Some((t, o)) if t.elapsed() < FRESH_OBSERVATION => o.clone(),
+        let (obs, seen) = match &self.last_obs {
+            Some((t, o)) if t.elapsed() < FRESH_OBSERVATION => (o.clone(), *t),
             _ => match handle.observe().await {
-                Ok(o) => o,
+                Ok(o) => (o, Instant::now()),
                 Err(e) => return self.observe_failed(vm, e).await,
             },
         };
-        self.absorb(&obs, now);
+        // A reused observation keeps its own time: a loop that comes back within the
+        // freshness window must not keep an old observation fresh for ever.
+        self.absorb(&obs, seen, now);
         self.phase = Phase::Running;
         set_condition(
             &mut self.conds,
@@ -500,7 +517,20 @@ impl Worker {
         };
         if plan.is_empty() {
             self.set_ready(vm, &obs, now);
-            if self.failures == 0 || obs.online() == vm.spec.cpus {
+            // Nothing to do, but a slot the guest has not finished with (a plug a paused
+            // guest never acknowledged) is no success: say which, and look again soon.
+            let stuck = stuck_slots(&obs);
+            if let Some(what) = &stuck {
+                set_condition(
+                    &mut self.conds,
+                    cond::RESIZE_IN_PROGRESS,
+                    true,
+                    REASON_WAITING,
+                    format!("waiting for the guest: {what}"),
+                    generation,
+                    now,
+                );
+            } else if self.failures == 0 || obs.online() == vm.spec.cpus {
                 self.failures = 0;
                 if cond::get_condition(&self.conds, cond::RESIZE_IN_PROGRESS)
                     .is_some_and(|c| c.status == "True")
@@ -517,7 +547,7 @@ impl Worker {
                 }
             }
             self.report(vm, Some(&obs)).await;
-            return if plan.shortfall > 0 {
+            return if plan.shortfall > 0 || stuck.is_some() {
                 Next::After(self.backoff())
             } else {
                 Next::After(IDLE_OBSERVE)
@@ -667,8 +697,9 @@ impl Worker {
         Next::After(Duration::from_secs(1))
     }
 
-    fn absorb(&mut self, obs: &Observation, now: DateTime<Utc>) {
-        self.last_obs = Some((Instant::now(), obs.clone()));
+    /// Take an observation made at `seen` into the book (at wall-clock `now`).
+    fn absorb(&mut self, obs: &Observation, seen: Instant, now: DateTime<Utc>) {
+        self.last_obs = Some((seen, obs.clone()));
         self.guest_agent = obs.guest_agent;
         self.book.update(obs, &self.overrides, now);
     }
@@ -751,18 +782,68 @@ impl Worker {
         let patch = Patch::Apply(&body);
         // The VMM may die mid-step: then its events say so at once, while the step's
         // own calls could wait out their deadlines. Drop the step and handle the loss.
+        // A newer target (or a deletion, a halt) does not wait for a guest that does not
+        // answer either: the step is dropped and the new target planned from a fresh
+        // observation. Dropping is safe at any await of a resize: the backend records a
+        // plug or unplug before it asks the VMM, so a slot left mid-step is observed as
+        // Plugging or Unplugging, and finished or retried later.
+        let rx = &mut self.rx;
+        let (node, guest_uid) = (&self.shared.node, handle.spec().uid.clone());
+        let superseded = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                let latest = rx.borrow().clone();
+                let moved = latest.as_deref().is_none_or(|v| {
+                    decide::want(Some(v), node, Some(&guest_uid)) != Want::Run || v.spec.cpus != to
+                });
+                if moved {
+                    return latest.map(|v| v.spec.cpus);
+                }
+            }
+        };
         let outcome = tokio::select! {
             done = async {
                 tokio::join!(api.patch_status(&name, &pp, &patch), handle.resize(&plan, opts))
-            } => Ok(done),
-            ev = handle.next_event() => Err(ev),
+            } => Outcome::Done(done),
+            ev = handle.next_event() => Outcome::Lost(ev),
+            newer = superseded => Outcome::Superseded(newer),
         };
         let (applied, report) = match outcome {
-            Ok(done) => done,
-            Err(ev) => {
+            Outcome::Done(done) => done,
+            Outcome::Lost(ev) => {
                 self.last_applied = None;
                 self.overrides.clear();
                 self.on_vmm_event(ev).await;
+                return Next::Now;
+            }
+            Outcome::Superseded(newer) => {
+                let seconds = t0.elapsed().as_secs_f64();
+                let why = match newer {
+                    Some(n) => format!("superseded by a new target of {n} vCPUs"),
+                    None => "superseded: the VM is being stopped".to_string(),
+                };
+                let msg = format!("{from} -> {to} vCPUs {why} after {seconds:.2} s; slots left mid-step are observed again");
+                tracing::info!(vm = %self.key, %msg, "resize step abandoned");
+                self.last_applied = None;
+                self.overrides.clear();
+                self.last_obs = None;
+                let finished = Utc::now();
+                self.last_resize = Some(LastResize {
+                    from,
+                    to,
+                    started_at: started,
+                    finished_at: Some(finished),
+                    seconds: Some(seconds),
+                    applied_seconds: None,
+                    acked_seconds: None,
+                    online_seconds: None,
+                    result: ResizeResult::Failed,
+                    message: Some(msg.clone()),
+                });
+                self.event(vm, EventType::Normal, "ResizeSuperseded", msg)
+                    .await;
                 return Next::Now;
             }
         };
@@ -801,7 +882,7 @@ impl Worker {
                     .get(usize::try_from(*s).unwrap_or(usize::MAX))
                     .is_some_and(|o| o.state.is_active())
         });
-        self.absorb(&after, finished);
+        self.absorb(&after, Instant::now(), finished);
         let online = after.online();
         budget.hold(&self.key, online.max(active(&after)));
         let phase_max = |f: fn(&crate::backend::StepReport) -> Option<Duration>| {
@@ -859,7 +940,15 @@ impl Worker {
             Next::Now
         } else {
             self.failures += 1;
-            let m = message.unwrap_or_default();
+            let mut m = message.unwrap_or_default();
+            if let Some(what) = stuck_slots(&after) {
+                m.push_str(&format!("; {what}"));
+            }
+            m.push_str(&format!(
+                "; attempt {}, next in {} s",
+                self.failures,
+                self.backoff().as_secs()
+            ));
             set_condition(
                 &mut self.conds,
                 cond::RESIZE_IN_PROGRESS,
@@ -937,8 +1026,7 @@ impl Worker {
     }
 
     fn backoff(&self) -> Duration {
-        let exp = self.failures.min(6);
-        Duration::from_secs(1u64 << exp).min(Duration::from_secs(60))
+        backoff_after(self.failures)
     }
 
     fn api(&self, vm: &VirtualMachine) -> Api<VirtualMachine> {
@@ -1074,6 +1162,42 @@ impl Worker {
     }
 }
 
+/// The delay before the next attempt after `failures` failed ones in a row: 1 s, then
+/// doubling, at most a minute; a spec change cuts it short.
+fn backoff_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(6)).min(MAX_BACKOFF)
+}
+
+/// What a slot the guest has not finished with is waiting for, e.g. "vCPU slot 1 is
+/// Plugging (not acknowledged or onlined by the guest yet)", or None when no slot is.
+fn stuck_slots(obs: &Observation) -> Option<String> {
+    let of = |st: VcpuState| -> Vec<u32> {
+        (0u32..)
+            .zip(&obs.slots)
+            .filter(|(_, o)| o.state == st)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let parts: Vec<String> = [
+        (
+            of(VcpuState::Plugging),
+            "Plugging (not acknowledged or onlined by the guest yet)",
+        ),
+        (
+            of(VcpuState::Unplugging),
+            "Unplugging (not released by the guest yet)",
+        ),
+    ]
+    .into_iter()
+    .filter(|(slots, _)| !slots.is_empty())
+    .map(|(slots, what)| match slots.as_slice() {
+        [one] => format!("vCPU slot {one} is {what}"),
+        many => format!("vCPU slots {many:?} are {what}"),
+    })
+    .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 fn active(obs: &Observation) -> u32 {
     u32::try_from(obs.slots.iter().filter(|s| s.state.is_active()).count()).unwrap_or(u32::MAX)
 }
@@ -1113,4 +1237,38 @@ pub fn vm_spec_of(
             .unwrap_or_default(),
         accel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SlotObservation;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let secs: Vec<u64> = (0..10).map(|f| backoff_after(f).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(backoff_after(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn stuck_slots_names_each_slot_and_why() {
+        let obs = |states: &[VcpuState]| Observation {
+            slots: states
+                .iter()
+                .map(|s| SlotObservation {
+                    state: *s,
+                    guest_cpu: None,
+                    host_thread: None,
+                })
+                .collect(),
+            guest_agent: false,
+        };
+        use VcpuState::*;
+        assert_eq!(stuck_slots(&obs(&[Online, Present, Absent])), None);
+        assert_eq!(
+            stuck_slots(&obs(&[Online, Plugging, Unplugging, Unplugging])).unwrap(),
+            "vCPU slot 1 is Plugging (not acknowledged or onlined by the guest yet), vCPU slots [2, 3] are Unplugging (not released by the guest yet)"
+        );
+    }
 }

@@ -3,6 +3,8 @@
 //! checks made inside the guest through its agent.
 #![allow(dead_code)]
 
+pub mod mock_api;
+
 use corescale_api::{Arch, Granularity, Placement, Plan, PlanInput, SlotView, Topology, VcpuState};
 use corescale_node_vmm::backend::{
     Accel, Backend, Observation, ResizeOptions, ResizeReport, VmHandle, VmSpec,
@@ -125,6 +127,22 @@ pub fn spec(
         // The tests force TCG: this machine's /dev/kvm cannot boot Linux.
         accel: Accel::Tcg,
     }
+}
+
+/// One socket of `cores` single-thread cores, Thread granularity, Packed, one vCPU at boot:
+/// the VM most tests use.
+pub fn thread_spec(name: &str, cores: u32) -> VmSpec {
+    spec(
+        name,
+        Topology {
+            sockets: 1,
+            cores,
+            threads: 1,
+        },
+        Granularity::Thread,
+        Placement::Packed,
+        1,
+    )
 }
 
 /// Start a guest and wait for its agent; prints and returns the boot time.
@@ -359,8 +377,13 @@ pub async fn check_guest_topology(vm: &QemuVm, obs: &Observation, slot: u32) -> 
 
 /// Stop a guest and remove its directory.
 pub async fn finish(env: &Env, vm: QemuVm) {
-    let key = vm.spec().key();
     vm.stop(Duration::from_secs(10)).await.unwrap();
+    forget(env, vm).await;
+}
+
+/// Drop the handle of a guest that has stopped and remove its directory.
+pub async fn forget(env: &Env, vm: QemuVm) {
+    let key = vm.spec().key();
     drop(vm);
     env.backend.cleanup(&key).await.unwrap();
 }
