@@ -2210,6 +2210,40 @@ mod tests {
     }
 
     #[test]
+    fn power_command_line_uses_pseries_cores_and_virtio_agent() {
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let mut p = spec(2, 2, 2, 2);
+        p.arch = Arch::Ppc64le;
+        p.granularity = Granularity::Core;
+        let s = qemu_argv(
+            &p,
+            &cfg,
+            Path::new("/usr/bin/qemu-system-ppc64"),
+            Path::new("/state/ns/vm"),
+        )
+        .unwrap()
+        .join(" ");
+        for want in [
+            "-machine pseries,x-vof=on,cap-cfpc=broken",
+            "-accel tcg,thread=multi -cpu POWER9",
+            "-smp 2,maxcpus=8,sockets=2,cores=2,threads=2",
+            "-numa cpu,node-id=0,core-id=2",
+            "-numa cpu,node-id=1,core-id=4",
+            "-append console=hvc0 panic=-1 quiet",
+            "-chardev file,id=con0,path=/state/ns/vm/serial.log -device spapr-vty,chardev=con0,reg=0x71000001",
+            "-device virtio-serial-pci,id=agent-serial -device virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ] {
+            assert!(s.contains(want), "{want:?} not in {s}");
+        }
+        assert!(!s.contains("isa-serial") && !s.contains("q35"), "{s}");
+        // Thread granularity cannot split a POWER core.
+        p.granularity = Granularity::Thread;
+        let e = validate_spec(&p).unwrap_err();
+        assert!(e.to_string().contains("spec.granularity"), "{e}");
+        assert_eq!(cfg.binary_for(Arch::Ppc64le), "qemu-system-ppc64");
+    }
+
+    #[test]
     fn command_line_has_topology_numa_and_sockets() {
         let cfg = QemuConfig::new("/state", "/run/l.sock");
         let a = qemu_argv(
