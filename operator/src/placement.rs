@@ -186,6 +186,23 @@ mod tests {
     }
 
     #[test]
+    fn power_vms_go_only_to_nodes_that_run_them() {
+        let mut power_node = node("p", 2, true);
+        power_node.announcement.arches.push("ppc64le".into());
+        let nodes = [node("a", 8, true), power_node];
+        let s = spec("cpus: 1\narch: ppc64le");
+        assert_eq!(
+            choose_node(&s, 2, &nodes, &BTreeMap::new(), None),
+            Ok("p".into())
+        );
+        let e = choose_node(&s, 2, &nodes[..1], &BTreeMap::new(), None).unwrap_err();
+        assert!(
+            e.to_string().contains("a: cannot run ppc64le guests"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn reschedule_avoids_the_lost_node() {
         let nodes = [node("a", 8, true), node("b", 4, true)];
         let s = spec("cpus: 1");

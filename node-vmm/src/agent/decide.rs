@@ -252,6 +252,21 @@ mod tests {
             Feasibility::Infeasible(m) => assert!(m.contains("whole vCPU budget of 3"), "{m}"),
             other => panic!("{other:?}"),
         }
+        // A POWER guest on a node without qemu-system-ppc64.
+        let power =
+            vm("spec: {cpus: 1, arch: ppc64le, topology: {sockets: 1, cores: 2, threads: 1}}");
+        match feasibility(&power.spec, &topology_of(&power), &cap(), 8, 0, 1) {
+            Feasibility::Infeasible(m) => {
+                assert_eq!(m, "this node cannot run ppc64le guests (it runs x86_64)")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut both = cap();
+        both.arches.push("ppc64le".into());
+        assert_eq!(
+            feasibility(&power.spec, &topology_of(&power), &both, 8, 0, 1),
+            Feasibility::Fits
+        );
         // Above the topology recorded at placement (a spec without topology, then scaled up).
         let grown = vm("spec: {cpus: 6}\nstatus: {topology: {sockets: 1, cores: 4, threads: 1}}");
         match feasibility(&grown.spec, &topology_of(&grown), &cap(), 64, 0, 4) {
