@@ -919,7 +919,9 @@ impl Worker {
             message: message.clone(),
         });
         self.set_ready(vm, &after, finished);
-        let next = if result == ResizeResult::Succeeded {
+        // The status goes out before the Event: it is what autoscalers and `kubectl wait`
+        // read, so the Event's round trip is not in its latency.
+        let (next, event) = if result == ResizeResult::Succeeded {
             self.failures = 0;
             set_condition(
                 &mut self.conds,
@@ -930,14 +932,14 @@ impl Worker {
                 generation,
                 finished,
             );
-            self.event(
-                vm,
-                EventType::Normal,
-                "Resized",
-                format!("{from} -> {online} vCPUs in {seconds:.2} s"),
+            (
+                Next::Now,
+                (
+                    EventType::Normal,
+                    "Resized",
+                    format!("{from} -> {online} vCPUs in {seconds:.2} s"),
+                ),
             )
-            .await;
-            Next::Now
         } else {
             self.failures += 1;
             let mut m = message.unwrap_or_default();
@@ -958,16 +960,18 @@ impl Worker {
                 generation,
                 finished,
             );
-            self.event(
-                vm,
-                EventType::Warning,
-                "ResizeFailed",
-                format!("{from} -> {to} vCPUs stopped at {online}: {m}"),
+            (
+                Next::After(self.backoff()),
+                (
+                    EventType::Warning,
+                    "ResizeFailed",
+                    format!("{from} -> {to} vCPUs stopped at {online}: {m}"),
+                ),
             )
-            .await;
-            Next::After(self.backoff())
         };
         self.report(vm, Some(&after)).await;
+        let (type_, reason, note) = event;
+        self.event(vm, type_, reason, note).await;
         next
     }
 
