@@ -91,6 +91,8 @@ pub struct Context {
     pub config: Config,
     /// Node-agent Leases in the system namespace.
     pub leases: Store<Lease>,
+    /// Which agents count as alive (fed every Lease the watch delivers).
+    pub liveness: std::sync::Arc<crate::liveness::Liveness>,
     /// Node objects (for nodeSelector).
     pub nodes: Store<Node>,
     /// All VirtualMachines (for node load).
@@ -245,7 +247,7 @@ impl Context {
                 match NodeAnnouncement::from_lease(&l.name_any(), ann) {
                     Ok(a) => Some(Candidate {
                         labels: nodes.get(&a.node).cloned().unwrap_or_default(),
-                        live: corescale_common::lease::is_live(l, now),
+                        live: self.liveness.is_live(l, now),
                         announcement: a,
                     }),
                     Err(e) => {

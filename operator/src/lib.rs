@@ -4,6 +4,7 @@
 //! directly.
 
 pub mod controller;
+pub mod liveness;
 pub mod metrics;
 pub mod placement;
 pub mod run;

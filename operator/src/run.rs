@@ -1,6 +1,7 @@
 //! Wiring: command-line options, leader election, watches and the controller.
 
 use crate::controller::{self, Config, Context};
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use clap::Parser;
 use corescale_api::node::{NodeAnnouncement, AGENT_LEASE_LABEL};
@@ -50,7 +51,12 @@ pub struct Args {
     pub log_format: String,
 }
 
-/// Run the operator until it loses leadership or is told to stop.
+/// Run the operator until it is told to stop (SIGTERM or SIGINT).
+///
+/// With leader election it acts only while it holds the Lease. Losing it (another replica
+/// took it, or the API server was away longer than the Lease) stops every reconcile at
+/// once; the process stays, campaigns again, and resumes with fresh watches when it leads
+/// again, so an API-server restart does not need a pod restart.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     corescale_common::logging::init(args.log_format == "json");
     let client = Client::try_default().await?;
@@ -61,13 +67,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("told to stop");
+            let _ = stop_tx.send(true);
+        });
+    }
+
     let identity = args
         .identity
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("corescale-operator-{}", std::process::id()));
+    let mut leading = None;
     if !args.no_leader_elect {
-        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let (tx, rx) = tokio::sync::watch::channel(false);
         let claim = LeaseClaim {
             name: args.lease_name.clone(),
             holder: identity.clone(),
@@ -77,23 +97,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         let api: Api<Lease> = Api::namespaced(client.clone(), &args.system_namespace);
         tokio::spawn(lease::hold_forever(api, claim, tx));
-        tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
-        rx.wait_for(|l| *l).await?;
-        tracing::info!(%identity, "leading");
-        metrics.leader.set(1);
-        tokio::spawn(async move {
-            // Losing the lease means another replica may act: stop at once, like
-            // controller-runtime does, and let the Deployment restart us as a follower.
-            let _ = rx.wait_for(|l| !*l).await;
-            tracing::error!("lost leadership; exiting");
-            std::process::exit(1);
-        });
+        leading = Some(rx);
     }
 
     let vms: Api<VirtualMachine> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let liveness = Arc::new(Liveness::default());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &args.system_namespace);
     let (lease_store, lease_writer) = reflector::store();
     let lease_stream = reflector(
@@ -110,36 +121,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let node_stream = reflector(node_writer, watcher(nodes_api, watcher::Config::default()))
         .default_backoff()
         .touched_objects();
-
-    let controller = Controller::new(vms, watcher::Config::default());
-    let vm_store = controller.store();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "corescale-operator".into(),
-                instance: Some(identity),
-            },
-        ),
-        metrics: metrics.clone(),
-        config: Config {
-            system_namespace: args.system_namespace.clone(),
-            unschedulable_retry: Duration::from_secs(args.unschedulable_retry_seconds),
-        },
-        leases: lease_store.clone(),
-        nodes: node_store.clone(),
-        vms: vm_store.clone(),
-        recent: Default::default(),
-        labels_written: Default::default(),
-    });
+    {
+        let liveness = liveness.clone();
+        tokio::spawn(lease_stream.for_each(move |l| {
+            if let Ok(l) = l {
+                liveness.observe(&l);
+            }
+            futures::future::ready(())
+        }));
+    }
+    tokio::spawn(node_stream.for_each(|_| futures::future::ready(())));
 
     // Reconcile every VM when the set of live nodes or their announcements change (an agent
     // appears, dies, or changes capacity) — not on every Lease renewal, which would make
     // the work grow with nodes x VMs.
-    let (trigger_tx, trigger_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (trigger_tx, _) = tokio::sync::watch::channel(0u64);
     {
         let leases = lease_store.clone();
+        let liveness = liveness.clone();
+        let trigger_tx = trigger_tx.clone();
         tokio::spawn(async move {
             let mut last = String::new();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -149,7 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let mut fp: Vec<String> = leases
                     .state()
                     .iter()
-                    .filter(|l| lease::is_live(l, now))
+                    .filter(|l| liveness.is_live(l, now))
                     .filter_map(|l| {
                         NodeAnnouncement::from_lease(&l.name_any(), l.annotations()).ok()
                     })
@@ -160,41 +160,96 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if fp != last {
                     tracing::info!(nodes = %fp, "live node agents changed");
                     last = fp;
-                    let _ = trigger_tx.try_send(());
+                    trigger_tx.send_modify(|n| *n += 1);
                 }
             }
         });
     }
-    // Phase gauges, recounted from the store.
-    {
-        let store = vm_store.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                metrics.count_phases(store.state().iter().map(|v| v.as_ref()));
+
+    loop {
+        if let Some(rx) = leading.as_mut() {
+            tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+            let mut stop = stop_rx.clone();
+            tokio::select! {
+                r = rx.wait_for(|l| *l) => { r?; }
+                _ = stop.wait_for(|s| *s) => return Ok(()),
             }
+            tracing::info!(%identity, "leading");
+            metrics.leader.set(1);
+        }
+        let controller = Controller::new(vms.clone(), watcher::Config::default());
+        let vm_store = controller.store();
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "corescale-operator".into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            metrics: metrics.clone(),
+            config: Config {
+                system_namespace: args.system_namespace.clone(),
+                unschedulable_retry: Duration::from_secs(args.unschedulable_retry_seconds),
+            },
+            leases: lease_store.clone(),
+            liveness: liveness.clone(),
+            nodes: node_store.clone(),
+            vms: vm_store.clone(),
+            recent: Default::default(),
+            labels_written: Default::default(),
         });
-    }
-    tokio::spawn(lease_stream.for_each(|_| futures::future::ready(())));
-    tokio::spawn(node_stream.for_each(|_| futures::future::ready(())));
-    let trigger = tokio_stream_from(trigger_rx);
-    health.set_ready(true);
-    controller
-        .reconcile_all_on(trigger)
-        .shutdown_on_signal()
-        .run(controller::reconcile, controller::error_policy, ctx)
-        .for_each(|r| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
+        // Phase gauges, recounted from the store.
+        let phases = {
+            let store = vm_store.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    metrics.count_phases(store.state().iter().map(|v| v.as_ref()));
+                }
+            })
+        };
+        let mut stop = stop_rx.clone();
+        let run = controller
+            .reconcile_all_on(changes(trigger_tx.subscribe()))
+            .graceful_shutdown_on(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .run(controller::reconcile, controller::error_policy, ctx)
+            .for_each(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "controller event");
+                }
+                futures::future::ready(())
+            });
+        health.set_ready(true);
+        let lost = match leading.as_mut() {
+            None => {
+                run.await;
+                false
             }
-            futures::future::ready(())
-        })
-        .await;
-    Ok(())
+            Some(rx) => tokio::select! {
+                () = run => false,
+                _ = rx.wait_for(|l| !*l) => true,
+            },
+        };
+        phases.abort();
+        if !lost {
+            return Ok(());
+        }
+        // Another replica may act now: every reconcile of ours was dropped with `run`.
+        metrics.leader.set(0);
+        tracing::error!("lost leadership; stopped acting until it leads again");
+    }
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// One item per change of the trigger counter.
+fn changes(rx: tokio::sync::watch::Receiver<u64>) -> impl futures::Stream<Item = ()> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
 }

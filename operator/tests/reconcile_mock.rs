@@ -80,6 +80,7 @@ fn context(leases: Vec<Lease>) -> (Arc<Context>, Handle) {
             unschedulable_retry: Duration::from_secs(15),
         },
         leases: lease_store,
+        liveness: Default::default(),
         nodes: node_store,
         vms: vm_store,
         recent: Default::default(),
