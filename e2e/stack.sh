@@ -7,6 +7,9 @@
 #   e2e/stack.sh up                 start everything (idempotent); writes $DIR/env
 #   e2e/stack.sh down               stop everything, guests included
 #   e2e/stack.sh agent start|stop|kill NODE    control one node agent (kill = SIGKILL)
+#   e2e/stack.sh apiserver stop|start|restart   stop kube-apiserver (SIGTERM) / start it
+#                                   again with the very flags it ran with; start waits for /readyz
+#   e2e/stack.sh etcd pause|resume  freeze (SIGSTOP) / thaw (SIGCONT) etcd
 #   e2e/stack.sh status             what runs
 #
 # DIR defaults to e2e/.run/stack (CORESCALE_STACK_DIR). Binaries come from
@@ -153,7 +156,15 @@ down() {
 		# The launcher stops its guests when it stops.
 		stop_pidfile "$dir/nodes/$n/launcher.pid" TERM
 	done
-	if [[ -d "$dir/cluster" ]]; then bash "$repo/e2e/cluster/down.sh" --dir "$dir/cluster" >&2; fi
+	if [[ -d "$dir/cluster" ]]; then
+		# A fault scenario that failed half-way may have left etcd or the API server frozen
+		# (SIGSTOP): thaw them so that they can stop.
+		local f
+		for f in "$dir"/cluster/run/*.pid; do
+			if [[ -f "$f" ]]; then kill -CONT "$(cat "$f")" 2>/dev/null || true; fi
+		done
+		bash "$repo/e2e/cluster/down.sh" --dir "$dir/cluster" >&2
+	fi
 	# Nothing of ours may survive: QEMU processes whose state lives under $dir.
 	local left
 	left=$(pgrep -f "qemu-system-x86_64.*$dir" || true)
@@ -163,6 +174,54 @@ down() {
 		kill -KILL $left 2>/dev/null || true
 	fi
 	log "down"
+}
+
+# --- faults on the control plane ----------------------------------------------
+# kube-apiserver's command line is saved (NUL-separated, from /proc) when it is stopped, so
+# that start runs it again with the same flags, certificates and port.
+apiserver_stop() {
+	local run="$dir/cluster/run" pid
+	pid=$(cat "$run/kube-apiserver.pid" 2>/dev/null || true)
+	alive "$pid" || die "kube-apiserver is not running (no live pid in $run/kube-apiserver.pid)"
+	cp "/proc/$pid/cmdline" "$run/kube-apiserver.cmdline"
+	stop_pidfile "$run/kube-apiserver.pid" TERM
+	log "kube-apiserver (pid $pid) stopped"
+}
+
+apiserver_start() {
+	local run="$dir/cluster/run" pid
+	# shellcheck disable=SC1091
+	source "$dir/cluster/env"
+	if alive "$(cat "$run/kube-apiserver.pid" 2>/dev/null)"; then
+		log "kube-apiserver already runs"
+		return
+	fi
+	[[ -s "$run/kube-apiserver.cmdline" ]] || die "no saved command line in $run/kube-apiserver.cmdline: stop it with 'stack.sh apiserver stop' first"
+	local -a argv
+	mapfile -d '' -t argv <"$run/kube-apiserver.cmdline"
+	setsid "${argv[@]}" </dev/null >>"$dir/cluster/logs/kube-apiserver.log" 2>&1 &
+	pid=$!
+	echo "$pid" >"$run/kube-apiserver.pid"
+	sed -i "s/^export CORESCALE_APISERVER_PID=.*/export CORESCALE_APISERVER_PID=$pid/" "$dir/cluster/env"
+	local i
+	for ((i = 0; i < 1200; i++)); do
+		alive "$pid" || die "kube-apiserver exited while starting; see $dir/cluster/logs/kube-apiserver.log"
+		curl -fsS --max-time 2 --cacert "$CORESCALE_CA_FILE" \
+			-H "Authorization: Bearer $(cat "$CORESCALE_ADMIN_TOKEN_FILE")" \
+			"$CORESCALE_APISERVER_URL/readyz" >/dev/null 2>&1 && { log "kube-apiserver (pid $pid) ready"; return; }
+		sleep 0.1
+	done
+	die "kube-apiserver (pid $pid) not ready after 120 s; see $dir/cluster/logs/kube-apiserver.log"
+}
+
+etcd_signal() { # STOP|CONT
+	local pid
+	pid=$(cat "$dir/cluster/run/etcd.pid" 2>/dev/null || true)
+	if ! { [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; }; then
+		die "etcd is not running (no live pid in $dir/cluster/run/etcd.pid)"
+	fi
+	kill "-$1" "$pid"
+	log "etcd (pid $pid): SIG$1"
 }
 
 status() {
@@ -188,5 +247,20 @@ agent)
 	*) die "usage: stack.sh agent start|stop|kill NODE" ;;
 	esac
 	;;
-*) die "usage: stack.sh up|down|status|agent start|stop|kill NODE" ;;
+apiserver)
+	case "${2:-}" in
+	stop) apiserver_stop ;;
+	start) apiserver_start ;;
+	restart) apiserver_stop && apiserver_start ;;
+	*) die "usage: stack.sh apiserver stop|start|restart" ;;
+	esac
+	;;
+etcd)
+	case "${2:-}" in
+	pause) etcd_signal STOP ;;
+	resume) etcd_signal CONT ;;
+	*) die "usage: stack.sh etcd pause|resume" ;;
+	esac
+	;;
+*) die "usage: stack.sh up|down|status|agent start|stop|kill NODE|apiserver stop|start|restart|etcd pause|resume" ;;
 esac
