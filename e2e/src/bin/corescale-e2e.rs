@@ -1,5 +1,7 @@
 //! The e2e scenarios, run against the stack that `e2e/stack.sh up` started. Each scenario
-//! is an assertion; the run ends with a summary table and `N passed, M failed`.
+//! is an assertion; the run ends with a summary table and `N passed, M failed`. Fault
+//! scenarios also report their figures (faults injected, recoveries, seconds to recover)
+//! in a second table and in `$CORESCALE_STACK_DIR/e2e-faults.json`.
 //!
 //! Usage: corescale-e2e [--only NAME[,NAME]]   (CORESCALE_STACK_DIR selects the stack)
 
@@ -65,6 +67,14 @@ const SCENARIOS: &[Scenario] = &[
         "the API server frozen mid-resize: the guest is untouched, status converges after",
     ),
     (
+        "apiserver-restart",
+        "kube-apiserver restarted mid-resize: guest untouched, all reconnect, the last write wins",
+    ),
+    (
+        "etcd-pause",
+        "etcd frozen 20 s mid-resize: guest untouched, all recover, the last write wins",
+    ),
+    (
         "qemu-kill",
         "QEMU killed mid-plug: noticed within 2 s, Event and condition, restarted at spec.cpus",
     ),
@@ -86,11 +96,46 @@ const SCENARIOS: &[Scenario] = &[
     ),
 ];
 
+/// Scenarios that inject faults; each reports [`Faults`].
+const FAULT_SCENARIOS: &[&str] = &[
+    "agent-kill",
+    "api-outage",
+    "apiserver-restart",
+    "etcd-pause",
+    "qemu-kill",
+    "delete-mid-resize",
+    "reschedule",
+];
+
 struct Outcome {
     name: &'static str,
     ok: bool,
     seconds: f64,
     detail: String,
+    faults: Faults,
+}
+
+/// The figures of a fault scenario: what was done to the system and how it came back.
+#[derive(Debug, Default, Clone)]
+struct Faults {
+    /// Faults injected (a process killed, stopped or frozen; a VM deleted mid-resize).
+    injected: u32,
+    /// Seconds from the end of each fault to the system's recovery, one per recovery.
+    recoveries: Vec<f64>,
+}
+
+impl Faults {
+    fn inject(&mut self) {
+        self.injected += 1;
+    }
+
+    fn recovered(&mut self, seconds: f64) {
+        self.recoveries.push(seconds);
+    }
+
+    fn worst(&self) -> Option<f64> {
+        self.recoveries.iter().copied().reduce(f64::max)
+    }
 }
 
 #[tokio::main]
@@ -108,7 +153,8 @@ async fn main() -> Result<()> {
         }
         println!("=== {name}: {what}");
         let t0 = Instant::now();
-        let r = run(&stack, name).await;
+        let mut faults = Faults::default();
+        let r = run(&stack, name, &mut faults).await;
         let seconds = t0.elapsed().as_secs_f64();
         let (ok, detail) = match r {
             Ok(d) => (true, d),
@@ -123,6 +169,7 @@ async fn main() -> Result<()> {
             ok,
             seconds,
             detail,
+            faults,
         });
     }
     println!(
@@ -138,6 +185,7 @@ async fn main() -> Result<()> {
             o.seconds
         );
     }
+    fault_summary(&stack, &outcomes)?;
     let passed = outcomes.iter().filter(|o| o.ok).count();
     let failed = outcomes.len() - passed;
     println!("\ne2e: {passed} passed, {failed} failed");
@@ -147,7 +195,63 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn run(s: &Stack, name: &str) -> Result<String> {
+/// Print the fault figures and write them to `e2e-faults.json` in the stack's directory
+/// (next to its logs).
+fn fault_summary(s: &Stack, outcomes: &[Outcome]) -> Result<()> {
+    let faulty: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| FAULT_SCENARIOS.contains(&o.name))
+        .collect();
+    if faulty.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "\n{:<22} {:<6} {:>8} {:>10}  seconds to recover",
+        "fault scenario", "result", "injected", "recoveries"
+    );
+    let mut rows = Vec::new();
+    for o in &faulty {
+        let f = &o.faults;
+        let secs: Vec<String> = f.recoveries.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "{:<22} {:<6} {:>8} {:>10}  {}",
+            o.name,
+            if o.ok { "PASS" } else { "FAIL" },
+            f.injected,
+            f.recoveries.len(),
+            if secs.is_empty() {
+                "-".to_string()
+            } else {
+                secs.join(", ")
+            }
+        );
+        rows.push(serde_json::json!({
+            "scenario": o.name,
+            "passed": o.ok,
+            "faults_injected": f.injected,
+            "recoveries": f.recoveries.len(),
+            "seconds_to_recover": f.recoveries,
+            "max_seconds_to_recover": f.worst(),
+            "scenario_seconds": o.seconds,
+        }));
+    }
+    let injected: u32 = faulty.iter().map(|o| o.faults.injected).sum();
+    let recovered: usize = faulty.iter().map(|o| o.faults.recoveries.len()).sum();
+    println!("faults: {injected} injected, {recovered} recoveries");
+    let doc = serde_json::json!({
+        "generated": chrono::Utc::now().to_rfc3339(),
+        "faults_injected": injected,
+        "recoveries": recovered,
+        "scenarios": rows,
+    });
+    let path = s.dir.join("e2e-faults.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("fault figures written to {}", path.display());
+    Ok(())
+}
+
+async fn run(s: &Stack, name: &str, f: &mut Faults) -> Result<String> {
     match name {
         "chart" => chart(s),
         "bad-manifests" => bad_manifests(s).await,
@@ -157,12 +261,14 @@ async fn run(s: &Stack, name: &str) -> Result<String> {
         "core" => core(s).await,
         "metrics" => metrics(s).await,
         "infeasible-deferred" => infeasible_deferred(s).await,
-        "agent-kill" => agent_kill(s).await,
+        "agent-kill" => agent_kill(s, f).await,
         "storm" => storm(s).await,
-        "api-outage" => api_outage(s).await,
-        "qemu-kill" => qemu_kill(s).await,
-        "delete-mid-resize" => delete_mid_resize(s).await,
-        "reschedule" => reschedule(s).await,
+        "api-outage" => api_outage(s, f).await,
+        "apiserver-restart" => apiserver_restart(s, f).await,
+        "etcd-pause" => etcd_pause(s, f).await,
+        "qemu-kill" => qemu_kill(s, f).await,
+        "delete-mid-resize" => delete_mid_resize(s, f).await,
+        "reschedule" => reschedule(s, f).await,
         "ppc64le" => ppc64le(s).await,
         "delete" => delete(s).await,
         other => bail!("unknown scenario {other}"),
@@ -692,7 +798,7 @@ async fn infeasible_deferred(s: &Stack) -> Result<String> {
 
 /// Scenario 7: kill -9 the agent during a resize; the guest keeps running; the restarted agent
 /// re-adopts it and converges without restarting it.
-async fn agent_kill(s: &Stack) -> Result<String> {
+async fn agent_kill(s: &Stack, f: &mut Faults) -> Result<String> {
     s.scale(NS, "example", 2).await?;
     let vm = s.wait_online(NS, "example", 2, CONVERGE).await?;
     let node = node_of(&vm).context("no node")?;
@@ -701,13 +807,16 @@ async fn agent_kill(s: &Stack) -> Result<String> {
     // Mid-resize: as soon as the agent reports a slot Plugging (or right away).
     s.wait_plugging(NS, "example").await;
     s.stack(&["agent", "kill", &node])?;
+    f.inject();
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
         s.qemu(&node, NS, "example") == Some(qemu),
         "the guest died with its agent"
     );
+    let back = Instant::now();
     s.stack(&["agent", "start", &node])?;
     let vm = s.wait_online(NS, "example", 4, CONVERGE).await?;
+    let recover = back.elapsed().as_secs_f64();
     ensure!(node_of(&vm).as_deref() == Some(node.as_str()), "moved");
     ensure!(
         s.qemu(&node, NS, "example") == Some(qemu),
@@ -719,8 +828,9 @@ async fn agent_kill(s: &Stack) -> Result<String> {
         .filter(|(r, _)| r == "Started" || r == "VmmRestarted")
         .count();
     ensure!(started == 1, "guest started {started} times: {ev:?}");
+    f.recovered(recover);
     Ok(format!(
-        "QEMU pid {} survived; converged to 4 after restart",
+        "QEMU pid {} survived; converged to 4 {recover:.1} s after the agent restarted",
         qemu.0
     ))
 }
@@ -827,19 +937,21 @@ async fn scrape_during(s: &Stack, node: &str) -> Result<String> {
 /// The API server is frozen (SIGSTOP) right after a write: the agent carries out the
 /// resize it saw, cannot report it, and reports it once the API server is back; the guest
 /// is never restarted, and a later write still gets through.
-async fn api_outage(s: &Stack) -> Result<String> {
+async fn api_outage(s: &Stack, f: &mut Faults) -> Result<String> {
     let node = s.boot_one(NS, "outage", 8).await?;
     let qemu = s.qemu(&node, NS, "outage").context("no QEMU")?;
     let pid: i32 = s.var("CORESCALE_APISERVER_PID")?.parse()?;
     s.scale(NS, "outage", 3).await?;
     signal(pid, "STOP")?;
-    let frozen = Instant::now();
+    f.inject();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let alive = s.qemu(&node, NS, "outage") == Some(qemu);
     signal(pid, "CONT")?;
+    let thawed = Instant::now();
     ensure!(alive, "the guest did not survive the API server outage");
     let vm = s.wait_online(NS, "outage", 3, CONVERGE).await?;
-    let after = frozen.elapsed().as_secs_f64() - 6.0;
+    let after = thawed.elapsed().as_secs_f64();
+    f.recovered(after);
     ensure!(
         node_of(&vm).as_deref() == Some(node.as_str()),
         "moved during the outage"
@@ -865,16 +977,387 @@ fn signal(pid: i32, sig: &str) -> Result<()> {
     Ok(())
 }
 
+/// kube-apiserver is stopped (SIGTERM; SIGKILL after 10 s) while a VM plugs vCPUs, and
+/// started again with the same flags; a new spec.cpus is written as soon as it answers.
+async fn apiserver_restart(s: &Stack, f: &mut Faults) -> Result<String> {
+    let before = control_plane_fault_begin(s, "restart").await?;
+    let marks = agent_log_marks(s);
+    f.inject();
+    let down = Instant::now();
+    let sampler = Sampler::start(s, &before.node, "restart")?;
+    let stack = (s.repo.clone(), s.dir.clone());
+    tokio::task::spawn_blocking(move || stack_sh(&stack.0, &stack.1, &["apiserver", "restart"]))
+        .await??;
+    let back = Instant::now();
+    let outage = down.elapsed().as_secs_f64();
+    let recover = control_plane_fault_end(s, "restart", &before, sampler, back).await?;
+    f.recovered(recover);
+    // The agents' watches broke and came back with backoff: a few errors each, not a
+    // hot loop (one error per attempt; 0.8 s doubling up to 30 s).
+    let errors = agent_watch_errors(s, &marks)?;
+    for (node, n) in &errors {
+        ensure!(
+            (1..=20).contains(n),
+            "{node}'s agent logged {n} watch errors over a {outage:.0} s outage (want 1..=20: it noticed, and backed off)"
+        );
+    }
+    let probe = watches_work(s, "after-restart").await?;
+    Ok(format!(
+        "API server away {outage:.1} s; status at the last write (3) {recover:.1} s after it was back; same QEMU pid {}; watch errors {errors:?}; {probe}",
+        before.qemu.0
+    ))
+}
+
+/// etcd is frozen (SIGSTOP) for 20 s while a VM plugs vCPUs — longer than the clients'
+/// patience for a request — then thawed; a new spec.cpus is written right after.
+async fn etcd_pause(s: &Stack, f: &mut Faults) -> Result<String> {
+    const FROZEN: Duration = Duration::from_secs(20);
+    let before = control_plane_fault_begin(s, "frozen").await?;
+    let sampler = Sampler::start(s, &before.node, "frozen")?;
+    s.stack(&["etcd", "pause"])?;
+    f.inject();
+    let thaw = async {
+        tokio::time::sleep(FROZEN).await;
+        s.stack(&["etcd", "resume"])
+    };
+    // Whatever happens meanwhile, etcd is thawed.
+    let api = s.vms(NS);
+    let (stuck, thawed) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(5), api.get("frozen")),
+        thaw
+    );
+    thawed?;
+    let back = Instant::now();
+    ensure!(
+        !matches!(stuck, Ok(Ok(_))),
+        "a read of the VM went through while etcd was frozen: the fault was not injected"
+    );
+    let recover = control_plane_fault_end(s, "frozen", &before, sampler, back).await?;
+    f.recovered(recover);
+    let probe = watches_work(s, "after-pause").await?;
+    Ok(format!(
+        "etcd frozen {} s; status at the last write (3) {recover:.1} s after the thaw; same QEMU pid {}; {probe}",
+        FROZEN.as_secs(),
+        before.qemu.0
+    ))
+}
+
+/// What a control-plane fault scenario knows before the fault.
+struct Before {
+    node: String,
+    qemu: (i32, u64),
+    failures: f64,
+}
+
+/// Boot `name` at 2 vCPUs, then ask for 4 and return once the agent is mid-plug.
+async fn control_plane_fault_begin(s: &Stack, name: &str) -> Result<Before> {
+    let node = s.boot_one(NS, name, 8).await?;
+    s.scale(NS, name, 2).await?;
+    s.wait_online(NS, name, 2, CONVERGE).await?;
+    let qemu = s.qemu(&node, NS, name).context("no QEMU")?;
+    let failures = hotplug_failures(s, &node, name).await?;
+    s.scale(NS, name, 4).await?;
+    s.wait_plugging(NS, name).await;
+    Ok(Before {
+        node,
+        qemu,
+        failures,
+    })
+}
+
+/// After the control plane is `back`: write spec.cpus 3 at once (retrying while the API
+/// server settles), wait until the status shows it, and check that the guest was left
+/// alone. Returns the seconds from `back` to the converged status.
+async fn control_plane_fault_end(
+    s: &Stack,
+    name: &str,
+    before: &Before,
+    sampler: Sampler,
+    back: Instant,
+) -> Result<f64> {
+    let mut tries = 0;
+    while let Err(e) = s.scale(NS, name, 3).await {
+        tries += 1;
+        ensure!(
+            back.elapsed() < CONVERGE,
+            "writing spec.cpus 3 after the fault: {e:#} ({tries} tries)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let vm = s.wait_online(NS, name, 3, CONVERGE).await?;
+    let recover = back.elapsed().as_secs_f64();
+    let samples = sampler.stop().await?;
+    // The plan was 2 -> 4, then 3: the guest never had fewer than 2 or more than 4 online.
+    ensure!(
+        samples.len() >= 10,
+        "only {} samples of the agent's online gauge during the fault",
+        samples.len()
+    );
+    let (lo, hi) = samples
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+    ensure!(
+        lo >= 2.0 && hi <= 4.0,
+        "the guest's online vCPUs left the plan's range 2..=4 during the fault: {lo}..={hi} (samples, 200 ms apart: {})",
+        run_lengths(&samples)
+    );
+    ensure!(
+        node_of(&vm).as_deref() == Some(before.node.as_str()),
+        "moved from {} during the fault",
+        before.node
+    );
+    ensure!(
+        s.qemu(&before.node, NS, name) == Some(before.qemu),
+        "the guest was restarted (QEMU pid/start changed)"
+    );
+    let procs = s.qemu_processes(NS, name);
+    ensure!(
+        procs == vec![before.qemu.0],
+        "QEMU processes for the VM: {procs:?}"
+    );
+    let st = vm.status.as_ref().context("no status")?;
+    let lr = st.last_resize.as_ref().context("no lastResize")?;
+    ensure!(
+        lr.to == 3 && lr.result == corescale_api::ResizeResult::Succeeded,
+        "lastResize {lr:?}"
+    );
+    ensure!(
+        condition(&vm, "ResizeInProgress").is_none_or(|c| c.status == "False"),
+        "ResizeInProgress: {:?}",
+        condition(&vm, "ResizeInProgress")
+    );
+    let failures = hotplug_failures(s, &before.node, name).await?;
+    ensure!(
+        failures == before.failures,
+        "failed hot-plug operations went from {} to {failures}",
+        before.failures
+    );
+    // This VM's Events only (by UID: an earlier run may have used the name).
+    let uid = vm.metadata.uid.clone().context("no uid")?;
+    let (ok, out, err) = s.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        "--field-selector",
+        &format!("regarding.uid={uid}"),
+    ])?;
+    ensure!(ok, "listing events: {err}");
+    let ev: Vec<&str> = out.lines().collect();
+    let started = ev
+        .iter()
+        .filter(|r| ["Started", "VmmRestarted", "Rescheduled", "FailedScheduling"].contains(r))
+        .count();
+    ensure!(
+        started == 1,
+        "the guest was started, moved or unschedulable {started} times: {ev:?}"
+    );
+    for (what, url) in [
+        ("operator", s.var("CORESCALE_OPERATOR_METRICS")?),
+        ("node-a agent", s.var("CORESCALE_NODE_A_METRICS")?),
+        ("node-b agent", s.var("CORESCALE_NODE_B_METRICS")?),
+    ] {
+        corescale_e2e::http_get(&format!("{url}/readyz"))
+            .await
+            .with_context(|| format!("the {what} is not ready after the fault"))?;
+    }
+    s.delete(NS, name).await?;
+    Ok(recover)
+}
+
+/// The operator and both agents act on new objects again: a Halted VM pinned to each node
+/// is placed by the operator and reported Halted by that node's agent.
+async fn watches_work(s: &Stack, tag: &str) -> Result<String> {
+    let t0 = Instant::now();
+    let names: Vec<String> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| format!("probe-{tag}-{n}"))
+        .collect();
+    for (name, node) in names.iter().zip(["node-a", "node-b"]) {
+        let yaml = format!(
+            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
+             spec: {{cpus: 1, runStrategy: Halted, nodeName: {node}, topology: {{sockets: 1, cores: 1, threads: 1}}}}\n"
+        );
+        s.create(NS, &yaml).await?;
+    }
+    for (name, node) in names.iter().zip(["node-a", "node-b"]) {
+        s.wait_vm(
+            NS,
+            name,
+            &format!("placed on {node} and reported Halted by its agent"),
+            CONVERGE,
+            |v| {
+                node_of(v).as_deref() == Some(node)
+                    && condition(v, "Running").is_some_and(|c| c.reason == "Halted")
+            },
+        )
+        .await?;
+    }
+    let took = t0.elapsed().as_secs_f64();
+    for name in &names {
+        s.delete(NS, name).await?;
+    }
+    for name in &names {
+        s.wait_gone(NS, name, CONVERGE).await?;
+    }
+    Ok(format!(
+        "new VMs placed and reported by both agents in {took:.1} s"
+    ))
+}
+
+/// Samples the VM's online-vCPU gauge from its node agent's /metrics every 200 ms (the
+/// agent's own view of the guest, available while the API server is not).
+struct Sampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+impl Sampler {
+    fn start(s: &Stack, node: &str, name: &str) -> Result<Self> {
+        let url = format!("{}/metrics", agent_metrics(s, node)?);
+        let pairs = [
+            "namespace=\"demo\"".to_string(),
+            format!("name=\"{name}\""),
+            "state=\"online\"".to_string(),
+        ];
+        let (stop, mut rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                if let Ok(text) = corescale_e2e::http_get(&url).await {
+                    if let Some(v) = metric_sum(&text, "corescale_vm_vcpus", &pairs) {
+                        out.push(v);
+                    }
+                }
+                tokio::select! {
+                    _ = &mut rx => return out,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+        Ok(Sampler { stop, task })
+    }
+
+    async fn stop(self) -> Result<Vec<f64>> {
+        let _ = self.stop.send(());
+        Ok(self.task.await?)
+    }
+}
+
+/// "2x5 4x12 3x3": each value with how many samples in a row had it.
+fn run_lengths(samples: &[f64]) -> String {
+    let mut out: Vec<(f64, usize)> = Vec::new();
+    for &x in samples {
+        match out.last_mut() {
+            Some((v, n)) if *v == x => *n += 1,
+            _ => out.push((x, 1)),
+        }
+    }
+    out.iter()
+        .map(|(v, n)| format!("{v}x{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn agent_metrics(s: &Stack, node: &str) -> Result<String> {
+    let var = match node {
+        "node-a" => "CORESCALE_NODE_A_METRICS",
+        "node-b" => "CORESCALE_NODE_B_METRICS",
+        other => bail!("no agent metrics for node {other}"),
+    };
+    Ok(s.var(var)?.to_string())
+}
+
+/// The sum of `metric`'s samples whose labels include all `pairs` (text format), or None
+/// if there is none.
+fn metric_sum(text: &str, metric: &str, pairs: &[String]) -> Option<f64> {
+    let prefix = format!("{metric}{{");
+    let mut sum = None;
+    for l in text.lines().filter(|l| l.starts_with(&prefix)) {
+        let Some((labels, value)) = l[prefix.len()..].rsplit_once("} ") else {
+            continue;
+        };
+        let labels: Vec<&str> = labels.split(',').collect();
+        if pairs.iter().all(|p| labels.contains(&p.as_str())) {
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    sum
+}
+
+/// Failed hot-plug operations of a VM, from its node agent's /metrics.
+async fn hotplug_failures(s: &Stack, node: &str, name: &str) -> Result<f64> {
+    let text = corescale_e2e::http_get(&format!("{}/metrics", agent_metrics(s, node)?)).await?;
+    Ok(metric_sum(
+        &text,
+        "corescale_vcpu_hotplug_operations_total",
+        &[
+            "namespace=\"demo\"".into(),
+            format!("name=\"{name}\""),
+            "result=\"failure\"".into(),
+        ],
+    )
+    .unwrap_or(0.0))
+}
+
+fn agent_log(s: &Stack, node: &str) -> PathBuf {
+    s.dir.join("nodes").join(node).join("agent.log")
+}
+
+/// How long each agent's log is now.
+fn agent_log_marks(s: &Stack) -> Vec<(String, u64)> {
+    ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            let len = std::fs::metadata(agent_log(s, n))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (n.to_string(), len)
+        })
+        .collect()
+}
+
+/// "watch error" lines each agent logged since `marks`.
+fn agent_watch_errors(s: &Stack, marks: &[(String, u64)]) -> Result<Vec<(String, usize)>> {
+    let mut out = Vec::new();
+    for (node, from) in marks {
+        let text = std::fs::read(agent_log(s, node))?;
+        let from = usize::try_from(*from)?.min(text.len());
+        let n = String::from_utf8_lossy(&text[from..])
+            .lines()
+            .filter(|l| l.contains("watch error"))
+            .count();
+        out.push((node.clone(), n));
+    }
+    Ok(out)
+}
+
+fn stack_sh(repo: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Result<()> {
+    let st = std::process::Command::new("bash")
+        .arg(repo.join("e2e/stack.sh"))
+        .args(args)
+        .env("CORESCALE_STACK_DIR", dir)
+        .status()?;
+    ensure!(st.success(), "e2e/stack.sh {} failed", args.join(" "));
+    Ok(())
+}
+
 /// QEMU is killed (SIGKILL) while it plugs: the agent notices within 2 s (Event
 /// VmmExited, condition Running=False), restarts the guest per runStrategy with the
 /// current spec.cpus, and leaves exactly one QEMU for the VM.
-async fn qemu_kill(s: &Stack) -> Result<String> {
+async fn qemu_kill(s: &Stack, f: &mut Faults) -> Result<String> {
     let node = s.boot_one(NS, "crash", 8).await?;
     let (pid, _) = s.qemu(&node, NS, "crash").context("no QEMU")?;
     s.scale(NS, "crash", 3).await?;
     s.wait_plugging(NS, "crash").await;
     signal(pid, "KILL")?;
+    f.inject();
     let killed = chrono::Utc::now();
+    let killed_at = Instant::now();
     let vm = s
         .wait_vm(
             NS,
@@ -893,6 +1376,7 @@ async fn qemu_kill(s: &Stack) -> Result<String> {
     let detect = (ev_time - killed).num_milliseconds();
     ensure!(detect <= 2000, "VmmExited {detect} ms after the kill");
     let vm = s.wait_online(NS, "crash", 3, BOOT).await?;
+    let restarted = killed_at.elapsed().as_secs_f64();
     let (new_pid, _) = s
         .qemu(&node, NS, "crash")
         .context("no QEMU after restart")?;
@@ -912,8 +1396,9 @@ async fn qemu_kill(s: &Stack) -> Result<String> {
         "Running not True"
     );
     s.delete(NS, "crash").await?;
+    f.recovered(restarted);
     Ok(format!(
-        "noticed in {detect} ms; restarted with 3 vCPUs (pid {pid} -> {new_pid})"
+        "noticed in {detect} ms; restarted with 3 vCPUs in {restarted:.1} s (pid {pid} -> {new_pid})"
     ))
 }
 
@@ -947,7 +1432,7 @@ fn event_time(
 
 /// A VM deleted while a resize is under way: the resize step ends, the guest stops, the
 /// finalizer goes, no QEMU is left.
-async fn delete_mid_resize(s: &Stack) -> Result<String> {
+async fn delete_mid_resize(s: &Stack, f: &mut Faults) -> Result<String> {
     let yaml = "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: dmr}\n\
                 spec: {cpus: 1, topology: {sockets: 1, cores: 8, threads: 1}}\n";
     s.create(NS, yaml).await?;
@@ -956,23 +1441,26 @@ async fn delete_mid_resize(s: &Stack) -> Result<String> {
     s.wait_plugging(NS, "dmr").await;
     let t0 = Instant::now();
     s.delete(NS, "dmr").await?;
+    f.inject();
     s.wait_gone(NS, "dmr", CONVERGE).await?;
     let left = s.qemu_processes(NS, "dmr");
     ensure!(left.is_empty(), "QEMU processes left: {left:?}");
+    let gone = t0.elapsed().as_secs_f64();
+    f.recovered(gone);
     Ok(format!(
-        "deleted mid-resize; gone in {:.1} s, no QEMU left",
-        t0.elapsed().as_secs_f64()
+        "deleted mid-resize; gone in {gone:.1} s, no QEMU left"
     ))
 }
 
 /// Scenario 8: Stop the example VM's agent past its lease: the operator moves the VM, it runs on
 /// the other node; the old agent, back, stops its stale guest.
-async fn reschedule(s: &Stack) -> Result<String> {
+async fn reschedule(s: &Stack, f: &mut Faults) -> Result<String> {
     let vm = s.vms(NS).get("example").await?;
     let from = node_of(&vm).context("no node")?;
     let to = if from == "node-a" { "node-b" } else { "node-a" };
     let t0 = Instant::now();
     s.stack(&["agent", "stop", &from])?;
+    f.inject();
     let vm = s
         .wait_vm(
             NS,
@@ -991,6 +1479,7 @@ async fn reschedule(s: &Stack) -> Result<String> {
         "Ready still claims the old node's guest"
     );
     s.wait_online(NS, "example", want, BOOT).await?;
+    let running = t0.elapsed().as_secs_f64();
     ensure!(s.qemu(to, NS, "example").is_some(), "no QEMU on {to}");
     let ev = s.events(NS, "example")?;
     ensure!(
@@ -1007,7 +1496,8 @@ async fn reschedule(s: &Stack) -> Result<String> {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Ok(format!("moved {from} -> {to} in {moved:.1} s; Running with {want} vCPUs; stale guest on {from} stopped"))
+    f.recovered(running);
+    Ok(format!("moved {from} -> {to} in {moved:.1} s; Running with {want} vCPUs after {running:.1} s; stale guest on {from} stopped"))
 }
 
 /// Scenario 6: Delete: the guest stops, the finalizer goes, no QEMU remains.
@@ -1132,11 +1622,9 @@ async fn delete(s: &Stack) -> Result<String> {
     for n in &others {
         let _ = s.delete(NS, n).await;
     }
-    for n in others
-        .iter()
-        .map(String::as_str)
-        .chain(["hog", "wide", "smt", "storm", "outage", "dmr", "crash"])
-    {
+    for n in others.iter().map(String::as_str).chain([
+        "hog", "wide", "smt", "storm", "outage", "restart", "frozen", "dmr", "crash",
+    ]) {
         s.wait_gone(NS, n, CONVERGE).await?;
         ensure!(s.qemu_processes(NS, n).is_empty(), "QEMU of {n} left");
     }
