@@ -2,7 +2,9 @@
 # Benchmarks (print figures, write JSON; not pass/fail):
 #  - the QEMU backend's per-phase plug/unplug latency against a direct QMP client
 #    (node-vmm/examples/qemu_bench.rs), when present;
-#  - the control-plane overhead of a resize through the real API server (corescale-bench).
+#  - the control-plane overhead of a resize through the real API server against a direct
+#    QMP + guest-agent client on the same guest in the same run (corescale-bench), with a
+#    percentile plot (CORESCALE_BENCH_PLOT, default $CORESCALE_STACK_DIR/bench-latency.png).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -16,4 +18,5 @@ bash e2e/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$CORESCALE_STACK_DIR"
 trap 'bash e2e/stack.sh down >/dev/null 2>&1 || true' EXIT
 bash e2e/stack.sh up >/dev/null
-"$CORESCALE_BIN_DIR/corescale-bench" overhead "${OVERHEAD_RESIZES:-60}"
+CORESCALE_BENCH_PLOT="${CORESCALE_BENCH_PLOT:-$CORESCALE_STACK_DIR/bench-latency.png}" \
+	"$CORESCALE_BIN_DIR/corescale-bench" overhead "${OVERHEAD_ROUNDS:-4}" "${OVERHEAD_PER_ROUND:-10}"

@@ -503,3 +503,17 @@ pub fn machine() -> String {
         .unwrap_or_default();
     format!("{cpus} CPUs, {model}{mem}")
 }
+
+/// Register the font the benchmark plots use as "sans-serif" (plotters draws text from a
+/// TTF file; no system font lookup).
+pub fn register_plot_font() -> Result<()> {
+    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+    let font = std::fs::read(FONT)
+        .with_context(|| format!("{FONT} is missing: apt-get install fonts-dejavu-core"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into()),
+    )
+    .map_err(|_| anyhow!("{FONT} is not a usable font"))
+}

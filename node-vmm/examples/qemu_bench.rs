@@ -21,12 +21,11 @@
 use clap::Parser;
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
 use corescale_node_vmm::backend::{Accel, ResizeOptions, StepReport, VmHandle, VmSpec};
+use corescale_node_vmm::direct::DirectClient;
 use corescale_node_vmm::images::ImageDir;
-use corescale_node_vmm::launcher::{self, Launcher};
+use corescale_node_vmm::launcher::Launcher;
 use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -110,134 +109,6 @@ async fn backend_round(vm: &QemuVm, runs: usize, settle: Duration, out: &mut Sam
 
 // ---- the baseline: a minimal direct client ---------------------------------------------
 
-struct Direct {
-    qmp: BufReader<UnixStream>,
-    qga: UnixStream,
-    qga_buf: Vec<u8>,
-    id: u64,
-}
-
-impl Direct {
-    fn connect(dir: &Path) -> Direct {
-        let q = UnixStream::connect(dir.join(launcher::QMP_SOCK)).expect("QMP socket");
-        q.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut qmp = BufReader::new(q);
-        let mut greeting = String::new();
-        qmp.read_line(&mut greeting).unwrap();
-        assert!(greeting.contains("QMP"), "{greeting}");
-        let qga = UnixStream::connect(dir.join(launcher::QGA_SOCK)).expect("QGA socket");
-        qga.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut d = Direct {
-            qmp,
-            qga,
-            qga_buf: Vec::new(),
-            id: 1,
-        };
-        d.qmp_cmd(json!({"execute": "qmp_capabilities"}));
-        // Resynchronise the agent line: 0xFF, then guest-sync-delimited until our id.
-        d.id += 1;
-        let id = d.id;
-        d.qga.write_all(b"\xff").unwrap();
-        d.qga
-            .write_all(
-                format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n")
-                    .as_bytes(),
-            )
-            .unwrap();
-        loop {
-            let v = d.qga_obj();
-            if v.get("return").and_then(Value::as_u64) == Some(id) {
-                break;
-            }
-        }
-        d
-    }
-
-    fn qmp_line(&mut self) -> Value {
-        let mut line = String::new();
-        self.qmp.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "QMP closed");
-        serde_json::from_str(&line).unwrap()
-    }
-
-    fn qmp_cmd(&mut self, cmd: Value) -> Value {
-        let mut b = serde_json::to_vec(&cmd).unwrap();
-        b.push(b'\n');
-        self.qmp.get_mut().write_all(&b).unwrap();
-        loop {
-            let v = self.qmp_line();
-            if v.get("event").is_none() {
-                assert!(v.get("error").is_none(), "QMP error: {v}");
-                return v;
-            }
-        }
-    }
-
-    fn wait_ost(&mut self, slot: &str, source: i64) {
-        loop {
-            let v = self.qmp_line();
-            let info = &v["data"]["info"];
-            if v["event"] == "ACPI_DEVICE_OST"
-                && info["slot"] == slot
-                && info["source"] == source
-                && info["status"] == 0
-            {
-                return;
-            }
-        }
-    }
-
-    fn qga_obj(&mut self) -> Value {
-        loop {
-            let start = self.qga_buf.iter().position(|&b| b == b'{');
-            if let Some(start) = start {
-                let mut it = serde_json::Deserializer::from_slice(&self.qga_buf[start..])
-                    .into_iter::<Value>();
-                if let Some(Ok(v)) = it.next() {
-                    let end = start + it.byte_offset();
-                    self.qga_buf.drain(..end);
-                    return v;
-                }
-            }
-            let mut chunk = [0u8; 65536];
-            let n = self.qga.read(&mut chunk).unwrap();
-            assert!(n > 0, "QGA closed");
-            self.qga_buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn qga_cmd(&mut self, execute: &str, arguments: Value) -> Value {
-        self.id += 1;
-        let id = self.id;
-        let mut b =
-            serde_json::to_vec(&json!({"execute": execute, "arguments": arguments, "id": id}))
-                .unwrap();
-        b.push(b'\n');
-        self.qga.write_all(&b).unwrap();
-        loop {
-            let v = self.qga_obj();
-            if v.get("id").and_then(Value::as_u64) == Some(id) {
-                assert!(v.get("error").is_none(), "QGA error: {v}");
-                return v["return"].clone();
-            }
-        }
-    }
-
-    fn vcpus(&mut self) -> Vec<(u64, bool)> {
-        let v = self.qga_cmd("guest-get-vcpus", json!({}));
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                (
-                    c["logical-id"].as_u64().unwrap(),
-                    c["online"].as_bool().unwrap(),
-                )
-            })
-            .collect()
-    }
-}
-
 fn baseline_round(
     dir: &Path,
     slot: &Value,
@@ -246,43 +117,18 @@ fn baseline_round(
     settle: Duration,
     out: &mut Samples,
 ) {
-    let mut d = Direct::connect(dir);
-    let driver = slot["type"].as_str().unwrap().to_string();
-    let props = slot["props"].as_object().unwrap().clone();
+    let mut d = DirectClient::connect(dir, Duration::from_secs(30)).expect("direct client");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for r in 0..runs {
         let id = format!("bench-cpu-{}", run0 + r);
-        let before: Vec<u64> = d.vcpus().into_iter().map(|(l, _)| l).collect();
-        // Plug.
-        let t0 = Instant::now();
-        let mut args = props.clone();
-        args.insert("driver".into(), json!(driver));
-        args.insert("id".into(), json!(id));
-        d.qmp_cmd(json!({"execute": "device_add", "arguments": args}));
-        out.plug_applied.push(t0.elapsed().as_secs_f64() * 1e3);
-        d.wait_ost("1", 1);
-        out.plug_acked.push(t0.elapsed().as_secs_f64() * 1e3);
-        let new = loop {
-            if let Some((l, _)) = d.vcpus().into_iter().find(|(l, _)| !before.contains(l)) {
-                break l;
-            }
-        };
-        d.qga_cmd(
-            "guest-set-vcpus",
-            json!({"vcpus": [{"logical-id": new, "online": true}]}),
-        );
-        while !d.vcpus().into_iter().any(|(l, on)| l == new && on) {}
-        out.plug_online.push(t0.elapsed().as_secs_f64() * 1e3);
+        let p = d.plug_online(slot, &id, 1).expect("direct plug");
+        out.plug_applied.push(ms(p.applied));
+        out.plug_acked.push(ms(p.acked));
+        out.plug_online.push(ms(p.online));
         std::thread::sleep(settle);
-        // Unplug.
-        let t0 = Instant::now();
-        d.qga_cmd(
-            "guest-set-vcpus",
-            json!({"vcpus": [{"logical-id": new, "online": false}]}),
-        );
-        d.qmp_cmd(json!({"execute": "device_del", "arguments": {"id": id}}));
-        out.unplug_applied.push(t0.elapsed().as_secs_f64() * 1e3);
-        d.wait_ost("1", 3);
-        out.unplug_acked.push(t0.elapsed().as_secs_f64() * 1e3);
+        let u = d.unplug(&id, p.logical, 1).expect("direct unplug");
+        out.unplug_applied.push(ms(u.applied));
+        out.unplug_acked.push(ms(u.acked));
         std::thread::sleep(settle);
     }
 }

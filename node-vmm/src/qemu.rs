@@ -815,7 +815,9 @@ impl Backend for QemuBackend {
 struct CpuMap {
     /// Logical CPU -> slot.
     by_logical: BTreeMap<u32, u32>,
-    /// (present slots, logical ids) the map was built for.
+    /// (present slots, logical ids), both sorted, the map is valid for. Built by a full
+    /// mapping, then kept current by this handle's own plugs and unplugs, so observing
+    /// right after a resize does not read the guest's files again.
     signature: Option<(Vec<u32>, Vec<u32>)>,
 }
 
@@ -827,7 +829,26 @@ impl CpuMap {
             .map(|(l, _)| *l)
     }
     fn forget_slot(&mut self, slot: u32) {
+        let gone = self.slot_logical(slot);
         self.by_logical.retain(|_, s| *s != slot);
+        if let Some((present, logical)) = &mut self.signature {
+            present.retain(|s| *s != slot);
+            if let Some(l) = gone {
+                logical.retain(|x| *x != l);
+            }
+        }
+    }
+    /// A plug of this handle brought `slot` in as guest CPU `logical`.
+    fn note_plugged(&mut self, slot: u32, logical: u32) {
+        self.by_logical.retain(|_, s| *s != slot);
+        self.by_logical.insert(logical, slot);
+        if let Some((present, all)) = &mut self.signature {
+            for (v, x) in [(present, slot), (all, logical)] {
+                if let Err(i) = v.binary_search(&x) {
+                    v.insert(i, x);
+                }
+            }
+        }
     }
 }
 
@@ -1254,8 +1275,11 @@ impl QemuVm {
     ) -> Result<AgentView, QgaError> {
         let deadline = Instant::now() + timeout;
         let vcpus = self.guest_vcpus(&mut ops.qga, timeout).await?;
-        let logical: Vec<u32> = vcpus.iter().map(|v| v.logical_id).collect();
-        let sig = (present.to_vec(), logical);
+        let mut logical: Vec<u32> = vcpus.iter().map(|v| v.logical_id).collect();
+        logical.sort_unstable();
+        let mut present = present.to_vec();
+        present.sort_unstable();
+        let sig = (present, logical);
         if ops.map.signature.as_ref() != Some(&sig) {
             let map = self.map_logical(&mut ops.qga, &vcpus, deadline).await?;
             ops.map.by_logical = map;
@@ -1458,7 +1482,17 @@ impl QemuVm {
         // A guest whose agent never answered has none: its vCPUs end Present, which is
         // all such a guest can report, and that is no error.
         let has_agent = self.has_agent(ops).await;
-        let before: Option<BTreeSet<u32>> = if has_agent {
+        // The map's signature, when current, already lists the guest's CPUs: no round
+        // trip. (Were it stale, two CPUs would look new and each would be identified by
+        // its own files below: slower, never wrong.)
+        let known = ops
+            .map
+            .signature
+            .as_ref()
+            .map(|(_, logical)| logical.iter().copied().collect::<BTreeSet<u32>>());
+        let before: Option<BTreeSet<u32>> = if has_agent && known.is_some() {
+            known
+        } else if has_agent {
             match self.guest_vcpus(&mut ops.qga, self.cfg.agent_timeout).await {
                 Ok(v) => Some(v.iter().map(|c| c.logical_id).collect()),
                 Err(e) => {
@@ -1783,6 +1817,9 @@ impl QemuVm {
                 }
             }
             if all {
+                for (&slot, &logical) in &found {
+                    ops.map.note_plugged(slot, logical);
+                }
                 return Ok(());
             }
             if Instant::now() >= deadline {

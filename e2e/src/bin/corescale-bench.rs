@@ -1,16 +1,21 @@
 //! Benchmarks against a running stack (`e2e/bench.sh` brings one up). Each prints its
 //! figures and writes JSON under the stack directory; none is pass/fail.
 //!
-//! `corescale-bench overhead [N]`: control-plane overhead of a resize on a real guest:
-//! from the API write (and from the moment a watch sees it) to the node agent's backend
-//! call, and to the guest having the vCPUs online, over N resizes (default 60).
+//! `corescale-bench overhead [ROUNDS] [PER_ROUND]`: control-plane overhead of a resize on a
+//! real guest, against a direct QMP + guest-agent client doing the same on the same guest
+//! in the same run: from the API write to the node agent's backend call, and to the status
+//! showing the vCPUs online (as a watch sees it); the ratio of the medians. Defaults: 4
+//! rounds of 10 resizes. `CORESCALE_BENCH_PLOT=file.png` also plots the percentiles.
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
+use corescale_api::{ResizeResult, VirtualMachine};
 use corescale_e2e::Stack;
+use corescale_node_vmm::direct::DirectClient;
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};
+use kube::Api;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,10 +28,11 @@ async fn main() -> Result<()> {
     let stack = Stack::from_env("bench").await?;
     match args.first().map(String::as_str) {
         Some("overhead") => {
-            let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(60);
-            overhead(&stack, n).await
+            let rounds = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
+            let per_round = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10);
+            overhead(&stack, rounds, per_round).await
         }
-        _ => bail!("usage: corescale-bench overhead [N]"),
+        _ => bail!("usage: corescale-bench overhead [ROUNDS] [PER_ROUND]"),
     }
 }
 
@@ -42,20 +48,110 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (v[0], rank(50), rank(99))
 }
 
-async fn overhead(s: &Stack, n: usize) -> Result<()> {
+/// One resize through the API: write, then watch until the status shows the target online
+/// with a new, successful lastResize. Times in ms from the write: (backend call, status
+/// shows it online, as a watch sees it).
+async fn api_resize(
+    api: &Api<VirtualMachine>,
+    seen: &Arc<Mutex<Vec<Seen>>>,
+    name: &str,
+    target: u32,
+    last_started: &mut Option<DateTime<Utc>>,
+) -> Result<(f64, f64, Split)> {
+    let t_write = Utc::now();
+    let body = serde_json::json!({"spec": {"replicas": target}});
+    api.patch_scale(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hit = seen
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|e| {
+                e.at >= t_write
+                    && e.cpus == target
+                    && e.succeeded
+                    && e.started.is_some()
+                    && e.started != *last_started
+            })
+            .cloned();
+        if let Some(e) = hit {
+            *last_started = e.started;
+            let started = e.started.expect("checked");
+            let finished = e.finished.unwrap_or(e.at);
+            let backend = e.backend_done.unwrap_or(0.0) * 1e3;
+            let split = Split {
+                to_backend: ms(t_write, started),
+                backend,
+                after: ms(started, finished) - backend,
+                report: ms(finished, e.at),
+            };
+            return Ok((ms(t_write, started), ms(t_write, e.at), split));
+        }
+        if Instant::now() > deadline {
+            bail!("resize to {target} did not show in status within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What our watch saw of the VM, and when.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: DateTime<Utc>,
+    cpus: u32,
+    started: Option<DateTime<Utc>>,
+    finished: Option<DateTime<Utc>>,
+    /// The backend's last phase (online for a plug, released for an unplug), seconds
+    /// after the backend call.
+    backend_done: Option<f64>,
+    succeeded: bool,
+}
+
+/// Where one resize's time went, in ms: write -> backend call, the backend's step,
+/// the agent's observation after it, its status write until our watch saw it.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    to_backend: f64,
+    backend: f64,
+    after: f64,
+    report: f64,
+}
+
+fn ms(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
+    f64::from(i32::try_from((b - a).num_microseconds().unwrap_or(0)).unwrap_or(i32::MAX)) / 1000.0
+}
+
+/// Control-plane overhead on a real guest, against a direct QMP + agent client doing the
+/// same operations on the same guest in the same run. Rounds alternate: `per_round`
+/// resizes through the API server (1 -> 2 -> 1 ...), then the node agent is stopped (the
+/// launcher keeps the guest) and the direct client plugs and unplugs the same slot
+/// `per_round / 2` times, then the agent is started again and re-adopts the guest.
+async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
     s.namespace(NS)?;
     let name = "overhead";
-    // 64 slots: under TCG one QEMU process creates at most maxcpus vCPU threads in its
-    // life, and every other resize here plugs one.
+    // Under TCG one QEMU process creates at most maxcpus vCPU threads in its life: the
+    // budget covers every plug of both clients plus a warm-up per round.
+    let plugs = rounds * (per_round + 2);
+    let slots = u32::try_from(plugs + 2)?.clamp(8, 255);
     let yaml = format!(
         "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
-         spec: {{cpus: 1, topology: {{sockets: 1, cores: 64, threads: 1}}}}\n"
+         spec: {{cpus: 1, topology: {{sockets: 1, cores: {slots}, threads: 1}}}}\n"
     );
     s.create(NS, &yaml).await?;
-    s.wait_online(NS, name, 1, Duration::from_secs(120)).await?;
+    let vm = s.wait_online(NS, name, 1, Duration::from_secs(120)).await?;
+    let node = corescale_e2e::node_of(&vm).context("no node in status")?;
+    let vm_dir = s
+        .dir
+        .join("nodes")
+        .join(&node)
+        .join("vms")
+        .join(NS)
+        .join(name);
 
-    // Our own watch: when does a watcher see each resourceVersion?
-    let seen: Arc<Mutex<HashMap<String, DateTime<Utc>>>> = Arc::default();
+    // Our own watch: when does a watcher see each state of the VM?
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     {
         let seen = seen.clone();
         let api = s.vms(NS);
@@ -63,87 +159,235 @@ async fn overhead(s: &Stack, n: usize) -> Result<()> {
         tokio::spawn(async move {
             let mut st = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
             while let Some(Ok(vm)) = st.next().await {
-                let now = Utc::now();
-                if let Some(rv) = vm.metadata.resource_version {
-                    seen.lock().expect("not poisoned").entry(rv).or_insert(now);
-                }
+                let at = Utc::now();
+                let st = vm.status.unwrap_or_default();
+                let lr = st.last_resize;
+                seen.lock().expect("not poisoned").push(Seen {
+                    at,
+                    cpus: st.cpus.unwrap_or(0),
+                    started: lr.as_ref().map(|l| l.started_at),
+                    finished: lr.as_ref().and_then(|l| l.finished_at),
+                    backend_done: lr
+                        .as_ref()
+                        .and_then(|l| l.online_seconds.or(l.acked_seconds)),
+                    succeeded: lr.is_some_and(|l| {
+                        l.finished_at.is_some() && l.result == ResizeResult::Succeeded
+                    }),
+                });
             }
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let api = s.vms(NS);
-    let (mut write_backend, mut watch_backend, mut write_online) = (vec![], vec![], vec![]);
+    let mut m: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut last_started: Option<DateTime<Utc>> = None;
-    for i in 0..n {
-        let target = if i % 2 == 0 { 2 } else { 1 };
-        let t_write = Utc::now();
-        let body = serde_json::json!({"spec": {"replicas": target}});
-        let sc = api
-            .patch_scale(name, &PatchParams::default(), &Patch::Merge(&body))
-            .await?;
-        let rv = sc.metadata.resource_version.context("no resourceVersion")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let vm = loop {
-            let vm = api.get(name).await?;
-            let lr = vm.status.as_ref().and_then(|s| s.last_resize.clone());
-            if let Some(lr) = lr {
-                if lr.to == target
-                    && lr.finished_at.is_some()
-                    && Some(lr.started_at) != last_started
-                    && lr.result == corescale_api::ResizeResult::Succeeded
-                {
-                    break vm;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("resize {i} to {target} did not finish in 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let lr = vm.status.and_then(|s| s.last_resize).expect("checked");
-        last_started = Some(lr.started_at);
-        let ms = |a: DateTime<Utc>, b: DateTime<Utc>| {
-            f64::from(i32::try_from((b - a).num_microseconds().unwrap_or(0)).unwrap_or(i32::MAX))
-                / 1000.0
-        };
-        write_backend.push(ms(t_write, lr.started_at));
-        write_online.push(ms(t_write, lr.finished_at.expect("checked")));
-        if let Some(t_seen) = seen.lock().expect("not poisoned").get(&rv).copied() {
-            watch_backend.push(ms(t_seen, lr.started_at));
+    let mut splits: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut direct_id = 0;
+    for round in 0..rounds {
+        // Warm-up after the agent (re)adopted the guest: not timed.
+        for target in [2, 1] {
+            api_resize(&api, &seen, name, target, &mut last_started).await?;
         }
+        for i in 0..per_round {
+            let target = if i % 2 == 0 { 2 } else { 1 };
+            let (backend, online, split) =
+                api_resize(&api, &seen, name, target, &mut last_started).await?;
+            let d = if target == 2 { "plug" } else { "unplug" };
+            for (k, v) in [
+                ("to_backend", split.to_backend),
+                ("backend", split.backend),
+                ("after", split.after),
+                ("report", split.report),
+            ] {
+                splits.entry(format!("{d}_{k}")).or_default().push(v);
+            }
+            let dir = if target == 2 { "plug" } else { "unplug" };
+            m.entry(if target == 2 {
+                "api_plug_backend"
+            } else {
+                "api_unplug_backend"
+            })
+            .or_default()
+            .push(backend);
+            m.entry(if dir == "plug" {
+                "api_plug_status"
+            } else {
+                "api_unplug_status"
+            })
+            .or_default()
+            .push(online);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The same operations by a direct client on the same guest.
+        s.stack(&["agent", "stop", &node])?;
+        let dir = vm_dir.clone();
+        let n = per_round / 2;
+        let first = direct_id;
+        direct_id += n;
+        let direct = tokio::task::spawn_blocking(move || -> Result<Vec<(f64, f64)>> {
+            let mut d = DirectClient::connect(&dir, Duration::from_secs(30))?;
+            let slot = d.slot(0, 1, 0)?;
+            let mut out = Vec::new();
+            for k in 0..n {
+                let id = format!("bench-direct-{}", first + k);
+                let p = d.plug_online(&slot, &id, 1)?;
+                std::thread::sleep(Duration::from_millis(100));
+                let u = d.unplug(&id, p.logical, 1)?;
+                std::thread::sleep(Duration::from_millis(100));
+                out.push((p.online.as_secs_f64() * 1e3, u.acked.as_secs_f64() * 1e3));
+            }
+            Ok(out)
+        })
+        .await??;
+        for (plug, unplug) in direct {
+            m.entry("direct_plug_online").or_default().push(plug);
+            m.entry("direct_unplug_acked").or_default().push(unplug);
+        }
+        s.stack(&["agent", "start", &node])?;
+        println!("round {}/{rounds} done", round + 1);
     }
-    let (a, b, c) = (
-        stats(&mut write_backend),
-        stats(&mut watch_backend),
-        stats(&mut write_online),
-    );
-    println!("control-plane overhead over {n} resizes on a QEMU/TCG guest (ms):");
-    println!("  {:<34} {:>8} {:>8} {:>8}", "", "min", "median", "p99");
-    println!(
-        "  {:<34} {:>8.1} {:>8.1} {:>8.1}",
-        "API write -> backend call", a.0, a.1, a.2
-    );
-    println!(
-        "  {:<34} {:>8.1} {:>8.1} {:>8.1}",
-        "watch sees write -> backend call", b.0, b.1, b.2
-    );
-    println!(
-        "  {:<34} {:>8.1} {:>8.1} {:>8.1}",
-        "API write -> guest has it online", c.0, c.1, c.2
-    );
-    println!("  target (issue #4): median <= 20 ms, p99 <= 50 ms from the write as seen by a watch to the backend call");
-    let json = serde_json::json!({
-        "benchmark": "control-plane-overhead",
-        "resizes": n,
-        "machine": corescale_e2e::machine(),
-        "write_to_backend_ms": {"min": a.0, "median": a.1, "p99": a.2},
-        "watch_to_backend_ms": {"min": b.0, "median": b.1, "p99": b.2, "samples": watch_backend.len()},
-        "write_to_online_ms": {"min": c.0, "median": c.1, "p99": c.2},
-    });
-    let out = s.dir.join("bench-overhead.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
-    println!("  written to {}", out.display());
     s.delete(NS, name).await?;
+
+    let stat = |k: &str| -> (f64, f64, f64) {
+        let mut v = m.get(k).cloned().unwrap_or_default();
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        stats(&mut v)
+    };
+    let rows = [
+        ("api_plug_backend", "plug: API write -> backend call"),
+        ("api_unplug_backend", "unplug: API write -> backend call"),
+        ("api_plug_status", "plug: API write -> status online"),
+        ("direct_plug_online", "plug: direct QMP+agent -> online"),
+        ("api_unplug_status", "unplug: API write -> status shows it"),
+        (
+            "direct_unplug_acked",
+            "unplug: direct QMP+agent -> released",
+        ),
+    ];
+    println!(
+        "control-plane overhead on a QEMU/TCG guest, {rounds} rounds of {per_round} API resizes and {} direct plug+unplug cycles (ms):",
+        per_round / 2
+    );
+    println!("  {:<40} {:>8} {:>8} {:>8}", "", "min", "median", "p99");
+    let mut json = serde_json::Map::new();
+    for (k, label) in rows {
+        let (a, b, c) = stat(k);
+        println!("  {label:<40} {a:>8.1} {b:>8.1} {c:>8.1}");
+        json.insert(
+            k.into(),
+            serde_json::json!({"min": a, "median": b, "p99": c, "samples": m.get(k).map_or(0, Vec::len)}),
+        );
+    }
+    println!("  where the API path's time goes (medians, ms): write -> backend call | backend step | agent after the step | status write -> watch");
+    for d in ["plug", "unplug"] {
+        let med = |k: &str| {
+            let mut v = splits.get(&format!("{d}_{k}")).cloned().unwrap_or_default();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                stats(&mut v).1
+            }
+        };
+        let row = [
+            med("to_backend"),
+            med("backend"),
+            med("after"),
+            med("report"),
+        ];
+        println!(
+            "    {d:<7} {:>8.1} | {:>8.1} | {:>8.1} | {:>8.1}",
+            row[0], row[1], row[2], row[3]
+        );
+        json.insert(
+            format!("{d}_split_ms"),
+            serde_json::json!({"to_backend": row[0], "backend": row[1], "after_step": row[2], "status_to_watch": row[3]}),
+        );
+    }
+    let ratio_plug = stat("api_plug_status").1 / stat("direct_plug_online").1;
+    let ratio_unplug = stat("api_unplug_status").1 / stat("direct_unplug_acked").1;
+    println!("  end-to-end / direct (medians): plug {ratio_plug:.2}, unplug {ratio_unplug:.2}   (goal, issue #7: <= 1.3)");
+    json.insert("ratio_plug".into(), ratio_plug.into());
+    json.insert("ratio_unplug".into(), ratio_unplug.into());
+    json.insert("benchmark".into(), "control-plane-overhead".into());
+    json.insert("machine".into(), corescale_e2e::machine().into());
+    let out = s.dir.join("bench-overhead.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    println!("  written to {}", out.display());
+    if let Some(png) = std::env::var_os("CORESCALE_BENCH_PLOT") {
+        plot_latency(std::path::Path::new(&png), &mut m)?;
+    }
+    Ok(())
+}
+
+/// Latency percentiles of each measured path, as a PNG.
+fn plot_latency(out: &std::path::Path, m: &mut HashMap<&str, Vec<f64>>) -> Result<()> {
+    use plotters::prelude::*;
+    corescale_e2e::register_plot_font()?;
+    let series: [(&str, &str, RGBColor); 4] = [
+        ("api_plug_status", "plug: API write -> status online", BLUE),
+        (
+            "direct_plug_online",
+            "plug: direct QMP+agent",
+            RGBColor(120, 160, 255),
+        ),
+        ("api_unplug_status", "unplug: API write -> status", RED),
+        (
+            "direct_unplug_acked",
+            "unplug: direct QMP+agent",
+            RGBColor(255, 150, 150),
+        ),
+    ];
+    let ymax = series
+        .iter()
+        .filter_map(|(k, _, _)| m.get(*k))
+        .flatten()
+        .copied()
+        .fold(0.0, f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(out, (900, 450)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Resize latency percentiles (ms)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..100.0, 0.0..ymax.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .draw()?;
+    for (k, label, color) in series {
+        let Some(v) = m.get_mut(k) else { continue };
+        v.sort_by(f64::total_cmp);
+        let len = v.len();
+        let pts: Vec<(f64, f64)> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &y)| {
+                let p = f64::from(u32::try_from(i + 1).unwrap_or(u32::MAX))
+                    / f64::from(u32::try_from(len).unwrap_or(u32::MAX));
+                (p * 100.0, y)
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    println!("  plot written to {}", out.display());
     Ok(())
 }

@@ -542,11 +542,7 @@ fn growth(results: &[Value]) -> Result<()> {
 
 fn plot(out: &Path, results: &[Value]) -> Result<()> {
     use plotters::prelude::*;
-    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-    let font = std::fs::read(FONT)
-        .with_context(|| format!("{FONT} is missing: apt-get install fonts-dejavu-core"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
-        .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
+    corescale_e2e::register_plot_font()?;
     let xs: Vec<f64> = results.iter().map(|r| f(r, &["vms"])).collect();
     let xmax = xs.iter().copied().fold(0.0, f64::max) * 1.05;
     let root = BitMapBackend::new(out, (1100, 450)).into_drawing_area();
