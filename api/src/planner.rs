@@ -321,11 +321,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn topo(sockets: u32, cores: u32, threads: u32) -> Topology {
-        Topology {
-            sockets,
-            cores,
-            threads,
-        }
+        Topology::new(sockets, cores, threads)
     }
 
     /// Apply a plan the way a perfect VMM would: plugs come online, unplugs go absent.

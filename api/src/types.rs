@@ -176,6 +176,14 @@ fn default_threads() -> u32 {
 }
 
 impl Topology {
+    /// `sockets` x `cores` x `threads` slots.
+    pub const fn new(sockets: u32, cores: u32, threads: u32) -> Self {
+        Topology {
+            sockets,
+            cores,
+            threads,
+        }
+    }
     /// The topology used when `spec.topology` is omitted: one socket, `cpus` cores, one thread.
     pub fn default_for(cpus: u32) -> Self {
         Topology {

@@ -111,6 +111,21 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// An observation of slots in these states, with nothing else known of them.
+    pub fn of_states(states: &[VcpuState], guest_agent: bool) -> Self {
+        Observation {
+            slots: states
+                .iter()
+                .map(|s| SlotObservation {
+                    state: *s,
+                    guest_cpu: None,
+                    host_thread: None,
+                })
+                .collect(),
+            guest_agent,
+        }
+    }
+
     /// vCPUs the guest has online; without a guest agent, the vCPUs present.
     pub fn online(&self) -> u32 {
         let want = if self.guest_agent {

@@ -299,12 +299,9 @@ pub fn accel_for(arch: Arch, native: Accel) -> Accel {
 mod tests {
     use super::*;
 
+    use Topology as T;
     fn topo(sockets: u32, cores: u32, threads: u32) -> Topology {
-        Topology {
-            sockets,
-            cores,
-            threads,
-        }
+        T::new(sockets, cores, threads)
     }
 
     fn core_props(core_id: i64) -> CpuProps {

@@ -577,19 +577,7 @@ async fn core(s: &Stack) -> Result<String> {
     for n in [4u32, 2, 4] {
         s.scale(NS, "smt", n).await?;
         let vm = s.wait_online(NS, "smt", n, CONVERGE).await?;
-        let st = vm.status.as_ref().unwrap();
-        for core in 0..3 {
-            let threads: Vec<VcpuState> = st
-                .vcpus
-                .iter()
-                .filter(|v| v.core == core)
-                .map(|v| v.state)
-                .collect();
-            ensure!(
-                threads.iter().all(|t| *t == threads[0]),
-                "core {core} is split: {threads:?}"
-            );
-        }
+        no_split_core(&vm)?;
     }
     // A target that is not whole cores is refused at admission.
     let (ok, _, err) = s.kubectl(&["scale", "-n", NS, "cvm/smt", "--replicas=3"])?;
@@ -598,6 +586,22 @@ async fn core(s: &Stack) -> Result<String> {
         "scale to 3: {err}"
     );
     Ok("2 -> 4 -> 2 -> 4 vCPUs, both threads of a core each time; 3 refused".into())
+}
+
+/// Every core's threads are in one state in status: Core granularity never splits a core.
+fn no_split_core(vm: &VirtualMachine) -> Result<()> {
+    let st = vm.status.as_ref().context("no status")?;
+    let mut by_core: std::collections::BTreeMap<(u32, u32), Vec<VcpuState>> = Default::default();
+    for v in &st.vcpus {
+        by_core.entry((v.socket, v.core)).or_default().push(v.state);
+    }
+    for ((socket, core), threads) in by_core {
+        ensure!(
+            threads.iter().all(|t| *t == threads[0]),
+            "socket {socket} core {core} is split: {threads:?}"
+        );
+    }
+    Ok(())
 }
 
 /// Scenario 10: Prometheus: the documented series exist for each VM, and the latency histogram's
@@ -1553,19 +1557,7 @@ async fn ppc64le(s: &Stack) -> Result<String> {
         s.scale(NS, name, n).await?;
         let vm = s.wait_online(NS, name, n, CONVERGE).await?;
         took.push(t.elapsed().as_secs_f64());
-        let st = vm.status.as_ref().context("no status")?;
-        for core in 0..4 {
-            let threads: Vec<VcpuState> = st
-                .vcpus
-                .iter()
-                .filter(|v| v.core == core)
-                .map(|v| v.state)
-                .collect();
-            ensure!(
-                threads.iter().all(|t| *t == threads[0]),
-                "core {core} is split: {threads:?}"
-            );
-        }
+        no_split_core(&vm)?;
         ensure!(
             s.qemu(&node, NS, name).map(|q| q.0) == Some(pid),
             "QEMU was restarted while scaling"

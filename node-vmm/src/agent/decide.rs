@@ -195,7 +195,7 @@ pub fn plan_for(vm: &VirtualMachine, book: &SlotBook) -> Result<Plan, PlanError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Accel, SlotObservation};
+    use crate::backend::Accel;
 
     fn vm(extra: &str) -> VirtualMachine {
         serde_yaml::from_str(&format!(
@@ -278,17 +278,7 @@ mod tests {
     #[test]
     fn book_keeps_since_and_orders_unplugs_by_plug_time() {
         let v = vm("spec: {cpus: 1, topology: {sockets: 1, cores: 3, threads: 1}}");
-        let obs = |states: [VcpuState; 3]| Observation {
-            slots: states
-                .iter()
-                .map(|s| SlotObservation {
-                    state: *s,
-                    guest_cpu: None,
-                    host_thread: None,
-                })
-                .collect(),
-            guest_agent: true,
-        };
+        let obs = |states: [VcpuState; 3]| Observation::of_states(&states, true);
         use VcpuState::*;
         let t0 = DateTime::from_timestamp(100, 0).unwrap();
         let t1 = DateTime::from_timestamp(200, 0).unwrap();

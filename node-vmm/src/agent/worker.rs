@@ -1246,7 +1246,6 @@ pub fn vm_spec_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::SlotObservation;
 
     #[test]
     fn backoff_grows_and_is_bounded() {
@@ -1257,17 +1256,7 @@ mod tests {
 
     #[test]
     fn stuck_slots_names_each_slot_and_why() {
-        let obs = |states: &[VcpuState]| Observation {
-            slots: states
-                .iter()
-                .map(|s| SlotObservation {
-                    state: *s,
-                    guest_cpu: None,
-                    host_thread: None,
-                })
-                .collect(),
-            guest_agent: false,
-        };
+        let obs = |states: &[VcpuState]| Observation::of_states(states, false);
         use VcpuState::*;
         assert_eq!(stuck_slots(&obs(&[Online, Present, Absent])), None);
         assert_eq!(
