@@ -88,7 +88,7 @@ const SCENARIOS: &[Scenario] = &[
     ),
     (
         "ppc64le",
-        "a POWER (pseries) VM: applied, scaled 2 -> 4 -> 2 by whole cores, deleted",
+        "POWER (pseries) VMs: threads=2 scaled 2 -> 4 -> 2 by whole cores, threads=1 1 -> 3 -> 2, deleted",
     ),
     (
         "delete",
@@ -1589,8 +1589,44 @@ async fn ppc64le(s: &Stack) -> Result<String> {
         s.qemu_processes(NS, name).is_empty(),
         "QEMU of the POWER VM left"
     );
+    // One thread per core: a core is one vCPU, so Thread granularity is allowed; 1 -> 3 -> 2.
+    let single = "power-st";
+    s.create(
+        NS,
+        &format!(
+            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {single}}}\n\
+             spec: {{arch: ppc64le, cpus: 1, memory: 512Mi, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
+        ),
+    )
+    .await?;
+    s.wait_online(NS, single, 1, BOOT).await?;
+    for n in [3u32, 2] {
+        s.scale(NS, single, n).await?;
+        let vm = s.wait_online(NS, single, n, CONVERGE).await?;
+        let online: Vec<u32> = vm
+            .status
+            .as_ref()
+            .map(|st| {
+                st.vcpus
+                    .iter()
+                    .filter(|v| v.state == VcpuState::Online)
+                    .map(|v| v.index)
+                    .collect()
+            })
+            .unwrap_or_default();
+        ensure!(
+            online == (0..n).collect::<Vec<_>>(),
+            "threads=1 POWER VM at {n}: Online slots {online:?}"
+        );
+    }
+    s.delete(NS, single).await?;
+    s.wait_gone(NS, single, CONVERGE).await?;
+    ensure!(
+        s.qemu_processes(NS, single).is_empty(),
+        "QEMU of the threads=1 POWER VM left"
+    );
     Ok(format!(
-        "booted in {boot:.1} s on {node}; 2 -> 4 in {:.2} s, 4 -> 2 in {:.2} s; Events, metrics; deleted",
+        "booted in {boot:.1} s on {node}; 2 -> 4 in {:.2} s, 4 -> 2 in {:.2} s (threads=2); 1 -> 3 -> 2 (threads=1); Events, metrics; deleted",
         took[0], took[1]
     ))
 }
