@@ -65,13 +65,16 @@ pub fn expires_at(lease: &Lease) -> Option<Timestamp> {
 /// Take or renew the Lease. Returns whether `claim.holder` holds it now. A conflicting
 /// write by another candidate is not an error: it just means someone else holds it.
 pub async fn acquire_or_renew(api: &Api<Lease>, claim: &LeaseClaim) -> Result<bool, LeaseError> {
-    let now = Timestamp::now();
     let err = |source| LeaseError::Api {
         name: claim.name.clone(),
         source,
     };
     let secs = i32::try_from(claim.duration.as_secs()).unwrap_or(i32::MAX);
-    match api.get_opt(&claim.name).await.map_err(err)? {
+    let current = api.get_opt(&claim.name).await.map_err(err)?;
+    // Stamped after the read, just before the write: a read that hung (an API server
+    // restarting) must not make the renewal land already stale.
+    let now = Timestamp::now();
+    match current {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -134,22 +137,31 @@ pub async fn acquire_or_renew(api: &Api<Lease>, claim: &LeaseClaim) -> Result<bo
 }
 
 /// Keep trying to hold the Lease, renewing every `duration / 3`; publish whether we hold
-/// it on `tx`. Errors (API server down) count as "not held" once the Lease would have
-/// expired, so two leaders never act at once for longer than one Lease duration.
+/// it on `tx`. Like client-go's leader election, a holder that has not renewed within the
+/// renew deadline (two thirds of the Lease duration) steps down before the Lease can
+/// expire for the others: a failed renewal and one that hangs (an API server or etcd
+/// that does not answer) count alike, so two leaders never act at once.
 pub async fn hold_forever(api: Api<Lease>, claim: LeaseClaim, tx: watch::Sender<bool>) {
     let period = claim.duration / 3;
+    let renew_deadline = claim.duration * 2 / 3;
     let mut last_ok = tokio::time::Instant::now();
     loop {
-        match acquire_or_renew(&api, &claim).await {
-            Ok(held) => {
+        // The attempt gets until the renew deadline; one that runs out is a failure.
+        let budget = renew_deadline.saturating_sub(last_ok.elapsed()).max(period);
+        match tokio::time::timeout(budget, acquire_or_renew(&api, &claim)).await {
+            Ok(Ok(held)) => {
                 if held {
                     last_ok = tokio::time::Instant::now();
                 }
                 tx.send_if_modified(|v| std::mem::replace(v, held) != held);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, lease = %claim.name, "cannot renew lease");
-                if last_ok.elapsed() > claim.duration {
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {budget:?}"),
+                };
+                tracing::warn!(error = %why, lease = %claim.name, "cannot renew lease");
+                if last_ok.elapsed() > renew_deadline {
                     tx.send_if_modified(|v| std::mem::replace(v, false));
                 }
             }

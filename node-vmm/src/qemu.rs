@@ -906,19 +906,35 @@ async fn monitor(
     tx: mpsc::Sender<VmEvent>,
 ) {
     let mut rx = qmp.subscribe();
+    let shutdown = |ev: &qmp::Event| match ev.kind() {
+        EventKind::Shutdown { guest, reason } => {
+            tracing::info!(vm = %key, guest, reason, "guest shut down");
+            true
+        }
+        _ => false,
+    };
     loop {
+        // Events first: a SHUTDOWN and the monitor closing right after it are often ready
+        // together, and the guest stopping must be reported before the VMM's exit.
         tokio::select! {
+            biased;
             ev = rx.recv() => match ev {
                 Ok(ev) => {
-                    if let EventKind::Shutdown { guest, reason } = ev.kind() {
-                        tracing::info!(vm = %key, guest, reason, "guest shut down");
+                    if shutdown(&ev) {
                         let _ = tx.send(VmEvent::GuestStopped).await;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => break,
             },
-            _ = qmp.closed() => break,
+            _ = qmp.closed() => {
+                while let Ok(ev) = rx.try_recv() {
+                    if shutdown(&ev) {
+                        let _ = tx.send(VmEvent::GuestStopped).await;
+                    }
+                }
+                break;
+            }
         }
     }
     // The monitor connection closed: QEMU exited, or it is beyond control.
@@ -1884,6 +1900,13 @@ impl QemuVm {
             self.persist(&ops.st);
             return steps;
         }
+        // Recorded before the guest is touched: a step cut short between offlining and
+        // device_del (a newer target, an agent restart) leaves the slot Unplugging, which
+        // the next plan finishes, not a Present vCPU that nothing would bring back online.
+        for &i in &todo {
+            ops.st.unplugging.insert(unit[i]);
+        }
+        self.persist(&ops.st);
         // Offline through the agent first: the guest then only has to eject. Half the
         // deadline at most: a guest that cannot answer (paused, no agent) still gets the
         // eject request, which its kernel handles by itself.
