@@ -22,6 +22,9 @@ use corescale_api::{Arch, SlotId, Topology};
 pub const X86_64_BINARY: &str = "qemu-system-x86_64";
 /// The POWER QEMU binary looked up in `PATH`.
 pub const PPC64_BINARY: &str = "qemu-system-ppc64";
+/// The x86_64 CPU model under TCG: with TCG's default AMD vendor string and no TOPOEXT,
+/// Linux ignores SMT siblings.
+pub const X86_64_TCG_CPU_MODEL: &str = "qemu64,vendor=GenuineIntel";
 
 /// How the backend learns that the guest took a plugged vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +109,7 @@ impl Machine {
     /// `-cpu` under TCG when the node's configuration does not say.
     pub fn tcg_cpu_model(self) -> &'static str {
         match self.arch {
-            // TCG's default AMD vendor string without TOPOEXT makes Linux ignore SMT siblings.
-            Arch::X86_64 => "qemu64,vendor=GenuineIntel",
+            Arch::X86_64 => X86_64_TCG_CPU_MODEL,
             Arch::Ppc64le => "POWER9",
         }
     }

@@ -1,5 +1,7 @@
-//! The QEMU backend: guests run in `qemu-system-x86_64` processes owned by the launcher,
-//! driven over QMP, with the guest agent on a second serial port.
+//! The QEMU backend: guests run in QEMU processes owned by the launcher, driven over QMP,
+//! with the guest agent on a second port. What follows describes x86_64 (`q35`); what
+//! differs for ppc64le (`pseries`: whole-core units, DEVICE_DELETED, hard CPU ids,
+//! virtio-serial agent) is in [`crate::machine`], the only place that knows architectures.
 //!
 //! # Command line
 //!
@@ -55,7 +57,7 @@ use crate::backend::{
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
 use crate::machine::{EjectDone, GuestCpuId, InsertDone, Machine};
 use crate::qga::{slot_from_acpi_path, QgaClient, QgaError};
-use crate::qmp::{self, CpuProps, EventKind, HotpluggableCpu, QmpClient, QmpError};
+use crate::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use corescale_api::planner::slots as topology_slots;
 use corescale_api::{Arch, Granularity, Plan, SlotId, Topology, VcpuState, MAX_VCPUS};
 use serde::{Deserialize, Serialize};
@@ -69,18 +71,12 @@ use tokio::task::JoinHandle;
 
 /// The x86_64 QEMU binary looked up in `PATH` by default.
 pub const DEFAULT_BINARY: &str = crate::machine::X86_64_BINARY;
-/// What to do when QEMU (x86_64) is missing.
-pub const INSTALL_HINT: &str = "install QEMU 10 or newer (Debian 12: qemu-system-x86 from bookworm-backports; scripts/install-deps.sh does it, as root)";
 /// x86_64 CPU model under TCG (see the module documentation).
-pub const TCG_CPU_MODEL: &str = "qemu64,vendor=GenuineIntel";
+pub const TCG_CPU_MODEL: &str = crate::machine::X86_64_TCG_CPU_MODEL;
 /// CPU model under KVM.
 pub const KVM_CPU_MODEL: &str = "host";
 /// The backend's own per-VM state (budget, pending unplugs), next to `vm.json`.
 pub const BACKEND_JSON: &str = "backend.json";
-/// Console settings the backend puts before the spec's command line (x86_64; other
-/// architectures name their own console, see [`base_cmdline`]).
-pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
-
 /// The kernel command line the backend puts before the spec's.
 pub fn base_cmdline(m: Machine) -> String {
     format!("console={} panic=-1", m.console())
@@ -410,16 +406,6 @@ pub fn apic_id(t: &Topology, s: &SlotId) -> u32 {
     let tw = bitwidth(t.threads);
     let cw = bitwidth(t.cores);
     (s.socket << (cw + tw)) | (s.core << tw) | s.thread
-}
-
-/// The slot of an x86 CPU from its QMP properties ([`Machine::slot_of_props`] for others).
-pub fn slot_of_props(t: &Topology, p: &CpuProps) -> Option<u32> {
-    Machine::of(Arch::X86_64).slot_of_props(t, p)
-}
-
-/// The `device_add` id of an x86 slot ([`Machine::device_id`] for others).
-pub fn device_id(s: &SlotId) -> String {
-    Machine::of(Arch::X86_64).device_id(s)
 }
 
 /// Parse `/proc/cpuinfo` into logical CPU -> APIC id.
@@ -2075,15 +2061,7 @@ impl VmHandle for QemuVm {
         let Ok(mut ops) = self.ops.try_lock() else {
             return self.ready.load(Ordering::Relaxed);
         };
-        let ok = ops
-            .qga
-            .sync(Duration::from_millis(300), Duration::from_millis(300))
-            .await
-            .is_ok();
-        if ok {
-            self.ready.store(true, Ordering::Relaxed);
-        }
-        ok
+        self.has_agent(&mut ops).await
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
@@ -2245,6 +2223,7 @@ impl VmHandle for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmp::CpuProps;
     use corescale_api::{Arch, Placement};
 
     fn spec(sockets: u32, cores: u32, threads: u32, boot: u32) -> VmSpec {
@@ -2448,14 +2427,15 @@ mod tests {
             thread_id: Some(1),
             ..Default::default()
         };
-        assert_eq!(slot_of_props(&t, &p), Some(16));
+        let x86 = Machine::of(Arch::X86_64);
+        assert_eq!(x86.slot_of_props(&t, &p), Some(16));
         let bad = CpuProps {
             socket_id: Some(2),
             core_id: Some(0),
             thread_id: Some(0),
             ..Default::default()
         };
-        assert_eq!(slot_of_props(&t, &bad), None);
+        assert_eq!(x86.slot_of_props(&t, &bad), None);
     }
 
     #[test]
