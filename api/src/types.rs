@@ -322,7 +322,8 @@ pub struct VirtualMachineStatus {
     /// Whether a guest agent answers: Connected, or Absent (online state then unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<String>,
-    /// One entry per possible vCPU slot.
+    /// One entry per vCPU slot that is not Absent (Plugging, Present, Online, Unplugging or
+    /// Failed); a slot of the topology (maxCpus slots in all) that is not listed is Absent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]
     pub vcpus: Vec<VcpuStatus>,
@@ -441,7 +442,7 @@ pub struct VcpuStatus {
     pub thread: u32,
     /// Virtual NUMA node of the slot (its socket).
     pub numa_node: u32,
-    /// Absent, Plugging, Present, Online, Unplugging or Failed.
+    /// Plugging, Present, Online, Unplugging or Failed (an Absent slot is not listed).
     pub state: VcpuState,
     /// When the slot entered its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -64,15 +64,22 @@ fn key(name: &str) -> VmKey {
     }
 }
 
-fn states(st: &Value) -> Vec<String> {
-    st["vcpus"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .map(|s| s["state"].as_str().unwrap_or("").to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The state of each of the first `n` slots; status.vcpus lists only slots that are not
+/// Absent.
+fn states(st: &Value, n: usize) -> Vec<String> {
+    let mut out = vec!["Absent".to_string(); n];
+    for v in st["vcpus"].as_array().into_iter().flatten() {
+        let i = v["index"].as_u64().and_then(|i| usize::try_from(i).ok());
+        match i.and_then(|i| out.get_mut(i)) {
+            Some(slot) => {
+                let state = v["state"].as_str().unwrap_or("");
+                assert_ne!(state, "Absent", "an Absent slot is listed: {v}");
+                *slot = state.to_string();
+            }
+            None => panic!("a vCPU entry past slot {n}: {v}"),
+        }
+    }
+    out
 }
 
 fn cond_is(st: &Value, t: &str, status: &str, reason: &str) -> bool {
@@ -258,7 +265,7 @@ async fn stuck_guest_backs_off_and_takes_a_new_target() {
         |c| {
             last_status_has(c, "stuck", |s| {
                 cond_is(s, "ResizeInProgress", "True", "WaitingForGuest")
-                    && states(s)[..3] == ["Present", "Plugging", "Absent"]
+                    && states(s, 6)[..3] == ["Present", "Plugging", "Absent"]
             })
         },
     )
@@ -291,7 +298,7 @@ async fn stuck_guest_backs_off_and_takes_a_new_target() {
         Duration::from_secs(30),
         |c| {
             last_status_has(c, "stuck", |s| {
-                settled(s, 2) && states(s)[..3] == ["Online", "Online", "Absent"]
+                settled(s, 2) && states(s, 6)[..3] == ["Online", "Online", "Absent"]
             })
         },
     )
@@ -354,7 +361,7 @@ async fn stuck_guest_backs_off_and_takes_a_new_target() {
         cond_is(&last, "ResizeInProgress", "True", "Error"),
         "{last}"
     );
-    assert_eq!(states(&last)[1], "Unplugging");
+    assert_eq!(states(&last, 6)[1], "Unplugging");
 
     // A new target while the retries wait 16 s: acted on at once.
     let written = Instant::now();
@@ -387,8 +394,8 @@ async fn stuck_guest_backs_off_and_takes_a_new_target() {
     until_within(&calls, "converged on 2", Duration::from_secs(60), |c| {
         last_status_has(c, "stuck", |s| {
             settled(s, 2)
-                && states(s).iter().filter(|st| *st == "Online").count() == 2
-                && !states(s)
+                && states(s, 6).iter().filter(|st| *st == "Online").count() == 2
+                && !states(s, 6)
                     .iter()
                     .any(|st| st == "Unplugging" || st == "Plugging")
         })

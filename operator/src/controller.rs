@@ -331,7 +331,6 @@ fn placed_status(
         vm.meta().generation,
         chrono::Utc::now(),
     );
-    let mut vcpus = Vec::new();
     let mut cpus = None;
     if rescheduled {
         let now = chrono::Utc::now();
@@ -341,24 +340,10 @@ fn placed_status(
             set_condition(&mut conds, t, false, "Rescheduled", why.clone(), g, now);
         }
         cpus = Some(0);
-        vcpus = corescale_api::planner::slots(&topology)
-            .into_iter()
-            .map(|s| corescale_api::VcpuStatus {
-                index: s.index,
-                socket: s.socket,
-                core: s.core,
-                thread: s.thread,
-                numa_node: s.numa_node(),
-                state: corescale_api::VcpuState::Absent,
-                since: Some(now),
-                guest_cpu: None,
-            })
-            .collect();
     }
     VirtualMachineStatus {
         phase: Some(Phase::Scheduled),
         cpus,
-        vcpus,
         node_name: Some(node.to_string()),
         max_cpus: Some(topology.max_vcpus()),
         topology: Some(topology),
@@ -431,6 +416,17 @@ async fn apply_status(
         action: "apply status",
         source,
     })?;
+    Ok(())
+}
+
+async fn clear_vcpus(api: &Api<VirtualMachine>, name: &str) -> Result<(), ReconcileError> {
+    let body = json!({"status": {"vcpus": null}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map_err(|source| ReconcileError::Api {
+            action: "clear the lost node's vCPU states",
+            source,
+        })?;
     Ok(())
 }
 
@@ -572,6 +568,12 @@ pub async fn reconcile(
                 }
                 None => format!("placed on {node} ({free} free vCPUs)"),
             };
+            if from.is_some() {
+                // The lost node's agent owns the vCPU entries: an update (not an apply)
+                // removes them whoever owns them, before the new node is named, so the new
+                // agent's first report starts from an empty list.
+                clear_vcpus(&api, &name).await?;
+            }
             // Status first: the agent acts on the label, and must find nodeName set.
             apply_status(
                 &api,

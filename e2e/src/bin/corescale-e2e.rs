@@ -589,16 +589,24 @@ async fn core(s: &Stack) -> Result<String> {
 }
 
 /// Every core's threads are in one state in status: Core granularity never splits a core.
+/// status.vcpus lists only slots that are not Absent, so a core listed at all must have all
+/// its threads listed.
 fn no_split_core(vm: &VirtualMachine) -> Result<()> {
     let st = vm.status.as_ref().context("no status")?;
+    let threads = st.topology.context("no status.topology")?.threads;
     let mut by_core: std::collections::BTreeMap<(u32, u32), Vec<VcpuState>> = Default::default();
     for v in &st.vcpus {
+        ensure!(
+            v.state != VcpuState::Absent,
+            "slot {} is listed as Absent",
+            v.index
+        );
         by_core.entry((v.socket, v.core)).or_default().push(v.state);
     }
-    for ((socket, core), threads) in by_core {
+    for ((socket, core), states) in by_core {
         ensure!(
-            threads.iter().all(|t| *t == threads[0]),
-            "socket {socket} core {core} is split: {threads:?}"
+            states.len() == threads as usize && states.iter().all(|t| *t == states[0]),
+            "socket {socket} core {core} is split: {states:?} of {threads} threads"
         );
     }
     Ok(())
@@ -1481,6 +1489,11 @@ async fn reschedule(s: &Stack, f: &mut Faults) -> Result<String> {
     ensure!(
         condition(&moved_vm, "Ready").is_none_or(|c| c.status == "False"),
         "Ready still claims the old node's guest"
+    );
+    ensure!(
+        online(&moved_vm) == 0,
+        "status.vcpus still shows the old node's Online vCPUs: {:?}",
+        moved_vm.status.as_ref().map(|st| &st.vcpus)
     );
     s.wait_online(NS, "example", want, BOOT).await?;
     let running = t0.elapsed().as_secs_f64();

@@ -1091,26 +1091,28 @@ impl Worker {
     fn status(&self, vm: &VirtualMachine, obs: Option<&Observation>) -> VirtualMachineStatus {
         let topology = decide::topology_of(vm);
         let running = self.handle.is_some();
+        // Only slots that are not Absent: the list (and so every status write and watch
+        // event) grows with the vCPUs in use, not with maxCpus. A stopped guest has none.
         let vcpus: Vec<VcpuStatus> = corescale_api::planner::slots(&topology)
             .into_iter()
-            .map(|s| {
+            .filter_map(|s| {
                 let (state, since) = match self.book.slots.get(&s.index) {
-                    Some((st, t)) if running => (*st, Some(*t)),
-                    _ => (VcpuState::Absent, None),
+                    Some((st, t)) if running && *st != VcpuState::Absent => (*st, *t),
+                    _ => return None,
                 };
                 let guest_cpu = obs
                     .and_then(|o| o.slots.get(usize::try_from(s.index).ok()?))
                     .and_then(|o| o.guest_cpu);
-                VcpuStatus {
+                Some(VcpuStatus {
                     index: s.index,
                     socket: s.socket,
                     core: s.core,
                     thread: s.thread,
                     numa_node: s.numa_node(),
                     state,
-                    since,
+                    since: Some(since),
                     guest_cpu,
-                }
+                })
             })
             .collect();
         let cpus = obs.map(Observation::online).unwrap_or(0);
