@@ -1277,6 +1277,18 @@ impl QemuVm {
     ) -> Result<AgentView, QgaError> {
         let deadline = Instant::now() + timeout;
         let vcpus = self.guest_vcpus(&mut ops.qga, timeout).await?;
+        self.view_of(ops, present, vcpus, deadline).await
+    }
+
+    /// The agent's view from the logical CPUs it listed: map them to slots (asking the
+    /// guest again only when the set changed since the last mapping).
+    async fn view_of(
+        &self,
+        ops: &mut Ops,
+        present: &[u32],
+        vcpus: Vec<crate::qga::GuestLogicalProcessor>,
+        deadline: Instant,
+    ) -> Result<AgentView, QgaError> {
         let mut logical: Vec<u32> = vcpus.iter().map(|v| v.logical_id).collect();
         logical.sort_unstable();
         let mut present = present.to_vec();
@@ -1300,12 +1312,23 @@ impl QemuVm {
     }
 
     async fn observe_locked(&self, ops: &mut Ops) -> Result<Observation, BackendError> {
-        let hp = self.hotpluggable().await?;
-        let fast = self
-            .qmp
-            .query_cpus_fast(self.cfg.qmp_timeout)
-            .await
-            .map_err(|e| self.qmp_err(e))?;
+        // Until the agent first answers (the guest boots) a short try is enough.
+        let agent_timeout = if self.ready.load(Ordering::Relaxed) {
+            self.cfg.agent_timeout
+        } else {
+            self.cfg.agent_timeout.min(Duration::from_millis(300))
+        };
+        let deadline = Instant::now() + agent_timeout;
+        // QEMU's two answers and the guest agent's list are independent round trips on
+        // two sockets: ask them at once (an observation follows every resize step, so its
+        // time is in the latency a user sees).
+        let (hp, fast, vcpus) = tokio::join!(
+            self.hotpluggable(),
+            self.qmp.query_cpus_fast(self.cfg.qmp_timeout),
+            self.guest_vcpus(&mut ops.qga, agent_timeout),
+        );
+        let hp = hp?;
+        let fast = fast.map_err(|e| self.qmp_err(e))?;
         let t = &self.spec.topology;
         let tids: HashMap<u32, i64> = fast
             .iter()
@@ -1326,13 +1349,11 @@ impl QemuVm {
         if ops.st != before {
             self.persist(&ops.st);
         }
-        // Until the agent first answers (the guest boots) a short try is enough.
-        let agent_timeout = if self.ready.load(Ordering::Relaxed) {
-            self.cfg.agent_timeout
-        } else {
-            self.cfg.agent_timeout.min(Duration::from_millis(300))
+        let view = match vcpus {
+            Ok(vcpus) => self.view_of(ops, &present, vcpus, deadline).await,
+            Err(e) => Err(e),
         };
-        let mut agent = match self.agent_view(ops, &present, agent_timeout).await {
+        let mut agent = match view {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable during observe");

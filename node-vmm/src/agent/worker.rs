@@ -450,7 +450,6 @@ impl Worker {
             generation,
             now,
         );
-        self.update_cpu_metrics().await;
 
         let current = obs.online().max(active(&obs));
         let budget = &self.shared.budget;
@@ -488,6 +487,7 @@ impl Worker {
             self.set_ready(vm, &obs, now);
             self.event(vm, type_, reason, msg).await;
             self.report(vm, Some(&obs)).await;
+            self.update_cpu_metrics().await;
             return next;
         }
         set_condition(
@@ -547,6 +547,9 @@ impl Worker {
                 }
             }
             self.report(vm, Some(&obs)).await;
+            // Per-vCPU CPU seconds cost a QMP round trip: read them when there is nothing
+            // to do, never between a new target and the backend call.
+            self.update_cpu_metrics().await;
             return if plan.shortfall > 0 || stuck.is_some() {
                 Next::After(self.backoff())
             } else {
