@@ -84,6 +84,10 @@ struct AgentArgs {
     /// Seconds a plugged vCPU may take to be acknowledged and onlined.
     #[arg(long, default_value_t = 30)]
     plug_timeout_seconds: u64,
+    /// Milliseconds a resize step may run before its in-progress status is written (a
+    /// quicker step is reported once, done).
+    #[arg(long, default_value_t = 250)]
+    in_progress_after_ms: u64,
     /// Simulator only: host CPUs to announce.
     #[arg(long, default_value_t = 64)]
     sim_host_cpus: u32,
@@ -144,6 +148,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         overcommit: args.overcommit,
         plug_timeout: Duration::from_secs(args.plug_timeout_seconds),
         stop_grace: Duration::from_secs(10),
+        in_progress_after: Duration::from_millis(args.in_progress_after_ms),
     };
     let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
     health.set_ready(true);

@@ -25,6 +25,16 @@ fn fast() -> SimDelays {
 }
 
 fn setup(host_cpus: u32, overcommit: f64) -> (Arc<Shared>, Arc<SimBackend>, Arc<Mutex<Vec<Call>>>) {
+    // Every step here takes ~10 ms: write the in-progress status of each at once, so the
+    // tests see it.
+    setup_with(host_cpus, overcommit, Duration::ZERO)
+}
+
+fn setup_with(
+    host_cpus: u32,
+    overcommit: f64,
+    in_progress_after: Duration,
+) -> (Arc<Shared>, Arc<SimBackend>, Arc<Mutex<Vec<Call>>>) {
     let (client, calls) = api();
     let cap = NodeCapacity {
         host_cpus,
@@ -40,6 +50,7 @@ fn setup(host_cpus: u32, overcommit: f64) -> (Arc<Shared>, Arc<SimBackend>, Arc<
         overcommit,
         plug_timeout: Duration::from_secs(5),
         stop_grace: Duration::from_millis(100),
+        in_progress_after,
     };
     let shared = agent::shared(
         client,
@@ -134,6 +145,40 @@ async fn start_then_resize_reports_only_what_was_observed() {
         uris.iter()
             .all(|u| u.contains("fieldManager=node-vmm") && u.contains("force=true")),
         "{uris:?}"
+    );
+}
+
+/// A step done before `in_progress_after` is reported once, done: no in-progress write.
+#[tokio::test]
+async fn quick_step_is_reported_once() {
+    let (shared, _sim, calls) = setup_with(4, 2.0, Duration::from_secs(30));
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    d.dispatch(key("q"), Some(vm("q", "{cpus: 1}", "")));
+    until(&calls, "Running with 1 vCPU", |c| {
+        last_status_has(c, "q", |s| s["phase"] == "Running" && s["cpus"] == 1)
+    })
+    .await;
+    let before = statuses(&calls, "q").len();
+    d.dispatch(key("q"), Some(vm("q", "{cpus: 3}", "")));
+    until(&calls, "3 vCPUs online", |c| {
+        last_status_has(c, "q", |s| {
+            s["cpus"] == 3 && s["lastResize"]["result"] == "Succeeded"
+        })
+    })
+    .await;
+    // Let the agent settle (its next step observes and finds nothing to write).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during: Vec<_> = statuses(&calls, "q").split_off(before);
+    assert_eq!(
+        during.len(),
+        1,
+        "one status write for a quick resize: {during:?}"
+    );
+    assert!(
+        during
+            .iter()
+            .all(|s| s["lastResize"]["result"] != "InProgress"),
+        "{during:?}"
     );
 }
 

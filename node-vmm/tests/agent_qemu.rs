@@ -35,6 +35,7 @@ fn agent(env: &Env, extra_args: Vec<String>) -> (Arc<Shared>, Calls) {
         // Long, so a test can tell "taken up at once" from "waited out the deadline".
         plug_timeout: Duration::from_secs(60),
         stop_grace: Duration::from_secs(2),
+        in_progress_after: Duration::from_millis(250),
     };
     let shared = agent::shared(
         client,

@@ -42,6 +42,11 @@ pub struct Config {
     pub plug_timeout: Duration,
     /// How long a guest may take to power off before its VMM is killed.
     pub stop_grace: Duration,
+    /// A resize step still running after this long has its in-progress status (slots
+    /// Plugging/Unplugging, `lastResize` InProgress, `ResizeInProgress` True) written while
+    /// it goes on; a step done sooner is reported once, when it is done. That write would
+    /// otherwise be half the API writes of every resize, and compete with the step itself.
+    pub in_progress_after: Duration,
 }
 
 /// What every worker shares.

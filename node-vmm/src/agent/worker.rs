@@ -776,8 +776,11 @@ impl Worker {
             plug_timeout: self.shared.config.plug_timeout,
         };
         // The in-progress status (slots Plugging/Unplugging, lastResize InProgress) goes
-        // out while the backend acts: the API round trip is not in the hot path.
+        // out while the backend acts, and only once the step has taken longer than
+        // `in_progress_after`: the API round trip is never in the hot path, and a quick
+        // step costs one status write, not two.
         let body = self.status_body(vm, Some(before));
+        let in_progress_after = self.shared.config.in_progress_after;
         let api = self.api(vm);
         let pp = PatchParams::apply(MANAGER).force();
         let handle = self.handle.as_ref().expect("resize needs a guest");
@@ -808,7 +811,17 @@ impl Worker {
         };
         let outcome = tokio::select! {
             done = async {
-                tokio::join!(api.patch_status(&name, &pp, &patch), handle.resize(&plan, opts))
+                let step = handle.resize(&plan, opts);
+                tokio::pin!(step);
+                tokio::select! {
+                    biased;
+                    report = &mut step => (None, report),
+                    () = tokio::time::sleep(in_progress_after) => {
+                        let (applied, report) =
+                            tokio::join!(api.patch_status(&name, &pp, &patch), step);
+                        (Some(applied), report)
+                    }
+                }
             } => Outcome::Done(done),
             ev = handle.next_event() => Outcome::Lost(ev),
             newer = superseded => Outcome::Superseded(newer),
@@ -850,13 +863,15 @@ impl Worker {
                 return Next::Now;
             }
         };
-        self.last_applied = match applied {
-            Ok(_) => Some(body),
-            Err(e) => {
+        match applied {
+            Some(Ok(_)) => self.last_applied = Some(body),
+            Some(Err(e)) => {
                 tracing::warn!(vm = %self.key, error = %e, "cannot apply status");
-                None
+                self.last_applied = None;
             }
-        };
+            // Not written: what was applied before still stands.
+            None => {}
+        }
         let handle = self.handle.as_ref().expect("resize needs a guest");
         let after = handle.observe().await;
         let finished = Utc::now();
