@@ -126,6 +126,39 @@ impl Observation {
         }
     }
 
+    /// This observation carried through a resize step that ended cleanly: every plugged
+    /// slot seen online by the guest agent (its logical CPU known), every unplugged slot
+    /// ejected by the guest. The step's last checks observed exactly those slots, so asking
+    /// the VMM and the guest again would only repeat them. None when the step left
+    /// anything less certain (an error, a phase not reached, a guest without an agent):
+    /// then only a full observation tells.
+    pub fn after_steps(&self, report: &ResizeReport) -> Option<Observation> {
+        if !self.guest_agent {
+            return None;
+        }
+        let mut after = self.clone();
+        for step in &report.steps {
+            if step.error.is_some() {
+                return None;
+            }
+            let slot = after.slots.get_mut(usize::try_from(step.slot).ok()?)?;
+            *slot = match step.direction {
+                Direction::Plug if step.online.is_some() => SlotObservation {
+                    state: VcpuState::Online,
+                    guest_cpu: Some(step.guest_cpu?),
+                    host_thread: None,
+                },
+                Direction::Unplug if step.acked.is_some() => SlotObservation {
+                    state: VcpuState::Absent,
+                    guest_cpu: None,
+                    host_thread: None,
+                },
+                _ => return None,
+            };
+        }
+        Some(after)
+    }
+
     /// vCPUs the guest has online; without a guest agent, the vCPUs present.
     pub fn online(&self) -> u32 {
         let want = if self.guest_agent {
@@ -174,6 +207,8 @@ pub struct StepReport {
     pub acked: Option<Duration>,
     /// Until the guest agent saw the vCPU online (plugs only, guests with an agent).
     pub online: Option<Duration>,
+    /// The guest's logical CPU of a plugged slot, as the agent saw it come online.
+    pub guest_cpu: Option<u32>,
     /// The error of this step, if it failed.
     pub error: Option<BackendError>,
 }
@@ -400,4 +435,75 @@ pub trait VmHandle: Send + Sync {
     async fn next_event(&self) -> Option<VmEvent>;
     /// Stop the guest: ask it to power off, and after `grace` kill the VMM. Idempotent.
     async fn stop(&self, grace: Duration) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VcpuState::{Absent, Online, Present};
+
+    fn step(slot: u32, direction: Direction) -> StepReport {
+        StepReport {
+            slot,
+            direction,
+            applied: Some(Duration::from_millis(2)),
+            acked: Some(Duration::from_millis(40)),
+            online: None,
+            guest_cpu: None,
+            error: None,
+        }
+    }
+
+    fn plugged(slot: u32, cpu: u32) -> StepReport {
+        StepReport {
+            online: Some(Duration::from_millis(80)),
+            guest_cpu: Some(cpu),
+            ..step(slot, Direction::Plug)
+        }
+    }
+
+    #[test]
+    fn a_clean_step_carries_the_observation() {
+        let before = Observation::of_states(&[Online, Online, Absent, Absent], true);
+        let report = ResizeReport {
+            steps: vec![step(1, Direction::Unplug), plugged(3, 7)],
+        };
+        let after = before.after_steps(&report).expect("clean step");
+        let states: Vec<VcpuState> = after.slots.iter().map(|s| s.state).collect();
+        assert_eq!(states, [Online, Absent, Absent, Online]);
+        assert_eq!(after.slots[3].guest_cpu, Some(7));
+        assert_eq!(after.slots[1].guest_cpu, None);
+        assert_eq!(after.online(), 2);
+    }
+
+    #[test]
+    fn anything_uncertain_needs_a_full_observation() {
+        let before = Observation::of_states(&[Online, Absent, Online], true);
+        let failed = StepReport {
+            error: Some(BackendError::Protocol("no".into())),
+            ..plugged(1, 1)
+        };
+        let not_online = step(1, Direction::Plug);
+        let no_cpu = StepReport {
+            guest_cpu: None,
+            ..plugged(1, 1)
+        };
+        let not_ejected = StepReport {
+            acked: None,
+            ..step(2, Direction::Unplug)
+        };
+        let outside = plugged(9, 9);
+        for s in [failed, not_online, no_cpu, not_ejected, outside] {
+            let report = ResizeReport {
+                steps: vec![s.clone()],
+            };
+            assert_eq!(before.after_steps(&report), None, "{s:?}");
+        }
+        // A guest without an agent reports Present, never Online: observe it.
+        let blind = Observation::of_states(&[Present, Absent], false);
+        let report = ResizeReport {
+            steps: vec![plugged(1, 1)],
+        };
+        assert_eq!(blind.after_steps(&report), None);
+    }
 }

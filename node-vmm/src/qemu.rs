@@ -1489,6 +1489,7 @@ impl QemuVm {
             applied: None,
             acked: None,
             online: None,
+            guest_cpu: None,
             error: None,
         }
     }
@@ -1834,6 +1835,7 @@ impl QemuVm {
                 if online.contains(&l) {
                     if steps[i].online.is_none() {
                         steps[i].online = Some(t0.elapsed());
+                        steps[i].guest_cpu = Some(l);
                     }
                 } else {
                     all = false;

@@ -215,6 +215,7 @@ impl VmHandle for SimHandle {
                 applied: Some(applied),
                 acked: Some(acked),
                 online: Some(t0.elapsed()),
+                guest_cpu: Some(slot),
                 error: None,
             });
         }
@@ -231,6 +232,7 @@ impl VmHandle for SimHandle {
                     applied: Some(applied),
                     acked: None,
                     online: None,
+                    guest_cpu: None,
                     error: Some(BackendError::Timeout {
                         what: "release",
                         slot,
@@ -247,6 +249,7 @@ impl VmHandle for SimHandle {
                 applied: Some(applied),
                 acked: Some(t0.elapsed()),
                 online: None,
+                guest_cpu: None,
                 error: None,
             });
         }

@@ -556,7 +556,7 @@ impl Worker {
                 Next::After(IDLE_OBSERVE)
             };
         }
-        self.resize(vm, &obs, plan).await
+        self.resize(vm, (&obs, seen), plan).await
     }
 
     async fn start(&mut self, vm: &VirtualMachine) -> Next {
@@ -731,7 +731,13 @@ impl Worker {
         }
     }
 
-    async fn resize(&mut self, vm: &VirtualMachine, before: &Observation, plan: Plan) -> Next {
+    /// Carry out `plan` from `before`, an observation made at `seen`.
+    async fn resize(
+        &mut self,
+        vm: &VirtualMachine,
+        (before, seen): (&Observation, Instant),
+        plan: Plan,
+    ) -> Next {
         let started = Utc::now();
         let t0 = Instant::now();
         let generation = vm.meta().generation;
@@ -872,8 +878,15 @@ impl Worker {
             // Not written: what was applied before still stands.
             None => {}
         }
+        // A step that ended cleanly observed its own slots last: carry the observation
+        // through it rather than ask the VMM and the guest again (a full observation costs
+        // three round trips, in the latency a user waits for). The other slots keep the
+        // time they were seen at, so the next full observation is not put off by it.
         let handle = self.handle.as_ref().expect("resize needs a guest");
-        let after = handle.observe().await;
+        let (after, after_seen) = match before.after_steps(&report) {
+            Some(o) => (Ok(o), seen),
+            None => (handle.observe().await, Instant::now()),
+        };
         let finished = Utc::now();
         let seconds = t0.elapsed().as_secs_f64();
         self.record_metrics(&report, seconds);
@@ -900,7 +913,7 @@ impl Worker {
                     .get(usize::try_from(*s).unwrap_or(usize::MAX))
                     .is_some_and(|o| o.state.is_active())
         });
-        self.absorb(&after, Instant::now(), finished);
+        self.absorb(&after, after_seen, finished);
         let online = after.online();
         budget.hold(&self.key, online.max(active(&after)));
         let phase_max = |f: fn(&crate::backend::StepReport) -> Option<Duration>| {
