@@ -46,6 +46,11 @@ pub struct Args {
     /// Seconds between placement retries of a VM that fits nowhere.
     #[arg(long, default_value_t = 15)]
     pub unschedulable_retry_seconds: u64,
+    /// Reconciles in flight at once. Bounded so that a burst (1000 VMs applied at once)
+    /// queues here, not in the API server, where the operator's own Lease renewals would
+    /// wait behind it and leadership could be lost in the middle of the burst.
+    #[arg(long, env = "CORESCALE_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
     /// Log as JSON lines (default) or as text (`--log-format text`).
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
@@ -177,7 +182,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(%identity, "leading");
             metrics.leader.set(1);
         }
-        let controller = Controller::new(vms.clone(), watcher::Config::default());
+        let controller = Controller::new(vms.clone(), watcher::Config::default()).with_config(
+            kube::runtime::controller::Config::default().concurrency(args.concurrency.max(1)),
+        );
         let vm_store = controller.store();
         let ctx = Arc::new(Context {
             client: client.clone(),
