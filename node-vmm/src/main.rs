@@ -84,8 +84,8 @@ struct AgentArgs {
     /// Seconds a plugged vCPU may take to be acknowledged and onlined.
     #[arg(long, default_value_t = 30)]
     plug_timeout_seconds: u64,
-    /// Milliseconds a resize step may run before its in-progress status is written (a
-    /// quicker step is reported once, done).
+    /// Milliseconds a resize step (or a boot) may run before its in-progress status
+    /// (Starting) is written; a quicker one is reported once, done.
     #[arg(long, default_value_t = 250)]
     in_progress_after_ms: u64,
     /// Simulator only: host CPUs to announce.

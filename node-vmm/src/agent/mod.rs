@@ -44,8 +44,9 @@ pub struct Config {
     pub stop_grace: Duration,
     /// A resize step still running after this long has its in-progress status (slots
     /// Plugging/Unplugging, `lastResize` InProgress, `ResizeInProgress` True) written while
-    /// it goes on; a step done sooner is reported once, when it is done. That write would
-    /// otherwise be half the API writes of every resize, and compete with the step itself.
+    /// it goes on, and a guest still booting after this long is reported Starting; a step
+    /// or boot done sooner is reported once, when it is done. Those writes would otherwise
+    /// be half the status writes of every resize and start, and compete with the work.
     pub in_progress_after: Duration,
 }
 

@@ -423,7 +423,9 @@ impl Worker {
                 generation,
                 now,
             );
-            self.report(vm, None).await;
+            if waited >= self.shared.config.in_progress_after {
+                self.report(vm, None).await;
+            }
             return Next::After(Duration::from_millis(100));
         }
         // A spec change right after an observation plans from it instead of asking the
@@ -658,7 +660,9 @@ impl Worker {
                     spec.accel.as_str()
                 );
                 self.event(vm, EventType::Normal, reason, msg).await;
-                self.report(vm, None).await;
+                // No status write yet: the boot loop writes Starting once the guest has
+                // taken longer than `in_progress_after`, so a quick start is reported once,
+                // Running (as a quick resize is).
                 Next::Now
             }
             Err(e) => self.start_failed(vm, e).await,
