@@ -1320,15 +1320,26 @@ impl QemuVm {
         };
         let deadline = Instant::now() + agent_timeout;
         // QEMU's two answers and the guest agent's list are independent round trips on
-        // two sockets: ask them at once (an observation follows every resize step, so its
-        // time is in the latency a user sees).
-        let (hp, fast, vcpus) = tokio::join!(
-            self.hotpluggable(),
-            self.qmp.query_cpus_fast(self.cfg.qmp_timeout),
-            self.guest_vcpus(&mut ops.qga, agent_timeout),
-        );
-        let hp = hp?;
-        let fast = fast.map_err(|e| self.qmp_err(e))?;
+        // two sockets: ask them at once (an observation can follow a resize step, so its
+        // time is in the latency a user sees). A QMP failure (QEMU gone) ends the
+        // observation at once: the agent's call would wait out its timeout for a socket
+        // that no longer accepts.
+        let ((hp, fast), vcpus) = {
+            let qmp = async {
+                tokio::try_join!(self.hotpluggable(), async {
+                    self.qmp
+                        .query_cpus_fast(self.cfg.qmp_timeout)
+                        .await
+                        .map_err(|e| self.qmp_err(e))
+                })
+            };
+            let guest = self.guest_vcpus(&mut ops.qga, agent_timeout);
+            tokio::pin!(qmp, guest);
+            tokio::select! {
+                q = &mut qmp => (q?, guest.await),
+                g = &mut guest => (qmp.await?, g),
+            }
+        };
         let t = &self.spec.topology;
         let tids: HashMap<u32, i64> = fast
             .iter()
