@@ -327,22 +327,19 @@ async fn node_bound_client(s: &Stack, node: &str) -> Result<(Client, String)> {
     Ok((client_from_text(&text.replace(&old, &token)).await?, token))
 }
 
-/// A dry-run update of `name` through `leases`, from a copy read just before. The agents
-/// renew their Leases every few seconds: a renewal in between makes the update a 409
-/// before admission is asked, so that case is retried on a fresh copy.
-async fn dry_update_lease(
+/// An update of `name` through `leases` with `params` (a dry run), from a copy read just
+/// before. The agents renew their Leases every few seconds: a renewal in between makes the
+/// update a 409 before admission is asked, so that case is retried on a fresh copy.
+async fn update_lease(
     admin: &Api<Lease>,
     leases: &Api<Lease>,
     name: &str,
+    params: &PostParams,
 ) -> kube::Result<Lease> {
-    let dry = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
     let mut tries = 0;
     loop {
         let current = admin.get(name).await?;
-        match leases.replace(name, &dry, &current).await {
+        match leases.replace(name, params, &current).await {
             Err(kube::Error::Api(st)) if st.code == 409 && tries < 5 => tries += 1,
             r => return r,
         }
@@ -358,11 +355,11 @@ async fn node_lease(s: &Stack) -> Result<String> {
         dry_run: true,
         ..PostParams::default()
     };
-    dry_update_lease(&leases_admin, &leases, "corescale-node-node-a")
+    update_lease(&leases_admin, &leases, "corescale-node-node-a", &dry)
         .await
         .context("node-a's token may not update node-a's own Lease")?;
     let mut seen = vec!["node-a token updates node-a's Lease: allowed".to_string()];
-    let r = dry_update_lease(&leases_admin, &leases, "corescale-node-node-b").await;
+    let r = update_lease(&leases_admin, &leases, "corescale-node-node-b", &dry).await;
     let msg = match &r {
         Err(kube::Error::Api(st)) => st.message.clone(),
         _ => String::new(),
