@@ -189,6 +189,36 @@ async fn quick_step_is_reported_once() {
     );
 }
 
+/// The operator labels a new VM before it writes the placement status: the agent waits
+/// for the status, does nothing meanwhile, and starts the guest as soon as it arrives, even
+/// right after the labelled object.
+#[tokio::test]
+async fn a_labelled_vm_waits_for_its_placement_status() {
+    let (shared, _sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    let unplaced = |name: &str| {
+        let mut v = (*vm(name, "{cpus: 1}", "")).clone();
+        v.status = None;
+        Arc::new(v)
+    };
+    d.dispatch(key("w"), Some(unplaced("w")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(statuses(&calls, "w").is_empty(), "nothing written");
+    assert!(events(&calls).is_empty(), "no event");
+    d.dispatch(key("w"), Some(vm("w", "{cpus: 1}", "")));
+    until(&calls, "w Running", |c| {
+        last_status_has(c, "w", |s| s["phase"] == "Running" && s["cpus"] == 1)
+    })
+    .await;
+    // Back to back: the status right behind the labels is not lost.
+    d.dispatch(key("x"), Some(unplaced("x")));
+    d.dispatch(key("x"), Some(vm("x", "{cpus: 1}", "")));
+    until(&calls, "x Running", |c| {
+        last_status_has(c, "x", |s| s["phase"] == "Running" && s["cpus"] == 1)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn infeasible_target_says_why_and_touches_nothing() {
     let (shared, sim, calls) = setup(4, 2.0);

@@ -99,10 +99,11 @@ pub struct Context {
     pub vms: Store<VirtualMachine>,
     /// Placements made but maybe not yet seen in `vms` (the store lags the writes).
     pub recent: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
-    /// Node labels written by a placement and not yet seen in `vms`: the status write of
-    /// the placement triggers a reconcile that may read the object before its labels
-    /// arrive, and must not write them a second time.
-    pub labels_written: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
+    /// Placements whose status (`nodeName`) was written and is not yet seen in `vms`. A
+    /// placement writes the labels first and the status second; the labels' watch event
+    /// triggers a reconcile that may read the object before its status arrives, and must
+    /// neither place it again nor move it.
+    pub status_written: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
 }
 
 /// What one reconcile decided to do. Each variant is one write.
@@ -117,7 +118,16 @@ pub enum Decision {
     RemoveFinalizer(String),
     /// Add our finalizer so deletion waits for the guest to stop; in the same write, the
     /// defaulted topology when the spec has none (one write instead of two per new VM).
+    /// Taken when the new VM cannot be placed yet (no node fits, or an invalid spec).
     AddFinalizer(Option<Topology>),
+    /// A new VM that fits on `node`: the finalizer, the defaulted topology and the node
+    /// labels in one write, then the placement status (two writes instead of four).
+    Admit {
+        /// The defaulted topology, when the spec has none.
+        topology: Option<Topology>,
+        /// Target node.
+        node: String,
+    },
     /// Write the defaulted topology into the spec so it is fixed for the VM's life.
     DefaultTopology(Topology),
     /// The spec breaks a rule that admission should have enforced.
@@ -142,9 +152,9 @@ pub struct View {
     pub candidates: Vec<Candidate>,
     /// vCPUs wanted per node by the VMs placed there, not counting this VM.
     pub load: BTreeMap<String, u32>,
-    /// The node whose labels this operator wrote on the VM and the store does not show
-    /// yet.
-    pub labels_written: Option<String>,
+    /// The node this operator wrote into the VM's `status.nodeName`, when the store does
+    /// not show it yet.
+    pub status_written: Option<String>,
 }
 
 impl View {
@@ -177,10 +187,20 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
         };
     }
     if !has_finalizer {
-        let topology = match (validate_spec(&vm.spec), vm.spec.topology) {
-            (Ok(()), None) => Some(Topology::default_for(vm.spec.cpus)),
-            _ => None,
-        };
+        if validate_spec(&vm.spec).is_err() {
+            return Decision::AddFinalizer(None);
+        }
+        let topology = vm
+            .spec
+            .topology
+            .is_none()
+            .then(|| Topology::default_for(vm.spec.cpus));
+        if status.node_name.is_none() {
+            let max = vm.spec.effective_topology().max_vcpus();
+            if let Ok(node) = choose_node(&vm.spec, max, &view.candidates, &view.load, None) {
+                return Decision::Admit { topology, node };
+            }
+        }
         return Decision::AddFinalizer(topology);
     }
     if let Err(e) = validate_spec(&vm.spec) {
@@ -189,12 +209,18 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
     let Some(topology) = vm.spec.topology else {
         return Decision::DefaultTopology(Topology::default_for(vm.spec.cpus));
     };
+    if view
+        .status_written
+        .as_ref()
+        .is_some_and(|n| status.node_name.as_ref() != Some(n))
+    {
+        // Our placement's status is on its way: the store shows an older object.
+        return Decision::Nothing;
+    }
     let max = topology.max_vcpus();
     match &status.node_name {
         Some(n) if view.live(n) => {
-            let labelled = vm.labels().get(NODE_LABEL) == Some(n)
-                && vm.labels().get(VM_LABEL) == Some(&vm.name_any());
-            if labelled || view.labels_written.as_deref() == Some(n.as_str()) {
+            if labelled_for(vm, n) {
                 Decision::Nothing
             } else {
                 Decision::Label(n.clone())
@@ -217,6 +243,12 @@ pub fn decide(vm: &VirtualMachine, view: &View) -> Decision {
             Err(e) => Decision::Unschedulable(e.to_string()),
         },
     }
+}
+
+/// Whether the VM carries the labels the agent of `node` selects on.
+fn labelled_for(vm: &VirtualMachine, node: &str) -> bool {
+    vm.labels().get(NODE_LABEL).map(String::as_str) == Some(node)
+        && vm.labels().get(VM_LABEL) == Some(&vm.name_any())
 }
 
 impl Context {
@@ -270,7 +302,7 @@ impl Context {
             return View {
                 candidates,
                 load: BTreeMap::new(),
-                labels_written: None,
+                status_written: None,
             };
         }
         let me = ObjectRef::from_obj(vm);
@@ -298,7 +330,7 @@ impl Context {
         View {
             candidates,
             load,
-            labels_written: None,
+            status_written: None,
         }
     }
 }
@@ -430,11 +462,17 @@ async fn clear_vcpus(api: &Api<VirtualMachine>, name: &str) -> Result<(), Reconc
     Ok(())
 }
 
+/// The labels the node agent of `node` selects on, as a merge-patch `metadata.labels`.
+fn node_labels(vm: &VirtualMachine, node: &str) -> serde_json::Value {
+    json!({NODE_LABEL: node, VM_LABEL: vm.name_any()})
+}
+
 async fn set_finalizers(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,
     finalizers: Vec<String>,
     topology: Option<Topology>,
+    node: Option<&str>,
 ) -> Result<(), ReconcileError> {
     // The resourceVersion makes this a compare-and-swap: a concurrent change of the list
     // (another controller's finalizer) makes it fail with 409 and we retry on fresh data.
@@ -445,6 +483,9 @@ async fn set_finalizers(
     if let Some(t) = topology {
         body["spec"] = json!({ "topology": t });
     }
+    if let Some(n) = node {
+        body["metadata"]["labels"] = node_labels(vm, n);
+    }
     api.patch(
         &vm.name_any(),
         &PatchParams::default(),
@@ -453,6 +494,25 @@ async fn set_finalizers(
     .await
     .map_err(|source| ReconcileError::Api {
         action: "patch finalizers",
+        source,
+    })?;
+    Ok(())
+}
+
+async fn set_labels(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    node: &str,
+) -> Result<(), ReconcileError> {
+    let body = json!({"metadata": {"labels": node_labels(vm, node)}});
+    api.patch(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        action: "label VM",
         source,
     })?;
     Ok(())
@@ -485,19 +545,19 @@ pub async fn reconcile(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut view = ctx.view(&vm, &recent);
-        if let Ok(mut written) = ctx.labels_written.lock() {
+        if let Ok(mut written) = ctx.status_written.lock() {
             let me = ObjectRef::from_obj(vm.as_ref());
-            let shown = vm.labels().get(NODE_LABEL);
+            let shown = vm.status.as_ref().and_then(|s| s.node_name.as_ref());
             match written.get(&me) {
                 Some(n) if shown == Some(n) => {
                     written.remove(&me);
                 }
-                Some(n) => view.labels_written = Some(n.clone()),
+                Some(n) => view.status_written = Some(n.clone()),
                 None => {}
             }
         }
         let decision = decide(&vm, &view);
-        if let Decision::Place { node, .. } = &decision {
+        if let Decision::Place { node, .. } | Decision::Admit { node, .. } = &decision {
             recent.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
         }
         (view, decision)
@@ -513,7 +573,7 @@ pub async fn reconcile(
                 .filter(|f| *f != FINALIZER)
                 .cloned()
                 .collect();
-            set_finalizers(&api, &vm, rest, None).await?;
+            set_finalizers(&api, &vm, rest, None, None).await?;
             publish(&ctx, &vm, EventType::Normal, "FinalizerRemoved", why).await;
             forget(&ctx, &vm);
             Action::await_change()
@@ -521,8 +581,17 @@ pub async fn reconcile(
         Decision::AddFinalizer(topology) => {
             let mut all = vm.finalizers().to_vec();
             all.push(FINALIZER.to_string());
-            set_finalizers(&api, &vm, all, topology).await?;
+            set_finalizers(&api, &vm, all, topology, None).await?;
             Action::await_change()
+        }
+        Decision::Admit { topology, node } => {
+            let mut all = vm.finalizers().to_vec();
+            all.push(FINALIZER.to_string());
+            // Labels before status: the agent that the labels route the VM to waits for
+            // its nodeName, so a failed status write leaves nothing started.
+            set_finalizers(&api, &vm, all, topology, Some(&node)).await?;
+            write_placement(&ctx, &api, &vm, &view, &node, None).await?;
+            Action::requeue(Duration::from_secs(300))
         }
         Decision::DefaultTopology(t) => {
             let body = json!({"spec": {"topology": t}});
@@ -543,60 +612,20 @@ pub async fn reconcile(
             Action::await_change()
         }
         Decision::Label(node) => {
-            let body = json!({"metadata": {"labels": {NODE_LABEL: node, VM_LABEL: name}}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .map_err(|source| ReconcileError::Api {
-                    action: "label VM",
-                    source,
-                })?;
+            set_labels(&api, &vm, &node).await?;
             Action::requeue(Duration::from_secs(300))
         }
         Decision::Place { node, from } => {
-            let free = view
-                .candidates
-                .iter()
-                .find(|c| c.announcement.node == node)
-                .map(|c| {
-                    i64::from(c.announcement.capacity_vcpus)
-                        - i64::from(view.load.get(&node).copied().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            let message = match &from {
-                Some(old) => {
-                    format!("moved from {old} (its agent stopped renewing its lease) to {node}")
-                }
-                None => format!("placed on {node} ({free} free vCPUs)"),
-            };
             if from.is_some() {
                 // The lost node's agent owns the vCPU entries: an update (not an apply)
                 // removes them whoever owns them, before the new node is named, so the new
                 // agent's first report starts from an empty list.
                 clear_vcpus(&api, &name).await?;
             }
-            // Status first: the agent acts on the label, and must find nodeName set.
-            apply_status(
-                &api,
-                &name,
-                &placed_status(&vm, &node, &message, from.is_some()),
-            )
-            .await?;
-            let body = json!({"metadata": {"labels": {NODE_LABEL: node, VM_LABEL: name}}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .map_err(|source| ReconcileError::Api {
-                    action: "label VM",
-                    source,
-                })?;
-            if let Ok(mut written) = ctx.labels_written.lock() {
-                written.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
+            if !labelled_for(&vm, &node) {
+                set_labels(&api, &vm, &node).await?;
             }
-            let reason = if from.is_some() {
-                "Rescheduled"
-            } else {
-                "Scheduled"
-            };
-            publish(&ctx, &vm, EventType::Normal, reason, message).await;
+            write_placement(&ctx, &api, &vm, &view, &node, from.as_deref()).await?;
             Action::requeue(Duration::from_secs(300))
         }
         Decision::Unschedulable(msg) => {
@@ -612,11 +641,50 @@ pub async fn reconcile(
     Ok(action)
 }
 
+/// The last write of a placement: the status that names `node` (the agent there starts
+/// the guest when it sees it), remembered until the store shows it; then the Event.
+async fn write_placement(
+    ctx: &Context,
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    view: &View,
+    node: &str,
+    from: Option<&str>,
+) -> Result<(), ReconcileError> {
+    let message = match from {
+        Some(old) => format!("moved from {old} (its agent stopped renewing its lease) to {node}"),
+        None => {
+            let free = view
+                .candidates
+                .iter()
+                .find(|c| c.announcement.node == node)
+                .map(|c| {
+                    i64::from(c.announcement.capacity_vcpus)
+                        - i64::from(view.load.get(node).copied().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            format!("placed on {node} ({free} free vCPUs)")
+        }
+    };
+    let status = placed_status(vm, node, &message, from.is_some());
+    apply_status(api, &vm.name_any(), &status).await?;
+    if let Ok(mut written) = ctx.status_written.lock() {
+        written.insert(ObjectRef::from_obj(vm), node.to_string());
+    }
+    let reason = if from.is_some() {
+        "Rescheduled"
+    } else {
+        "Scheduled"
+    };
+    publish(ctx, vm, EventType::Normal, reason, message).await;
+    Ok(())
+}
+
 fn forget(ctx: &Context, vm: &VirtualMachine) {
     if let Ok(mut r) = ctx.recent.lock() {
         r.remove(&ObjectRef::from_obj(vm));
     }
-    if let Ok(mut w) = ctx.labels_written.lock() {
+    if let Ok(mut w) = ctx.status_written.lock() {
         w.remove(&ObjectRef::from_obj(vm));
     }
 }
@@ -660,7 +728,7 @@ mod tests {
                 })
                 .collect(),
             load: BTreeMap::new(),
-            labels_written: None,
+            status_written: None,
         }
     }
 
@@ -668,17 +736,27 @@ mod tests {
 
     #[test]
     fn pipeline_order_finalizer_then_topology_then_place() {
-        // A new VM: the finalizer and the defaulted topology in one write.
+        // A new VM that fits: finalizer, defaulted topology and node labels in one write.
         let v = vm(&format!("{BASE}spec: {{cpus: 2}}"));
+        let two = Topology {
+            sockets: 1,
+            cores: 2,
+            threads: 1,
+        };
         assert_eq!(
             decide(&v, &view(&[("a", true)])),
-            Decision::AddFinalizer(Some(Topology {
-                sockets: 1,
-                cores: 2,
-                threads: 1
-            }))
+            Decision::Admit {
+                topology: Some(two),
+                node: "a".into()
+            }
         );
-        // An invalid spec gets no topology written; one with a topology keeps it.
+        // No node fits yet: the finalizer and topology alone; placing waits.
+        assert_eq!(
+            decide(&v, &view(&[("a", false)])),
+            Decision::AddFinalizer(Some(two))
+        );
+        // An invalid spec gets no topology written and is not placed; one with a topology
+        // keeps it.
         let v = vm(&format!("{BASE}spec: {{cpus: 2, minCpus: 3}}"));
         assert_eq!(
             decide(&v, &view(&[("a", true)])),
@@ -689,7 +767,10 @@ mod tests {
         ));
         assert_eq!(
             decide(&v, &view(&[("a", true)])),
-            Decision::AddFinalizer(None)
+            Decision::Admit {
+                topology: None,
+                node: "a".into()
+            }
         );
         // A VM that got its finalizer some other way still gets the topology defaulted.
         let v = vm(&format!(
@@ -728,12 +809,30 @@ mod tests {
             decide(&v, &view(&[("a", true)])),
             Decision::Label("a".into())
         );
-        // The placement wrote the labels and the store has not caught up: no second write.
-        let mut in_flight = view(&[("a", true)]);
-        in_flight.labels_written = Some("a".into());
-        assert_eq!(decide(&v, &in_flight), Decision::Nothing);
-        in_flight.labels_written = Some("b".into());
-        assert_eq!(decide(&v, &in_flight), Decision::Label("a".into()));
+        // The status write of a placement is on its way and the store shows the object of
+        // the label write before it: neither placed again nor moved.
+        let labels_only = format!(
+            "{BASE}  labels: {{{NODE_LABEL}: a, {VM_LABEL}: x}}\n  finalizers: [{FINALIZER}]\nspec: {{cpus: 1, topology: {{sockets: 1, cores: 2, threads: 1}}}}"
+        );
+        let mut in_flight = view(&[("a", true), ("b", true)]);
+        in_flight.status_written = Some("a".into());
+        assert_eq!(decide(&vm(&labels_only), &in_flight), Decision::Nothing);
+        in_flight.status_written = None;
+        assert!(matches!(
+            decide(&vm(&labels_only), &in_flight),
+            Decision::Place { from: None, .. }
+        ));
+        let moving = view(&[("a", false), ("b", true)]);
+        let mut moved = moving.clone();
+        moved.status_written = Some("b".into());
+        assert_eq!(decide(&v, &moved), Decision::Nothing);
+        assert_eq!(
+            decide(&v, &moving),
+            Decision::Place {
+                node: "b".into(),
+                from: Some("a".into())
+            }
+        );
         let labelled = placed.replace(
             "  finalizers:",
             &format!("  labels: {{{NODE_LABEL}: a, {VM_LABEL}: x}}\n  finalizers:"),

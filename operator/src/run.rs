@@ -205,7 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             nodes: node_store.clone(),
             vms: vm_store.clone(),
             recent: Default::default(),
-            labels_written: Default::default(),
+            status_written: Default::default(),
         });
         // Phase gauges, recounted from the store.
         let phases = {

@@ -84,7 +84,7 @@ fn context(leases: Vec<Lease>) -> (Arc<Context>, Handle) {
         nodes: node_store,
         vms: vm_store,
         recent: Default::default(),
-        labels_written: Default::default(),
+        status_written: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -119,18 +119,68 @@ const VM_PATH: &str = "/apis/corescale.dev/v1alpha1/namespaces/demo/virtualmachi
 
 #[tokio::test]
 async fn add_finalizer_is_a_compare_and_swap_patch() {
-    let (ctx, mut h) = context(vec![live_lease("a")]);
+    // No live node: the finalizer and the defaulted topology, and nothing else yet.
+    let (ctx, mut h) = context(vec![]);
     let v = vm("", "{cpus: 2}", "{}");
     let reply = serde_json::to_value(&v).unwrap();
     let task = tokio::spawn(reconcile(Arc::new(v), ctx));
     let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply).await;
     assert_eq!(body["metadata"]["finalizers"], json!([FINALIZER]));
     assert_eq!(body["metadata"]["resourceVersion"], json!("7"));
+    assert_eq!(body["spec"]["topology"]["cores"], 2);
+    assert!(body["metadata"].get("labels").is_none(), "{body}");
+    task.await.unwrap().unwrap();
+}
+
+/// The status write of a placement, with the operator's field manager, forced.
+async fn expect_placed_status(h: &mut Handle, reply: Value, node: &str, max: u32) {
+    let (uri, body) = expect(h, Method::PATCH, &format!("{VM_PATH}/status"), reply).await;
+    assert!(
+        uri.contains("fieldManager=corescale-operator") && uri.contains("force=true"),
+        "{uri}"
+    );
+    let st = &body["status"];
+    assert_eq!(st["nodeName"], node);
+    assert_eq!(st["phase"], "Scheduled");
+    assert_eq!(st["maxCpus"], max);
+    assert_eq!(st["selector"], format!("{VM_LABEL}=web"));
+    assert_eq!(st["conditions"][0]["type"], "Scheduled");
+    assert_eq!(st["conditions"][0]["status"], "True");
+}
+
+async fn expect_scheduled_event(h: &mut Handle, node: &str) {
+    let (_, ev) = expect(
+        h,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/demo/events",
+        json!({}),
+    )
+    .await;
+    assert_eq!(ev["reason"], "Scheduled");
+    let note = ev["note"].as_str().unwrap();
+    assert!(note.contains(&format!("placed on {node}")), "{note}");
+}
+
+#[tokio::test]
+async fn a_new_vm_is_admitted_in_one_patch_then_its_status_names_the_node() {
+    let (ctx, mut h) = context(vec![live_lease("node-a")]);
+    let v = vm("", "{cpus: 2}", "{}");
+    let reply = serde_json::to_value(&v).unwrap();
+    let task = tokio::spawn(reconcile(Arc::new(v), ctx));
+    let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply.clone()).await;
+    assert!(body.get("status").is_none(), "{body}");
+    assert_eq!(body["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(body["metadata"]["resourceVersion"], json!("7"));
+    assert_eq!(body["spec"]["topology"]["cores"], 2);
+    assert_eq!(body["metadata"]["labels"][NODE_LABEL], "node-a");
+    assert_eq!(body["metadata"]["labels"][VM_LABEL], "web");
+    expect_placed_status(&mut h, reply, "node-a", 2).await;
+    expect_scheduled_event(&mut h, "node-a").await;
     task.await.unwrap().unwrap();
 }
 
 #[tokio::test]
-async fn placing_applies_status_then_labels_then_records_an_event() {
+async fn placing_labels_then_applies_status_then_records_an_event() {
     let (ctx, mut h) = context(vec![live_lease("node-a")]);
     let meta = format!("  finalizers: [{FINALIZER}]\n");
     let v = vm(
@@ -140,36 +190,29 @@ async fn placing_applies_status_then_labels_then_records_an_event() {
     );
     let reply = serde_json::to_value(&v).unwrap();
     let task = tokio::spawn(reconcile(Arc::new(v), ctx));
-    let (uri, body) = expect(
-        &mut h,
-        Method::PATCH,
-        &format!("{VM_PATH}/status"),
-        reply.clone(),
-    )
-    .await;
-    assert!(
-        uri.contains("fieldManager=corescale-operator") && uri.contains("force=true"),
-        "{uri}"
-    );
-    let st = &body["status"];
-    assert_eq!(st["nodeName"], "node-a");
-    assert_eq!(st["phase"], "Scheduled");
-    assert_eq!(st["maxCpus"], 4);
-    assert_eq!(st["selector"], format!("{VM_LABEL}=web"));
-    assert_eq!(st["conditions"][0]["type"], "Scheduled");
-    assert_eq!(st["conditions"][0]["status"], "True");
-    let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply).await;
+    let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply.clone()).await;
     assert_eq!(body["metadata"]["labels"][NODE_LABEL], "node-a");
     assert_eq!(body["metadata"]["labels"][VM_LABEL], "web");
-    let (_, ev) = expect(
-        &mut h,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/demo/events",
-        json!({}),
-    )
-    .await;
-    assert_eq!(ev["reason"], "Scheduled");
-    assert!(ev["note"].as_str().unwrap().contains("placed on node-a"));
+    expect_placed_status(&mut h, reply, "node-a", 4).await;
+    expect_scheduled_event(&mut h, "node-a").await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_labelled_vm_whose_status_write_failed_gets_only_the_status() {
+    let (ctx, mut h) = context(vec![live_lease("node-a")]);
+    let meta = format!(
+        "  finalizers: [{FINALIZER}]\n  labels: {{{NODE_LABEL}: node-a, {VM_LABEL}: web}}\n"
+    );
+    let v = vm(
+        &meta,
+        "{cpus: 2, topology: {sockets: 1, cores: 4, threads: 1}}",
+        "{}",
+    );
+    let reply = serde_json::to_value(&v).unwrap();
+    let task = tokio::spawn(reconcile(Arc::new(v), ctx));
+    expect_placed_status(&mut h, reply, "node-a", 4).await;
+    expect_scheduled_event(&mut h, "node-a").await;
     task.await.unwrap().unwrap();
 }
 

@@ -140,6 +140,13 @@ impl Worker {
                     self.reset();
                     Next::Now
                 }
+                Want::Leave if self.handle.is_none() => {
+                    // Labelled for this node, its placement status not written yet (the
+                    // operator labels first): wait for it. The watch says when the labels
+                    // go elsewhere. Exiting here could drop a status that arrives while
+                    // the worker winds down.
+                    Next::Change
+                }
                 Want::Gone | Want::Leave => {
                     self.stop_guest("VM left this node").await;
                     Next::Exit
