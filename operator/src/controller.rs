@@ -451,9 +451,18 @@ async fn apply_status(
     Ok(())
 }
 
+/// Parameters of the operator's updates (merge patches): named after it in managedFields,
+/// not "unknown".
+fn update_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.to_string()),
+        ..PatchParams::default()
+    }
+}
+
 async fn clear_vcpus(api: &Api<VirtualMachine>, name: &str) -> Result<(), ReconcileError> {
     let body = json!({"status": {"vcpus": null}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+    api.patch_status(name, &update_params(), &Patch::Merge(&body))
         .await
         .map_err(|source| ReconcileError::Api {
             action: "clear the lost node's vCPU states",
@@ -486,16 +495,12 @@ async fn set_finalizers(
     if let Some(n) = node {
         body["metadata"]["labels"] = node_labels(vm, n);
     }
-    api.patch(
-        &vm.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&body),
-    )
-    .await
-    .map_err(|source| ReconcileError::Api {
-        action: "patch finalizers",
-        source,
-    })?;
+    api.patch(&vm.name_any(), &update_params(), &Patch::Merge(&body))
+        .await
+        .map_err(|source| ReconcileError::Api {
+            action: "patch finalizers",
+            source,
+        })?;
     Ok(())
 }
 
@@ -505,16 +510,12 @@ async fn set_labels(
     node: &str,
 ) -> Result<(), ReconcileError> {
     let body = json!({"metadata": {"labels": node_labels(vm, node)}});
-    api.patch(
-        &vm.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&body),
-    )
-    .await
-    .map_err(|source| ReconcileError::Api {
-        action: "label VM",
-        source,
-    })?;
+    api.patch(&vm.name_any(), &update_params(), &Patch::Merge(&body))
+        .await
+        .map_err(|source| ReconcileError::Api {
+            action: "label VM",
+            source,
+        })?;
     Ok(())
 }
 

@@ -167,7 +167,9 @@ async fn a_new_vm_is_admitted_in_one_patch_then_its_status_names_the_node() {
     let v = vm("", "{cpus: 2}", "{}");
     let reply = serde_json::to_value(&v).unwrap();
     let task = tokio::spawn(reconcile(Arc::new(v), ctx));
-    let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply.clone()).await;
+    let (uri, body) = expect(&mut h, Method::PATCH, VM_PATH, reply.clone()).await;
+    // Named in managedFields as the operator, not "unknown".
+    assert!(uri.contains("fieldManager=corescale-operator"), "{uri}");
     assert!(body.get("status").is_none(), "{body}");
     assert_eq!(body["metadata"]["finalizers"], json!([FINALIZER]));
     assert_eq!(body["metadata"]["resourceVersion"], json!("7"));
