@@ -5,7 +5,13 @@
 //! real guest, against a direct QMP + guest-agent client doing the same on the same guest
 //! in the same run: from the API write to the node agent's backend call, and to the status
 //! showing the vCPUs online (as a watch sees it); the ratio of the medians. Defaults: 4
-//! rounds of 10 resizes. `CORESCALE_BENCH_PLOT=file.png` also plots the percentiles.
+//! rounds of 10 resizes. `CORESCALE_BENCH_PLOT=file.png` also plots the percentiles. It
+//! ends with the API server's share (see `floor`), measured in the same run.
+//!
+//! `corescale-bench floor [N]`: the API server's own time for each kind of write a resize
+//! makes (the user's spec change by `/scale` or by a PATCH, the agent's status report as a
+//! server-side apply, a merge patch or a JSON patch), from the request until a watcher sees
+//! it; N of each (default 50), with a typical status of a 2-vCPU guest.
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -32,7 +38,12 @@ async fn main() -> Result<()> {
             let per_round = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10);
             overhead(&stack, rounds, per_round).await
         }
-        _ => bail!("usage: corescale-bench overhead [ROUNDS] [PER_ROUND]"),
+        Some("floor") => {
+            let n = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(50);
+            stack.namespace(NS)?;
+            api_floor(&stack, &typical_status()?, n).await.map(|_| ())
+        }
+        _ => bail!("usage: corescale-bench overhead [ROUNDS] [PER_ROUND] | floor [N]"),
     }
 }
 
@@ -235,7 +246,9 @@ async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
         s.stack(&["agent", "start", &node])?;
         println!("round {}/{rounds} done", round + 1);
     }
+    let last = api.get(name).await?.status.unwrap_or_default();
     s.delete(NS, name).await?;
+    let floor = api_floor(s, &last, 20).await?;
 
     let stat = |k: &str| -> (f64, f64, f64) {
         let mut v = m.get(k).cloned().unwrap_or_default();
@@ -292,6 +305,7 @@ async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
     println!("  end-to-end / direct (medians): plug {ratio_plug:.2}, unplug {ratio_unplug:.2}   (goal, issue #7: <= 1.3)");
     json.insert("ratio_plug".into(), ratio_plug.into());
     json.insert("ratio_unplug".into(), ratio_unplug.into());
+    json.insert("api_floor_ms".into(), floor);
     json.insert("benchmark".into(), "control-plane-overhead".into());
     json.insert("machine".into(), corescale_e2e::machine().into());
     let out = s.dir.join("bench-overhead.json");
@@ -304,6 +318,155 @@ async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
         plot_latency(std::path::Path::new(&png), &mut m)?;
     }
     Ok(())
+}
+
+/// What an agent reports for a running 2-vCPU guest after a resize.
+fn typical_status() -> Result<corescale_api::VirtualMachineStatus> {
+    Ok(serde_yaml::from_str(
+        "phase: Running\nnodeName: node-a\ncpus: 2\nmaxCpus: 8\naccelerator: tcg\nguestAgent: Connected\n\
+         vcpus:\n\
+         - {index: 0, socket: 0, core: 0, thread: 0, numaNode: 0, state: Online, since: '2026-12-01T00:00:00Z', guestCpu: 0}\n\
+         - {index: 1, socket: 0, core: 1, thread: 0, numaNode: 0, state: Online, since: '2026-12-01T00:00:01Z', guestCpu: 1}\n\
+         conditions:\n\
+         - {type: Running, status: 'True', reason: GuestRunning, message: the guest runs, lastTransitionTime: '2026-12-01T00:00:00Z', observedGeneration: 2}\n\
+         - {type: Ready, status: 'True', reason: AsRequested, message: 2 of 2 vCPUs online, lastTransitionTime: '2026-12-01T00:00:01Z', observedGeneration: 2}\n\
+         - {type: ResizeInProgress, status: 'False', reason: Done, message: 1 -> 2 vCPUs, lastTransitionTime: '2026-12-01T00:00:01Z', observedGeneration: 2}\n\
+         observedGeneration: 2\n\
+         lastResize: {from: 1, to: 2, startedAt: '2026-12-01T00:00:00Z', finishedAt: '2026-12-01T00:00:01Z', seconds: 0.1, appliedSeconds: 0.002, ackedSeconds: 0.05, onlineSeconds: 0.09, result: Succeeded}\n",
+    )?)
+}
+
+/// The API server's own share of a resize: each kind of write a resize makes (the spec
+/// change, the agent's status report), timed from the request until a watcher sees the
+/// object it produced, on a VM that no agent runs (its nodeSelector matches no node).
+/// The status body is the one the agent last wrote for the overhead VM. The kinds take
+/// turns, `n` writes each, so a noisy period of the host hits them alike.
+async fn api_floor(
+    s: &Stack,
+    status: &corescale_api::VirtualMachineStatus,
+    n: usize,
+) -> Result<serde_json::Value> {
+    let name = "floor";
+    let yaml = format!(
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
+         spec: {{cpus: 1, nodeSelector: {{corescale.dev/bench: nowhere}}, topology: {{sockets: 1, cores: 8, threads: 1}}}}\n"
+    );
+    s.create(NS, &yaml).await?;
+    let api = s.vms(NS);
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let seen = seen.clone();
+        let api = api.clone();
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        tokio::spawn(async move {
+            let mut st = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
+            while let Some(Ok(vm)) = st.next().await {
+                if let Some(rv) = vm.metadata.resource_version {
+                    seen.lock()
+                        .expect("not poisoned")
+                        .insert(rv, Instant::now());
+                }
+            }
+        })
+    };
+    // Let the operator write its Unschedulable status first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let apply = PatchParams::apply("bench-agent").force();
+    let plain = PatchParams::default();
+    let kinds = [
+        "scale PATCH (merge)",
+        "spec PATCH (merge)",
+        "status apply (server-side)",
+        "status PATCH (merge)",
+        "status PATCH (JSON patch)",
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut st = status.clone();
+    let mut spec_writes = 0u32;
+    for i in 0..n * kinds.len() {
+        let kind = i % kinds.len();
+        // Every spec write changes the value (1, 2, 3, 1, ...): an unchanged spec is no
+        // write at all.
+        let cpus = if kind < 2 {
+            spec_writes += 1;
+            1 + spec_writes % 3
+        } else {
+            1 + u32::try_from(i % 2)?
+        };
+        st.cpus = Some(cpus);
+        if let Some(lr) = st.last_resize.as_mut() {
+            lr.message = Some(format!("floor {i}"));
+        }
+        let t0 = Instant::now();
+        let vm = match kind {
+            0 => {
+                let body = serde_json::json!({"spec": {"replicas": cpus}});
+                let sc = api.patch_scale(name, &plain, &Patch::Merge(&body)).await?;
+                sc.metadata.resource_version
+            }
+            1 => {
+                let body = serde_json::json!({"spec": {"cpus": cpus}});
+                api.patch(name, &plain, &Patch::Merge(&body))
+                    .await?
+                    .metadata
+                    .resource_version
+            }
+            2 => {
+                let body = corescale_api::status_apply_body(&st);
+                api.patch_status(name, &apply, &Patch::Apply(&body))
+                    .await?
+                    .metadata
+                    .resource_version
+            }
+            3 => {
+                let body = serde_json::json!({"status": {
+                    "cpus": st.cpus, "vcpus": st.vcpus, "lastResize": st.last_resize,
+                    "observedGeneration": st.observed_generation}});
+                api.patch_status(name, &plain, &Patch::Merge(&body))
+                    .await?
+                    .metadata
+                    .resource_version
+            }
+            _ => {
+                let ops = serde_json::json!([
+                    {"op": "add", "path": "/status/cpus", "value": st.cpus},
+                    {"op": "add", "path": "/status/vcpus", "value": st.vcpus},
+                    {"op": "add", "path": "/status/lastResize", "value": st.last_resize},
+                ]);
+                let patch: json_patch::Patch = serde_json::from_value(ops)?;
+                api.patch_status(name, &plain, &Patch::<()>::Json(patch))
+                    .await?
+                    .metadata
+                    .resource_version
+            }
+        };
+        let rv = vm.context("a write returned no resourceVersion")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let at = loop {
+            if let Some(at) = seen.lock().expect("not poisoned").get(&rv) {
+                break *at;
+            }
+            if Instant::now() > deadline {
+                bail!("the watch did not show resourceVersion {rv} within 10 s");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        };
+        samples[kind].push((at - t0).as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watch.abort();
+    s.delete(NS, name).await?;
+    println!("  the API server's share: one write, request -> a watcher sees it ({n} each, ms):");
+    let mut out = serde_json::Map::new();
+    for (k, mut v) in kinds.iter().zip(samples) {
+        let (a, b, c) = stats(&mut v);
+        println!("    {k:<38} {a:>8.1} {b:>8.1} {c:>8.1}");
+        out.insert(
+            (*k).into(),
+            serde_json::json!({"min": a, "median": b, "p99": c}),
+        );
+    }
+    Ok(out.into())
 }
 
 /// Latency percentiles of each measured path, as a PNG.
