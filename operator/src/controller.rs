@@ -495,13 +495,7 @@ async fn set_finalizers(
     if let Some(n) = node {
         body["metadata"]["labels"] = node_labels(vm, n);
     }
-    api.patch(&vm.name_any(), &update_params(), &Patch::Merge(&body))
-        .await
-        .map_err(|source| ReconcileError::Api {
-            action: "patch finalizers",
-            source,
-        })?;
-    Ok(())
+    merge_patch(api, vm, &body, "patch finalizers").await
 }
 
 async fn set_labels(
@@ -510,12 +504,18 @@ async fn set_labels(
     node: &str,
 ) -> Result<(), ReconcileError> {
     let body = json!({"metadata": {"labels": node_labels(vm, node)}});
-    api.patch(&vm.name_any(), &update_params(), &Patch::Merge(&body))
+    merge_patch(api, vm, &body, "label VM").await
+}
+
+async fn merge_patch(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    body: &serde_json::Value,
+    action: &'static str,
+) -> Result<(), ReconcileError> {
+    api.patch(&vm.name_any(), &update_params(), &Patch::Merge(body))
         .await
-        .map_err(|source| ReconcileError::Api {
-            action: "label VM",
-            source,
-        })?;
+        .map_err(|source| ReconcileError::Api { action, source })?;
     Ok(())
 }
 

@@ -5,13 +5,14 @@
 use corescale_api::node::{lease_name, NodeAnnouncement, AGENT_LEASE_LABEL};
 use corescale_api::{VirtualMachine, FINALIZER, NODE_LABEL, VM_LABEL};
 use corescale_common::events::EventRecorder as Recorder;
-use corescale_operator::controller::{reconcile, Config, Context};
+use corescale_operator::controller::{reconcile, Config, Context, ReconcileError};
 use corescale_operator::metrics::Metrics;
 use http::{Method, Request, Response};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::ObjectMeta;
 use kube::client::Body;
+use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
@@ -181,17 +182,25 @@ async fn a_new_vm_is_admitted_in_one_patch_then_its_status_names_the_node() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn placing_labels_then_applies_status_then_records_an_event() {
-    let (ctx, mut h) = context(vec![live_lease("node-a")]);
-    let meta = format!("  finalizers: [{FINALIZER}]\n");
+type Reconciling = tokio::task::JoinHandle<Result<Action, ReconcileError>>;
+
+/// A VM with our finalizer and a 4-slot topology, not placed, with `labels` in its
+/// metadata; the reply the mock sends to each write; the reconcile of it, running.
+fn reconcile_unplaced(ctx: Arc<Context>, labels: &str) -> (Value, Reconciling) {
+    let meta = format!("  finalizers: [{FINALIZER}]\n{labels}");
     let v = vm(
         &meta,
         "{cpus: 2, topology: {sockets: 1, cores: 4, threads: 1}}",
         "{}",
     );
     let reply = serde_json::to_value(&v).unwrap();
-    let task = tokio::spawn(reconcile(Arc::new(v), ctx));
+    (reply, tokio::spawn(reconcile(Arc::new(v), ctx)))
+}
+
+#[tokio::test]
+async fn placing_labels_then_applies_status_then_records_an_event() {
+    let (ctx, mut h) = context(vec![live_lease("node-a")]);
+    let (reply, task) = reconcile_unplaced(ctx, "");
     let (_, body) = expect(&mut h, Method::PATCH, VM_PATH, reply.clone()).await;
     assert_eq!(body["metadata"]["labels"][NODE_LABEL], "node-a");
     assert_eq!(body["metadata"]["labels"][VM_LABEL], "web");
@@ -203,16 +212,8 @@ async fn placing_labels_then_applies_status_then_records_an_event() {
 #[tokio::test]
 async fn a_labelled_vm_whose_status_write_failed_gets_only_the_status() {
     let (ctx, mut h) = context(vec![live_lease("node-a")]);
-    let meta = format!(
-        "  finalizers: [{FINALIZER}]\n  labels: {{{NODE_LABEL}: node-a, {VM_LABEL}: web}}\n"
-    );
-    let v = vm(
-        &meta,
-        "{cpus: 2, topology: {sockets: 1, cores: 4, threads: 1}}",
-        "{}",
-    );
-    let reply = serde_json::to_value(&v).unwrap();
-    let task = tokio::spawn(reconcile(Arc::new(v), ctx));
+    let labels = format!("  labels: {{{NODE_LABEL}: node-a, {VM_LABEL}: web}}\n");
+    let (reply, task) = reconcile_unplaced(ctx, &labels);
     expect_placed_status(&mut h, reply, "node-a", 4).await;
     expect_scheduled_event(&mut h, "node-a").await;
     task.await.unwrap().unwrap();
@@ -221,14 +222,7 @@ async fn a_labelled_vm_whose_status_write_failed_gets_only_the_status() {
 #[tokio::test]
 async fn no_live_node_leaves_the_vm_pending_with_a_reason() {
     let (ctx, mut h) = context(vec![]);
-    let meta = format!("  finalizers: [{FINALIZER}]\n");
-    let v = vm(
-        &meta,
-        "{cpus: 2, topology: {sockets: 1, cores: 4, threads: 1}}",
-        "{}",
-    );
-    let reply = serde_json::to_value(&v).unwrap();
-    let task = tokio::spawn(reconcile(Arc::new(v), ctx));
+    let (reply, task) = reconcile_unplaced(ctx, "");
     let (_, body) = expect(&mut h, Method::PATCH, &format!("{VM_PATH}/status"), reply).await;
     assert_eq!(body["status"]["phase"], "Pending");
     assert_eq!(body["status"]["conditions"][0]["status"], "False");
