@@ -842,6 +842,11 @@ struct Ops {
     qga: QgaClient,
     map: CpuMap,
     st: Persisted,
+    /// QEMU's hot-pluggable CPU list as of the last observation, kept current through this
+    /// handle's own device_add/device_del; `None` when it may not be (a step failed, a raw
+    /// QMP command ran). A resize then starts without asking QEMU again: that round trip
+    /// is in the latency a user waits for.
+    hp: Option<BTreeMap<u32, HotpluggableCpu>>,
 }
 
 /// The guest agent's view of one observation.
@@ -1025,6 +1030,7 @@ impl QemuVm {
                 qga,
                 map: CpuMap::default(),
                 st,
+                hp: None,
             }),
             ready: AtomicBool::new(false),
             events: Mutex::new(rx),
@@ -1080,7 +1086,9 @@ impl QemuVm {
         command: &str,
         arguments: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, BackendError> {
-        let _ops = self.ops.lock().await;
+        let mut ops = self.ops.lock().await;
+        // The command may add or remove devices behind the handle's back.
+        ops.hp = None;
         self.qmp
             .execute_value(command, arguments, self.cfg.qmp_timeout)
             .await
@@ -1408,6 +1416,7 @@ impl QemuVm {
                 host_thread,
             });
         }
+        ops.hp = Some(hp);
         Ok(Observation {
             slots: out,
             guest_agent: agent.is_some(),
@@ -2135,12 +2144,16 @@ impl VmHandle for QemuVm {
                 return report;
             }
         };
-        let mut hp = match self.hotpluggable().await {
-            Ok(hp) => hp,
-            Err(e) => {
-                fail_all(&mut report, e);
-                return report;
-            }
+        let cached = ops.hp.take();
+        let mut hp = match cached {
+            Some(hp) => hp,
+            None => match self.hotpluggable().await {
+                Ok(hp) => hp,
+                Err(e) => {
+                    fail_all(&mut report, e);
+                    return report;
+                }
+            },
         };
         // Know which logical CPU is which before offlining any (an adopted handle starts
         // with an empty map).
@@ -2169,6 +2182,10 @@ impl VmHandle for QemuVm {
         for u in &plug_units {
             let steps = self.plug_unit(&mut ops, u, &mut hp, &opts).await;
             report.steps.extend(steps);
+        }
+        // Every step kept `hp` current; after a failure QEMU may hold something else.
+        if report.steps.iter().all(|s| s.error.is_none()) {
+            ops.hp = Some(hp);
         }
         for s in &report.steps {
             tracing::info!(

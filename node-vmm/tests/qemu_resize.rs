@@ -119,6 +119,46 @@ async fn thread_granularity_1_4_2_3() {
         );
     }
 
+    // A resize starts from the handle's own copy of QEMU's CPU list, kept current through
+    // its plugs and unplugs. A raw QMP command may change QEMU behind it: here slot 3 is
+    // plugged by hand, and an unplug of slot 3 planned without observing again must
+    // still eject it (not take the old copy's word that the slot is already empty).
+    let listed = |hp: &serde_json::Value, id: &str| {
+        hp.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["qom-path"].as_str() == Some(&format!("/machine/peripheral/{id}")))
+    };
+    let hp = vm
+        .qmp_command("query-hotpluggable-cpus", None)
+        .await
+        .unwrap();
+    let slot3 = hp
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["props"]["core-id"] == 3)
+        .expect("QEMU lists slot 3")
+        .clone();
+    let mut add = serde_json::json!({"driver": slot3["type"], "id": "cpu-s0-c3-t0"});
+    for (k, v) in slot3["props"].as_object().unwrap() {
+        add[k] = v.clone();
+    }
+    vm.qmp_command("device_add", Some(add)).await.unwrap();
+    let plan = corescale_api::Plan {
+        unplug: vec![3],
+        ..Default::default()
+    };
+    let r = vm.resize(&plan, OPTS).await;
+    print_report("threads", "unplug of a slot plugged by hand", &r);
+    assert!(r.first_error().is_none(), "{:?}", r.first_error());
+    let hp = vm
+        .qmp_command("query-hotpluggable-cpus", None)
+        .await
+        .unwrap();
+    assert!(!listed(&hp, "cpu-s0-c3-t0"), "slot 3 was ejected: {hp}");
+    verify(&vm, 3).await;
+
     // The VMM dies: the handle reports it within 2 s, with the signal as status.
     let launcher = LauncherClient::new(&env.cfg.launcher_socket);
     let t0 = Instant::now();
