@@ -121,7 +121,7 @@ pub enum Decision {
     /// Taken when the new VM cannot be placed yet (no node fits, or an invalid spec).
     AddFinalizer(Option<Topology>),
     /// A new VM that fits on `node`: the finalizer, the defaulted topology and the node
-    /// labels in one write, then the placement status (two writes instead of four).
+    /// labels in one write, then the placement status (two writes instead of three).
     Admit {
         /// The defaulted topology, when the spec has none.
         topology: Option<Topology>,
