@@ -164,31 +164,26 @@ async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
 
     // Our own watch: when does a watcher see each state of the VM?
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    {
+    let watch = {
         let seen = seen.clone();
-        let api = s.vms(NS);
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        tokio::spawn(async move {
-            let mut st = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
-            while let Some(Ok(vm)) = st.next().await {
-                let at = Utc::now();
-                let st = vm.status.unwrap_or_default();
-                let lr = st.last_resize;
-                seen.lock().expect("not poisoned").push(Seen {
-                    at,
-                    cpus: st.cpus.unwrap_or(0),
-                    started: lr.as_ref().map(|l| l.started_at),
-                    finished: lr.as_ref().and_then(|l| l.finished_at),
-                    backend_done: lr
-                        .as_ref()
-                        .and_then(|l| l.online_seconds.or(l.acked_seconds)),
-                    succeeded: lr.is_some_and(|l| {
-                        l.finished_at.is_some() && l.result == ResizeResult::Succeeded
-                    }),
-                });
-            }
-        });
-    }
+        watch_vm(s, name, move |vm| {
+            let at = Utc::now();
+            let st = vm.status.unwrap_or_default();
+            let lr = st.last_resize;
+            seen.lock().expect("not poisoned").push(Seen {
+                at,
+                cpus: st.cpus.unwrap_or(0),
+                started: lr.as_ref().map(|l| l.started_at),
+                finished: lr.as_ref().and_then(|l| l.finished_at),
+                backend_done: lr
+                    .as_ref()
+                    .and_then(|l| l.online_seconds.or(l.acked_seconds)),
+                succeeded: lr.is_some_and(|l| {
+                    l.finished_at.is_some() && l.result == ResizeResult::Succeeded
+                }),
+            });
+        })
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let api = s.vms(NS);
@@ -246,6 +241,7 @@ async fn overhead(s: &Stack, rounds: usize, per_round: usize) -> Result<()> {
         s.stack(&["agent", "start", &node])?;
         println!("round {}/{rounds} done", round + 1);
     }
+    watch.abort();
     let last = api.get(name).await?.status.unwrap_or_default();
     s.delete(NS, name).await?;
     let floor = api_floor(s, &last, 20).await?;
@@ -336,6 +332,23 @@ fn typical_status() -> Result<corescale_api::VirtualMachineStatus> {
     )?)
 }
 
+/// Watch the VM `name` of the benchmark's namespace, handing each version to `on_vm` the
+/// moment it arrives; abort the task to stop.
+fn watch_vm(
+    s: &Stack,
+    name: &str,
+    mut on_vm: impl FnMut(VirtualMachine) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let api = s.vms(NS);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    tokio::spawn(async move {
+        let mut st = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
+        while let Some(Ok(vm)) = st.next().await {
+            on_vm(vm);
+        }
+    })
+}
+
 /// The API server's own share of a resize: each kind of write a resize makes (the spec
 /// change, the agent's status report), timed from the request until a watcher sees the
 /// object it produced, on a VM that no agent runs (its nodeSelector matches no node).
@@ -356,16 +369,11 @@ async fn api_floor(
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let watch = {
         let seen = seen.clone();
-        let api = api.clone();
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        tokio::spawn(async move {
-            let mut st = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
-            while let Some(Ok(vm)) = st.next().await {
-                if let Some(rv) = vm.metadata.resource_version {
-                    seen.lock()
-                        .expect("not poisoned")
-                        .insert(rv, Instant::now());
-                }
+        watch_vm(s, name, move |vm| {
+            if let Some(rv) = vm.metadata.resource_version {
+                seen.lock()
+                    .expect("not poisoned")
+                    .insert(rv, Instant::now());
             }
         })
     };
