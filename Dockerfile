@@ -41,12 +41,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # --- the default guest image (kernel + initramfs with the QEMU guest agent) -----------
 FROM docker.io/library/debian:${DEBIAN} AS guest
 RUN apt-get update \
- && apt-get install -y --no-install-recommends binutils cpio xz-utils zstd \
+ && apt-get install -y --no-install-recommends binutils cpio kmod xz-utils zstd \
  && rm -rf /var/lib/apt/lists/*
-COPY node-vmm/guest/build.sh /src/node-vmm/guest/build.sh
+COPY node-vmm/guest/build.sh node-vmm/guest/boot-check.sh /src/node-vmm/guest/
 # build.sh downloads the Debian packages itself (apt-get download) into a scratch dir.
-RUN bash /src/node-vmm/guest/build.sh --arch x86_64 /out/guest/x86_64 \
- && bash /src/node-vmm/guest/build.sh --arch ppc64le /out/guest/ppc64le
+# This stage has no QEMU: the node-vmm stage boots each image once (boot-check.sh).
+RUN bash /src/node-vmm/guest/build.sh --no-boot-check --arch x86_64 /out/guest/x86_64 \
+ && bash /src/node-vmm/guest/build.sh --no-boot-check --arch ppc64le /out/guest/ppc64le
 
 # --- node-vmm: agent + launcher + QEMU ------------------------------------------------
 FROM docker.io/library/debian:${DEBIAN}-slim AS node-vmm
@@ -60,6 +61,10 @@ RUN printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports
  && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --shell /usr/sbin/nologin corescale
 COPY --from=build /out/corescale-node-vmm /usr/local/bin/corescale-node-vmm
 COPY --from=guest /out/guest /usr/share/corescale/guest
+# Every image must answer its guest agent before the node image is made.
+COPY node-vmm/guest/boot-check.sh /usr/local/lib/corescale/boot-check.sh
+RUN bash /usr/local/lib/corescale/boot-check.sh --arch x86_64 /usr/share/corescale/guest/x86_64 \
+ && bash /usr/local/lib/corescale/boot-check.sh --arch ppc64le /usr/share/corescale/guest/ppc64le
 ENV CORESCALE_IMAGE_DIR=/usr/share/corescale/guest
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/corescale-node-vmm"]

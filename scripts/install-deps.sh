@@ -6,7 +6,8 @@ set -euo pipefail
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root (apt-get)" >&2; exit 1; fi; }
 
 BACKPORTS=/etc/apt/sources.list.d/corescale-bookworm-backports.sources
-pkgs_main=(busybox-static cpio prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl)
+# kmod: depmod, which the guest image build runs on the kernel package it packs.
+pkgs_main=(busybox-static cpio kmod binutils prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl)
 # QEMU 10.0 from bookworm-backports: Debian 12's QEMU 7.2 crashes (double free) on the
 # first CPU device_add after a device_del under TCG.
 # qemu-system-ppc (qemu-system-ppc64) for POWER/pseries guests, from the same backports

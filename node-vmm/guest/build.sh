@@ -2,13 +2,22 @@
 # Build corescale's test/default guest image from Debian 12 (bookworm) packages only:
 #   vmlinux            uncompressed kernel from linux-image-<flavour> (Debian 12, 6.1)
 #   initramfs.cpio.gz  busybox-static + qemu-guest-agent (with its shared libraries) + /init
-#   manifest.json      package versions and sha256 of the outputs
+#   manifest.json      kernel release, package versions, sha256 of the outputs, boot check
 #
-# Usage: node-vmm/guest/build.sh [--arch x86_64|ppc64le] [OUTDIR]
+# Usage: node-vmm/guest/build.sh [--arch x86_64|ppc64le] [--no-boot-check] [OUTDIR]
 #   --arch    x86_64 (default): linux-image-amd64's bzImage payload (PVH entry) for q35;
 #             ppc64le: linux-image-powerpc64le's vmlinux for QEMU's pseries machine
 #             (packages of the foreign architecture ppc64el; see below)
 #   OUTDIR    defaults to ${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/<arch>
+#   --no-boot-check  skip booting the new image (boot-check.sh) before publishing it: only
+#             for builders without QEMU whose next step checks it (the Dockerfile's guest
+#             stage; its node-vmm stage runs boot-check.sh)
+#
+# Kernel modules the guest loads (x86_64: the ACPI power button; ppc64le: virtio-serial for
+# the agent) are named here; which files they are, what they depend on and the load order
+# come from depmod run on the kernel package itself, so a Debian kernel update cannot
+# break them. Every new image is booted once under QEMU/TCG (boot-check.sh) and published
+# only when its guest agent answers; the build ends with one line that says what it holds.
 #
 # Nothing is installed into the host: packages are fetched with `apt-get download` and
 # unpacked with `dpkg -x` into a scratch directory. The build is skipped when the outputs
@@ -27,13 +36,15 @@ set -euo pipefail
 
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
 CACHE_DIR=${CORESCALE_CACHE:-$HOME/.cache/corescale}
-usage() { printf 'usage: %s [--arch x86_64|ppc64le] [OUTDIR]\n' "$0" >&2; exit 2; }
+usage() { printf 'usage: %s [--arch x86_64|ppc64le] [--no-boot-check] [OUTDIR]\n' "$0" >&2; exit 2; }
 ARCH=x86_64
 OUT=""
+BOOT_CHECK=1
 while [ $# -gt 0 ]; do
     case $1 in
         --arch) [ $# -ge 2 ] || usage; ARCH=$2; shift 2 ;;
         --arch=*) ARCH=${1#--arch=}; shift ;;
+        --no-boot-check) BOOT_CHECK=0; shift ;;
         -h|--help) usage ;;
         -*) printf 'guest/build.sh: error: unknown option %s\n' "$1" >&2; usage ;;
         *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
@@ -54,9 +65,11 @@ APT_OPTS=()
 case $ARCH in
     x86_64)
         DEB_ARCH=amd64; FLAVOUR=amd64; TRIPLET=x86_64-linux-gnu
-        AGENT_METHOD=isa-serial; AGENT_DEV=/dev/ttyS1; AGENT_PORT="the second serial port (ttyS1)"
-        AGENT_CHECK="[ -c /dev/ttyS1 ]"; AGENT_MISSING="/dev/ttyS1 missing (no second isa-serial?)"
-        AGENT_SETUP=""; AGENT_MODULES=""
+        AGENT_METHOD=isa-serial; AGENT_PORT="the second serial port (ttyS1)"
+        AGENT_FIND='[ -c /dev/ttyS1 ] && port=/dev/ttyS1'
+        AGENT_MISSING="/dev/ttyS1 missing (no second isa-serial?)"
+        # ACPI power button -> busybox acpid -> poweroff, so QMP system_powerdown stops the guest.
+        GUEST_MODULES="button evdev"
         KERNEL_CONFIG="CONFIG_PVH CONFIG_ACPI_HOTPLUG_CPU CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_8250_CONSOLE"
         ;;
     ppc64le)
@@ -66,22 +79,20 @@ case $ARCH in
         # the node sent while the guest booted drains slowly (16 bytes per hypervisor
         # call), interleaved with the agent's replies: replies were lost. A virtio port is
         # not a tty. The modules are loaded by /init; the port is found by its name.
-        AGENT_METHOD=virtio-serial; AGENT_DEV='$port'
+        AGENT_METHOD=virtio-serial
         AGENT_PORT="the virtio-serial port org.qemu.guest_agent.0"
-        AGENT_CHECK="[ -n \"\$port\" ]"
         AGENT_MISSING="no virtio-serial port named org.qemu.guest_agent.0 (QEMU: -device virtio-serial-pci -device virtserialport,name=org.qemu.guest_agent.0)"
-        AGENT_MODULES="virtio/virtio virtio/virtio_ring virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci char/virtio_console"
-        AGENT_SETUP='for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console; do insmod /lib/agent/$m.ko; done
-port=""
-i=0
+        # The modules the port needs; their dependencies and order come from the kernel's
+        # own modules.dep (see modules_in_load_order), never from a list written here.
+        GUEST_MODULES="virtio_pci virtio_console"
+        AGENT_FIND='i=0
 while [ -z "$port" ] && [ $i -lt 100 ]; do
     for n in /sys/class/virtio-ports/*/name; do
         [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename "$(dirname "$n")")
     done
     [ -n "$port" ] || sleep 0.02
     i=$((i + 1))
-done
-'
+done'
         # pseries CPU hot-plug is DLPAR driven by RTAS hot-plug events: hotplug-cpu.o needs
         # HOTPLUG_CPU, the event and device-tree paths need PPC_RTAS and OF_DYNAMIC; the
         # console is spapr-vty (hvc_vio, HVC_CONSOLE); the agent's port virtio-serial over
@@ -97,8 +108,9 @@ done
 esac
 META_PKG=linux-image-$FLAVOUR
 
-for tool in apt-get apt-cache dpkg dpkg-deb cpio gzip xz od readelf sha256sum find sort; do
-    command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' is missing (apt-get install apt dpkg cpio gzip xz-utils coreutils binutils findutils)"
+export PATH=$PATH:/usr/sbin:/sbin   # depmod
+for tool in apt-get apt-cache dpkg dpkg-deb cpio gzip xz od readelf sha256sum find sort depmod; do
+    command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' is missing (apt-get install apt dpkg cpio gzip xz-utils coreutils binutils findutils kmod)"
 done
 
 apt_updated=0
@@ -171,22 +183,35 @@ for p in "$AGENT_PKG" "$BUSYBOX_PKG" $lib_pkgs; do
     pkg_ver[$p]=${cand[$p]}
 done
 agent_ver=${pkg_ver[$AGENT_PKG]}
-busybox_ver=${pkg_ver[$BUSYBOX_PKG]}
 
-script_sha=$(sha256sum "$SCRIPT_PATH" | cut -d' ' -f1)
+
+script_sha=$(cat "$SCRIPT_PATH" "$(dirname "$SCRIPT_PATH")/boot-check.sh" | sha256sum | cut -d' ' -f1)
 # One line per input; the manifest stores the same text, so comparing it decides a rebuild.
 inputs_key=$( { for p in "${!pkg_ver[@]}"; do printf '%s=%s\n' "$p" "${pkg_ver[$p]}"; done
                printf 'build.sh=%s\n' "$script_sha"; } | sort | tr '\n' ';')
 
 manifest=$OUT/manifest.json
-if [ -f "$manifest" ] && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
+# One line from a manifest: what the image holds (make guest prints it).
+summary() {
+    local m=$1
+    printf '%s: kernel %s (%s %s), qemu-ga %s, busybox %s, boot check %s s\n' "$ARCH" \
+        "$(sed -n 's/^ *"kernel_release": "\(.*\)",$/\1/p' "$m")" "$META_PKG" \
+        "$(sed -n "s/^ *\"$META_PKG\": \"\(.*\)\",\{0,1\}\$/\1/p" "$m")" \
+        "$(sed -n "s/^ *\"$AGENT_PKG\": \"\(.*\)\",\{0,1\}\$/\1/p" "$m")" \
+        "$(sed -n "s/^ *\"$BUSYBOX_PKG\": \"\(.*\)\",\{0,1\}\$/\1/p" "$m")" \
+        "$(sed -n 's/^ *"boot_check_seconds": \(.*\),$/\1/p' "$m")"
+}
+if [ "$BOOT_CHECK" = 1 ] && [ -f "$manifest" ] && grep -q '"boot_check_seconds": null' "$manifest"; then
+    log "the cached image was never booted (built with --no-boot-check): rebuilding"
+elif [ -f "$manifest" ] && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/initramfs.cpio.gz" ]; then
     old_key=$(sed -n 's/^ *"inputs_key": "\(.*\)",\{0,1\}$/\1/p' "$manifest")
     old_k_sha=$(sed -n 's/^ *"vmlinux": { *"sha256": "\([0-9a-f]*\)".*/\1/p' "$manifest")
     old_i_sha=$(sed -n 's/^ *"initramfs.cpio.gz": { *"sha256": "\([0-9a-f]*\)".*/\1/p' "$manifest")
     if [ "$old_key" = "$inputs_key" ] \
         && [ "$old_k_sha" = "$(sha256sum "$OUT/vmlinux" | cut -d' ' -f1)" ] \
         && [ "$old_i_sha" = "$(sha256sum "$OUT/initramfs.cpio.gz" | cut -d' ' -f1)" ]; then
-        log "up to date (kernel $kernel_pkg $kernel_ver, agent $agent_ver)"
+        log "up to date"
+        summary "$manifest"
         printf 'vmlinux=%s\ninitramfs=%s\nmanifest=%s\n' "$OUT/vmlinux" "$OUT/initramfs.cpio.gz" "$manifest"
         exit 0
     fi
@@ -314,36 +339,95 @@ while [ ${#queue[@]} -gt 0 ]; do
         for d in $libdirs; do
             if f=$(resolve_in_x "$d/$so"); then found=$f; break; fi
         done
+        # Elsewhere in the packages (a library directory this script does not know).
+        if [ -z "$found" ]; then
+            f=$(cd "$X" && find . -name "$so" \( -type f -o -type l \) | LC_ALL=C sort | head -n1)
+            [ -z "$f" ] || found=$(resolve_in_x "${f#.}") || found=""
+        fi
         [ -n "$found" ] || die "shared library $so (needed by $(basename "$elf")) is in none of the unpacked packages: ${!pkg_ver[*]}"
         cp "$X$found" "$R/lib/$TRIPLET/$so"
         copied[$so]=$found
         queue+=("$R/lib/$TRIPLET/$so")
     done
 done
-[ "$(dirname "$interp")" = /lib64 ] || die "unexpected ELF interpreter $interp (expected one in /lib64)"
-ln -s ../lib/$TRIPLET/"$(basename "$interp")" "$R/lib64/$(basename "$interp")"
+# The interpreter at the path the binary names (a symlink to the copy in /lib/<triplet>).
+if [ "$interp" != "/lib/$TRIPLET/$(basename "$interp")" ]; then
+    mkdir -p "$R$(dirname "$interp")"
+    ln -sf "/lib/$TRIPLET/$(basename "$interp")" "$R$interp"
+fi
 log "qemu-ga libraries: ${!copied[*]}"
 
+# ---- kernel modules ----------------------------------------------------------------------
+# Debian's kernel packages ship no modules.dep (the package's postinst runs depmod): run
+# depmod on the unpacked tree, then follow what it wrote. A security update that moves a
+# symbol between modules (6.1.192 made virtio.ko depend on virtio_ring.ko) changes the order
+# here, not this script.
+MODDIR=$X/lib/modules/$kver
+[ -d "$MODDIR" ] || die "$kernel_pkg has no /lib/modules/$kver"
+depmod -b "$X" "$kver" || die "depmod failed on the modules of $kernel_pkg"
+[ -s "$MODDIR/modules.dep" ] || die "depmod wrote no $MODDIR/modules.dep"
+
+# modules_in_load_order NAME... -> the paths (relative to /lib/modules/<kver>) of NAME and
+# of everything it depends on, each after its dependencies, from modules.dep. A module
+# built into the kernel (modules.builtin) needs nothing; one in neither list is an error.
+declare -A dep_of=() path_of=() visited=()
+while IFS= read -r line; do
+    mod_path=${line%%:*}
+    name=$(basename "$mod_path"); name=${name%%.ko*}; name=${name//-/_}
+    path_of[$name]=$mod_path
+    dep_of[$mod_path]=${line#*:}
+done <"$MODDIR/modules.dep"
+load_order=()
+visit() {
+    local p=$1 d
+    [ -z "${visited[$p]:-}" ] || return 0
+    visited[$p]=1
+    for d in ${dep_of[$p]}; do visit "$d"; done
+    load_order+=("$p")
+}
+modules_in_load_order() {
+    local m key
+    for m in "$@"; do
+        key=${m//-/_}
+        if [ -n "${path_of[$key]:-}" ]; then
+            visit "${path_of[$key]}"
+        elif grep -Eq "/${m}\.ko(\.[a-z]+)?\$" "$MODDIR/modules.builtin" 2>/dev/null; then
+            log "module $m is built into $kver"
+        else
+            die "module $m is neither in modules.dep nor in modules.builtin of $kver"
+        fi
+    done
+}
+modules_in_load_order $GUEST_MODULES
+# Copy them to the same paths in the guest, uncompressed (busybox insmod reads plain ELF),
+# and the order into /lib/modules/load-order for /init.
+: >"$R/lib/modules.load-order"
+for p in "${load_order[@]}"; do
+    dst=${p%.ko*}.ko
+    mkdir -p "$(dirname "$R/lib/modules/$kver/$dst")"
+    case $p in
+        *.ko)     cp "$MODDIR/$p" "$R/lib/modules/$kver/$dst" ;;
+        *.ko.xz)  xz -dc "$MODDIR/$p" >"$R/lib/modules/$kver/$dst" ;;
+        *.ko.gz)  gzip -dc "$MODDIR/$p" >"$R/lib/modules/$kver/$dst" ;;
+        *.ko.zst) command -v zstd >/dev/null || die "module $p is zstd-compressed: install zstd"
+                  zstd -qdc "$MODDIR/$p" >"$R/lib/modules/$kver/$dst" ;;
+        *) die "unknown module file type: $p" ;;
+    esac
+    printf '/lib/modules/%s/%s\n' "$kver" "$dst" >>"$R/lib/modules.load-order"
+done
+log "guest modules in load order: ${load_order[*]:-(none)}"
+
 # How QMP system_powerdown reaches the guest, and the matching /init lines (empty: none).
-mods=""
 power_init=""
 power_files=()
 power_x86_64() {
-    # ACPI power button -> busybox acpid -> poweroff, so QMP system_powerdown stops the guest.
-    for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko; do
-        f=$X/lib/modules/$kver/$m
-        [ -f "$f" ] || die "kernel module $m not found in $kernel_pkg"
-        cp "$f" "$R/lib/"
-        mods="$mods $(basename "$m")"
-    done
-
+    # ACPI power button (button.ko, evdev.ko above) -> busybox acpid -> poweroff.
     cat >"$R/etc/acpi/PWRF/00000080" <<'SH'
 #!/bin/sh
 # busybox acpid runs this on the ACPI power button (QMP system_powerdown).
 exec /sbin/shutdown -h -P +0 "ACPI power button"
 SH
-    power_init="for m in$mods; do insmod /lib/\$m; done
-acpid -c /etc/acpi -l /dev/null
+    power_init="acpid -c /etc/acpi -l /dev/null
 "
     power_files=("$R/etc/acpi/PWRF/00000080")
 }
@@ -360,14 +444,6 @@ SH
     power_files=("$R/sbin/poweroff")
 }
 power_$ARCH
-
-# Kernel modules the agent's port needs (none on x86_64), into /lib/agent.
-for m in $AGENT_MODULES; do
-    f=$X/lib/modules/$kver/kernel/drivers/$m.ko
-    [ -f "$f" ] || die "kernel module drivers/$m.ko not found in $kernel_pkg"
-    mkdir -p "$R/lib/agent"
-    cp "$f" "$R/lib/agent/"
-done
 
 cat >"$R/sbin/shutdown" <<'SH'
 #!/bin/sh
@@ -392,48 +468,122 @@ case $ARCH in
     *) cpu_note="It never onlines hot-plugged CPUs itself
 # (a pseries kernel onlines a hot-added core's threads by itself)." ;;
 esac
-cat >"$R/init" <<SH
+{
+    cat <<SH
 #!/bin/sh
-# corescale test guest, PID 1. Mounts the pseudo file systems, starts the guest agent on
-# $AGENT_PORT and idles. $cpu_note
+# corescale test guest, PID 1. Mounts the pseudo file systems, loads the kernel modules of
+# /lib/modules.load-order, starts the guest agent on $AGENT_PORT and idles.
+# $cpu_note
+#
+# The kernel command line's corescale.agent= chooses how the agent behaves, so tests can
+# play every kind of guest with one image: on (default), off (no agent, as most cloud
+# images), delay=N (starts N seconds late), silent (the port is held open and never read),
+# garbage (the port carries garbage and never an answer), flap (the agent is killed and
+# restarted every second). A missing port is reported once and the guest runs without one.
+AGENT_METHOD=$AGENT_METHOD
+AGENT_MISSING="$AGENT_MISSING"
+find_agent_port() {
+$AGENT_FIND
+}
+SH
+    cat <<'SH'
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run/qemu-ga
 exec </dev/console >/dev/console 2>&1
-echo "corescale-guest: init started (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
+say() { echo "corescale-guest: $*"; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+say "init started (uptime $(uptime_s)s)"
 hostname corescale-guest
-${power_init}echo "corescale-guest: kernel \$(uname -r) cpus online=\$(cat /sys/devices/system/cpu/online) present=\$(cat /sys/devices/system/cpu/present) possible=\$(cat /sys/devices/system/cpu/possible)"
-${AGENT_SETUP}$AGENT_CHECK || echo "corescale-guest: warning: $AGENT_MISSING"
-(
+while read -r m; do
+    insmod "$m" || say "warning: cannot load $m"
+done </lib/modules.load-order
+SH
+    printf '%s' "$power_init"
+    cat <<'SH'
+say "kernel $(uname -r) cpus online=$(cat /sys/devices/system/cpu/online) present=$(cat /sys/devices/system/cpu/present) possible=$(cat /sys/devices/system/cpu/possible)"
+agent=on
+for w in $(cat /proc/cmdline); do
+    case $w in corescale.agent=*) agent=${w#corescale.agent=} ;; esac
+done
+port=""
+find_agent_port
+if [ -z "$port" ]; then
+    say "warning: $AGENT_MISSING: this guest runs without a guest agent"
+    agent=off
+fi
+run_agent() { qemu-ga -m "$AGENT_METHOD" -p "$port" -t /run/qemu-ga -f /run/qemu-ga.pid; }
+agent_loop() {
     while :; do
-        qemu-ga -m $AGENT_METHOD -p $AGENT_DEV -t /run/qemu-ga -f /run/qemu-ga.pid
-        echo "corescale-guest: qemu-ga exited with \$?, restarting in 1s"
+        run_agent
+        say "qemu-ga exited with $?, restarting in 1s"
         rm -f /run/qemu-ga.pid
         sleep 1
     done
-) &
-# Ready once qemu-ga holds $AGENT_DEV open (it writes no pid file unless it daemonizes).
-i=0
-while [ \$i -lt 200 ]; do
-    for pid in \$(pidof qemu-ga); do
-        for fd in /proc/\$pid/fd/*; do
-            [ "\$(readlink \$fd)" = $AGENT_DEV ] && break 3
+}
+case $agent in
+    on) agent_loop & ;;
+    delay=*)
+        n=${agent#delay=}
+        say "the guest agent starts in ${n}s (corescale.agent=$agent)"
+        (sleep "$n" && say "starting the guest agent" && agent_loop) & ;;
+    off) say "no guest agent (corescale.agent=off)" ;;
+    silent)
+        say "the agent port is held open and never read (corescale.agent=silent)"
+        stty -F "$port" raw -echo 2>/dev/null
+        sleep 2147483647 <"$port" & ;;
+    garbage)
+        say "the agent port carries garbage (corescale.agent=garbage)"
+        stty -F "$port" raw -echo 2>/dev/null
+        (while :; do
+            printf '%s\n' 'corescale garbage {"return": [1, ' '{"return": 1}' '{"id": 7, "return": {}}' 'not json'
+            sleep 0.05
+        done >"$port" 2>/dev/null) & ;;
+    flap)
+        say "the guest agent restarts every second (corescale.agent=flap)"
+        (while :; do
+            run_agent &
+            p=$!
+            sleep 1
+            kill "$p" 2>/dev/null
+            wait "$p"
+        done) & ;;
+    *) say "warning: unknown corescale.agent=$agent: no guest agent" ;;
+esac
+if [ "$agent" = on ]; then
+    # Ready once qemu-ga holds the port open (it writes no pid file unless it daemonizes).
+    i=0
+    while [ $i -lt 200 ]; do
+        for pid in $(pidof qemu-ga); do
+            for fd in /proc/$pid/fd/*; do
+                [ "$(readlink "$fd")" = "$port" ] && break 3
+            done
         done
+        sleep 0.05
+        i=$((i + 1))
     done
-    sleep 0.05
-    i=\$((i + 1))
-done
-echo "corescale-guest: ready (uptime \$(cut -d' ' -f1 /proc/uptime)s)"
+fi
+say "ready (uptime $(uptime_s)s)"
 while :; do sleep 3600; done
 SH
+} >"$R/init"
 chmod 0755 "$R/init" "$R/sbin/shutdown" "${power_files[@]}"
 
 # Deterministic archive: fixed mtimes, root ownership, sorted names.
 find "$R" -exec touch -h -d @0 {} +
 (cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet --reproducible) \
     | gzip -n -9 >"$WORK/initramfs.cpio.gz"
+
+# ---- check ------------------------------------------------------------------------------
+# Boot it once: an image whose agent does not answer never reaches the cache.
+boot_check_s=null
+if [ "$BOOT_CHECK" = 1 ]; then
+    log "booting the new $ARCH image once (its guest agent must answer)"
+    boot_check_s=$(bash "$(dirname "$SCRIPT_PATH")/boot-check.sh" --arch "$ARCH" "$WORK") \
+        || die "the $ARCH image built from $kernel_pkg $kernel_ver failed its boot check (above); nothing was cached"
+fi
 
 # ---- publish ----------------------------------------------------------------------------
 mv -f "$WORK/vmlinux" "$OUT/vmlinux.new" && mv -f "$OUT/vmlinux.new" "$OUT/vmlinux"
@@ -454,10 +604,13 @@ i_sha=$(sha256sum "$OUT/initramfs.cpio.gz" | cut -d' ' -f1)
     printf '    "vmlinux": { "sha256": "%s", "bytes": %s },\n' "$k_sha" "$(stat -c %s "$OUT/vmlinux")"
     printf '    "initramfs.cpio.gz": { "sha256": "%s", "bytes": %s }\n' "$i_sha" "$(stat -c %s "$OUT/initramfs.cpio.gz")"
     printf '  },\n'
+    printf '  "agent_version": "%s",\n' "$agent_ver"
+    printf '  "boot_check_seconds": %s,\n' "$boot_check_s"
     printf '  "build_sh_sha256": "%s",\n' "$script_sha"
     printf '  "inputs_key": "%s"\n' "$inputs_key"
     printf '}\n'
 } >"$manifest.new"
 mv -f "$manifest.new" "$manifest"
-log "built kernel $kver ($kernel_ver), agent $agent_ver, busybox $busybox_ver"
+log "built"
+summary "$manifest"
 printf 'vmlinux=%s\ninitramfs=%s\nmanifest=%s\n' "$OUT/vmlinux" "$OUT/initramfs.cpio.gz" "$manifest"
