@@ -1120,7 +1120,10 @@ impl QemuVm {
             .then(|| (ops.st.vcpu_threads_created, self.spec.topology.max_vcpus()))
     }
 
-    /// Wait until the guest agent answers; the time it took.
+    /// Wait until the guest agent answers; the time it took. Returns within `timeout` plus
+    /// one probe (300 ms) whatever the guest does: each probe is bounded (see
+    /// `QgaClient::send`), and a probe skipped because another call holds the guest's
+    /// line waits a little instead of spinning.
     pub async fn wait_guest_ready(&self, timeout: Duration) -> Result<Duration, BackendError> {
         let t0 = Instant::now();
         while !self.guest_ready().await {
@@ -1133,6 +1136,7 @@ impl QemuVm {
                     tail(&self.dir.join(launcher::SERIAL_LOG), 1500)
                 )));
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(t0.elapsed())
     }
@@ -1639,6 +1643,19 @@ impl QemuVm {
             }
             self.persist(&ops.st);
         }
+        // QEMU holds a device for every slot it added, whatever the guest does next: the
+        // handle's copy of QEMU's list says so (an unplug plans from it).
+        for &i in &added {
+            let slot = unit[i];
+            if let Some(e) = hp.get_mut(&slot) {
+                let first = self.machine.slot_of_props(&t, &e.props).unwrap_or(slot);
+                e.qom_path = Some(format!(
+                    "/machine/peripheral/{}",
+                    self.machine
+                        .device_id(&self.slots[usize::try_from(first).unwrap_or(0)])
+                ));
+            }
+        }
         match self.machine.insert_done() {
             InsertDone::AcpiOst => {
                 self.wait_insert_ost(&mut events, unit, &added, &mut steps, deadline, t0, opts)
@@ -1686,17 +1703,8 @@ impl QemuVm {
             }
         }
         for &i in &acked {
-            let slot = unit[i];
             if steps[i].online.is_some() {
-                ops.st.plugging.remove(&slot);
-            }
-            if let Some(e) = hp.get_mut(&slot) {
-                let first = self.machine.slot_of_props(&t, &e.props).unwrap_or(slot);
-                e.qom_path = Some(format!(
-                    "/machine/peripheral/{}",
-                    self.machine
-                        .device_id(&self.slots[usize::try_from(first).unwrap_or(0)])
-                ));
+                ops.st.plugging.remove(&unit[i]);
             }
         }
         self.persist(&ops.st);

@@ -91,6 +91,8 @@ struct FileRead {
 
 /// Largest garbage run kept while looking for a JSON object.
 const MAX_BUFFER: usize = 4 << 20;
+/// How long connecting to the chardev socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Bytes asked per `guest-file-read`.
 const READ_CHUNK: u64 = 48 * 1024;
 
@@ -212,12 +214,15 @@ impl QgaClient {
 
     async fn ensure_connected(&mut self) -> Result<(), QgaError> {
         if self.stream.is_none() {
-            let s = UnixStream::connect(&self.path)
-                .await
-                .map_err(|e| QgaError::Connect {
-                    path: self.path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+            let connect = UnixStream::connect(&self.path);
+            let s = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+            }
+            .map_err(|message| QgaError::Connect {
+                path: self.path.display().to_string(),
+                message,
+            })?;
             self.stream = Some(s);
             self.buf.clear();
             self.synced = false;
@@ -225,16 +230,41 @@ impl QgaClient {
         Ok(())
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), QgaError> {
+    /// Write a request, by `deadline`. A guest that does not read its end (no agent, or an
+    /// agent that never reads) stops QEMU reading the socket, so a write can block for good
+    /// once the socket's buffer is full: past the deadline the connection is dropped (its
+    /// buffered bytes go with it, and a half-written request cannot reach the agent) and
+    /// the command times out.
+    async fn send(
+        &mut self,
+        bytes: &[u8],
+        command: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), QgaError> {
         let Some(s) = self.stream.as_mut() else {
             return Err(QgaError::Closed);
         };
-        if let Err(e) = s.write_all(bytes).await {
-            tracing::debug!(error = %e, "guest agent write failed");
-            self.disconnect();
-            return Err(QgaError::Closed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "guest agent write failed");
+                self.disconnect();
+                Err(QgaError::Closed)
+            }
+            Err(_) => {
+                tracing::debug!(
+                    command,
+                    "guest agent write timed out: the guest does not read its port"
+                );
+                self.disconnect();
+                Err(QgaError::Timeout {
+                    command: command.to_string(),
+                    seconds: secs(timeout),
+                })
+            }
         }
-        Ok(())
     }
 
     /// Read more bytes until `deadline`. Ok(false) on timeout.
@@ -288,7 +318,8 @@ impl QgaClient {
                 )
                 .as_bytes(),
             );
-            self.send(&req).await?;
+            self.send(&req, "guest-sync-delimited", deadline, timeout)
+                .await?;
             let until = deadline.min(Instant::now() + attempt);
             loop {
                 while let Some(obj) = next_object(&mut self.buf) {
@@ -334,7 +365,7 @@ impl QgaClient {
         let mut line = serde_json::to_vec(&Value::Object(req))
             .map_err(|e| QgaError::Protocol(format!("cannot encode {command}: {e}")))?;
         line.push(b'\n');
-        self.send(&line).await?;
+        self.send(&line, command, deadline, timeout).await?;
         loop {
             while let Some(obj) = next_object(&mut self.buf) {
                 if obj.get("id").and_then(Value::as_u64) != Some(id) {
@@ -490,6 +521,7 @@ impl QgaClient {
 
     /// `guest-shutdown` (`powerdown`, `halt` or `reboot`). The agent sends no reply.
     pub async fn shutdown(&mut self, mode: &str, timeout: Duration) -> Result<(), QgaError> {
+        let deadline = Instant::now() + timeout;
         if !self.is_synced() {
             self.sync(timeout, Duration::from_millis(500).min(timeout))
                 .await?;
@@ -498,7 +530,8 @@ impl QgaClient {
             "{{\"execute\": \"guest-shutdown\", \"arguments\": {{\"mode\": {}}}}}\n",
             Value::from(mode)
         );
-        self.send(line.as_bytes()).await?;
+        self.send(line.as_bytes(), "guest-shutdown", deadline, timeout)
+            .await?;
         self.synced = false;
         Ok(())
     }

@@ -473,15 +473,29 @@ impl QmpClient {
         let (tx, rx) = oneshot::channel();
         self.pending().insert(id, tx);
         tracing::trace!(command, id, "QMP execute");
-        {
+        // The write shares the command's deadline: a QEMU that stops reading its monitor
+        // (wedged) must not hold the caller past it.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let write = async {
             let mut w = self.writer.lock().await;
-            if let Err(e) = w.write_all(&line).await {
+            w.write_all(&line).await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 self.pending().remove(&id);
                 tracing::debug!(command, error = %e, "QMP write failed");
                 return Err(QmpError::Closed);
             }
+            Err(_) => {
+                self.pending().remove(&id);
+                return Err(QmpError::Timeout {
+                    command: command.to_string(),
+                    seconds: secs(timeout),
+                });
+            }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => {
                 self.pending().remove(&id);
                 Err(QmpError::Timeout {

@@ -1,0 +1,122 @@
+//! Every wait of the QEMU backend holds its bound whatever the guest's agent does, on real
+//! QEMU/TCG guests whose init plays each kind of bad agent (the test image's
+//! `corescale.agent=` command-line switch): none at all (the port is never opened, so QEMU
+//! stops reading the socket), a port held open and never read, a port that carries only
+//! garbage, and an agent killed and restarted every second. `wait_guest_ready`, `observe`
+//! and a plug and an unplug each return within their deadline plus a small margin.
+
+mod common;
+
+use common::*;
+use corescale_api::{Plan, VcpuState};
+use corescale_node_vmm::backend::{BackendError, VmHandle};
+use std::time::{Duration, Instant};
+
+/// Slack for the scheduler and one agent probe (300 ms) on a loaded 2-core machine.
+const MARGIN: Duration = Duration::from_secs(2);
+
+async fn within<T>(
+    what: &str,
+    bound: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> (T, Duration) {
+    let t0 = Instant::now();
+    let out = tokio::time::timeout(bound + Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting a minute after its deadline {bound:?}"));
+    let took = t0.elapsed();
+    println!("{what}: returned after {:.2} s", took.as_secs_f64());
+    assert!(
+        took <= bound + MARGIN,
+        "{what}: returned after {took:?}, past its deadline {bound:?}"
+    );
+    (out, took)
+}
+
+/// One guest with `corescale.agent=<mode>`: boot wait, observe, plug, unplug, stop.
+/// `answers`: whether the agent can answer at all (flap: sometimes).
+async fn play(env: &Env, mode: &str, ready_wait: Duration, answers: bool) {
+    let mut spec = thread_spec(&format!("agent-{mode}"), 2);
+    spec.cmdline = format!("corescale.agent={mode}");
+    let vm = env.backend.start_vm(&spec).await.unwrap();
+    let name = format!("[{mode}]");
+
+    let (ready, _) = within(
+        &format!("{name} wait_guest_ready({ready_wait:?})"),
+        ready_wait,
+        vm.wait_guest_ready(ready_wait),
+    )
+    .await;
+    if !answers {
+        let e = ready.expect_err("no agent answers in this mode");
+        assert!(matches!(e, BackendError::GuestAgent(_)), "{e:?}");
+        assert!(
+            e.to_string().contains(&format!("corescale.agent={mode}")),
+            "the error carries the console, which names the mode: {e}"
+        );
+    }
+
+    let agent_bound = env.cfg.agent_timeout + env.cfg.qmp_timeout;
+    let (obs, _) = within(&format!("{name} observe"), agent_bound, vm.observe()).await;
+    let obs = obs.expect("QEMU answers even when the agent does not");
+    if !answers {
+        assert!(!obs.guest_agent, "{mode}: no agent answered: {obs:?}");
+    }
+
+    let plug = Plan {
+        plug: vec![1],
+        ..Default::default()
+    };
+    let (r, _) = within(
+        &format!("{name} plug"),
+        OPTS.plug_timeout,
+        vm.resize(&plug, OPTS),
+    )
+    .await;
+    print_report(&spec.name, "plug", &r);
+    if !answers {
+        assert!(r.first_error().is_none(), "{mode}: {r:?}");
+        assert!(r.steps[0].acked.is_some(), "the guest kernel acks: {r:?}");
+    }
+    let unplug = Plan {
+        unplug: vec![1],
+        ..Default::default()
+    };
+    let (r, _) = within(
+        &format!("{name} unplug"),
+        OPTS.unplug_timeout,
+        vm.resize(&unplug, OPTS),
+    )
+    .await;
+    print_report(&spec.name, "unplug", &r);
+    if !answers {
+        assert!(r.first_error().is_none(), "{mode}: {r:?}");
+        // QEMU really ejected it: the guest released the vCPU without an agent.
+        let obs = vm.observe().await.unwrap();
+        assert_eq!(obs.slots[1].state, VcpuState::Absent, "{mode}: {obs:?}");
+        assert_eq!(obs.online(), 1, "{mode}: {obs:?}");
+    }
+    within(
+        &format!("{name} stop"),
+        Duration::from_secs(3),
+        vm.stop(Duration::from_secs(1)),
+    )
+    .await
+    .0
+    .unwrap();
+    forget(env, vm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_wait_is_bounded_whatever_the_agent_does() {
+    let env = Env::new().await;
+    // `off` waits as long as a boot does (90 s): long enough for the probes' requests to
+    // fill the socket that QEMU no longer reads, which once blocked a write for good.
+    tokio::join!(
+        play(&env, "off", Duration::from_secs(90), false),
+        play(&env, "silent", Duration::from_secs(20), false),
+        play(&env, "garbage", Duration::from_secs(20), false),
+        play(&env, "flap", Duration::from_secs(20), true),
+    );
+    env.shutdown().await;
+}
