@@ -32,4 +32,6 @@ rc=0
 "${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-e2e" "$@" || rc=$?
 # Security checks (RBAC, node-bound Lease policy, file modes, no token leaks, kernel paths).
 "${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-security" || rc=1
+echo "e2e: ran with"
+bash e2e/versions.sh | sed 's/^/  /'
 [[ $rc -eq 0 ]] || exit "$rc"
