@@ -23,6 +23,9 @@ pub const REASON_ERROR: &str = "Error";
 /// Reason of Running=False once the node agent stopped the guest of a VM being deleted;
 /// the operator then removes the finalizer.
 pub const REASON_GUEST_STOPPED: &str = "GuestStopped";
+/// Ready reason of a guest whose agent does not answer (none installed, not started yet):
+/// its vCPUs are counted present, their online state in the guest unknown.
+pub const REASON_NO_GUEST_AGENT: &str = "NoGuestAgent";
 
 /// Set (or replace) the condition of `type_` in `conditions`. `lastTransitionTime` moves
 /// only when the status changes, as the Kubernetes API conventions ask.

@@ -4,6 +4,7 @@
 //! Nothing in this crate does I/O.
 
 pub mod conditions;
+pub mod names;
 pub mod node;
 pub mod planner;
 pub mod types;

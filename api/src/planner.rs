@@ -247,11 +247,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             .iter()
             .copied()
             .filter(|u| {
-                u.iter()
-                    .all(|s| matches!(state(s), VcpuState::Absent | VcpuState::Failed))
+                u.iter().all(|s| {
+                    matches!(
+                        state(s),
+                        VcpuState::Absent | VcpuState::Failed | VcpuState::Offline
+                    )
+                })
             })
             .collect();
-        // Absent before Failed, then the placement's order.
+        // Absent (and parked Offline) before Failed, then the placement's order, parked
+        // units first among equals (onlining one is cheaper than a plug).
         let mut per_socket = vec![0u32; idx(t.sockets)];
         for s in &ids {
             if state(s).is_active() {
@@ -266,12 +271,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
                 .filter(|(i, _)| !taken[*i])
                 .min_by_key(|(_, u)| {
                     let failed = u.iter().any(|s| state(s) == VcpuState::Failed);
+                    let parked = u.iter().all(|s| state(s) == VcpuState::Offline);
                     let first = u[0];
                     let spread_key = match input.placement {
                         Placement::Packed => 0,
                         Placement::Spread => per_socket[idx(first.socket)],
                     };
-                    (failed, spread_key, first.index)
+                    (failed, spread_key, !parked, first.index)
                 })
                 .map(|(i, _)| i);
             let Some(i) = pick else {
@@ -398,6 +404,21 @@ mod tests {
             vec![4, 5],
             "the last plugged core goes first, both threads"
         );
+    }
+
+    #[test]
+    fn parked_slots_are_free_and_reused_first() {
+        let t = topo(1, 4, 1);
+        let mut s = booted(&t, 1);
+        s[3].state = VcpuState::Offline;
+        let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
+        assert_eq!(p.plug, vec![3], "a parked slot before a lower absent one");
+        let p = plan(&input(t, Granularity::Thread, Placement::Packed, 3, &s)).unwrap();
+        assert_eq!(p.plug, vec![3, 1]);
+        // Offline counts for nothing: shrinking never picks it.
+        s[1].state = VcpuState::Online;
+        let p = plan(&input(t, Granularity::Thread, Placement::Packed, 1, &s)).unwrap();
+        assert_eq!(p.unplug, vec![1]);
     }
 
     #[test]

@@ -119,12 +119,17 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 600").message("spec.unplugTimeoutSeconds must be between 1 and 600").reason(Reason::FieldValueInvalid))]
     pub unplug_timeout_seconds: u32,
 
-    /// Run on this node; skips placement.
+    /// Run on this node (a DNS subdomain, like a Pod's nodeName); skips placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(crate::names::NODE_NAME_RULE).message("spec.nodeName must be a node name: a DNS subdomain of lowercase letters, digits, '-' and '.', at most 253 characters").reason(Reason::FieldValueInvalid))]
     pub node_name: Option<String>,
 
-    /// Run only on nodes whose labels match all of these.
+    /// Run only on nodes whose labels match all of these (label keys and values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "node_selector_schema")]
+    #[x_kube(validation = Rule::new(crate::names::NODE_SELECTOR_KEYS_RULE).message("spec.nodeSelector keys must be label keys: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.' that start and end alphanumeric, the prefix a DNS subdomain").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new(crate::names::NODE_SELECTOR_VALUES_RULE).message("spec.nodeSelector values must be label values: empty, or at most 63 letters, digits, '-', '_' or '.' that start and end alphanumeric").reason(Reason::FieldValueInvalid))]
     pub node_selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
@@ -144,10 +149,22 @@ fn memory_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 /// A plain string checked by CEL rules (rather than an enum), so that an architecture
 /// corescale cannot hot-plug is refused with the reason, not only "unsupported value".
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "maxProperties": 64,
+        "additionalProperties": { "type": "string", "maxLength": 63 },
+        "description": "Run only on nodes whose labels match all of these (label keys and values)."
+    })
+}
+/// Always set: the API server writes the default into a VM created without it (and into
+/// older objects as it reads them), so the immutability rule holds from creation.
 fn arch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
         "maxLength": 16,
+        "default": "x86_64",
         "description": "Guest CPU architecture: x86_64 (default) or ppc64le. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1)."
     })
 }
@@ -396,17 +413,23 @@ pub enum VcpuState {
     Unplugging,
     /// The last operation on this slot failed.
     Failed,
+    /// Parked: the VMM keeps the vCPU, the guest has it offline, and it counts for nothing.
+    /// Under TCG, where one QEMU process can create only maxCpus vCPU threads in its life,
+    /// an unplug offlines the vCPU through the guest agent instead of removing it, and the
+    /// next plug of the slot onlines it again.
+    Offline,
 }
 
 impl VcpuState {
     /// Every state, for metrics.
-    pub const ALL: [VcpuState; 6] = [
+    pub const ALL: [VcpuState; 7] = [
         VcpuState::Absent,
         VcpuState::Plugging,
         VcpuState::Present,
         VcpuState::Online,
         VcpuState::Unplugging,
         VcpuState::Failed,
+        VcpuState::Offline,
     ];
     /// The state's name as it appears in the API.
     pub fn as_str(self) -> &'static str {
@@ -417,6 +440,7 @@ impl VcpuState {
             VcpuState::Online => "Online",
             VcpuState::Unplugging => "Unplugging",
             VcpuState::Failed => "Failed",
+            VcpuState::Offline => "Offline",
         }
     }
     /// Whether a vCPU occupies the slot in the guest (it counts toward the current size).

@@ -5,6 +5,7 @@
 //! older API server, a CRD installed without rules) is refused with the same field-naming
 //! message, and the running guest is left untouched.
 
+use crate::names::{is_dns_subdomain, is_label_key, is_label_value};
 use crate::types::{Arch, Granularity, VirtualMachineSpec, MAX_VCPUS};
 use thiserror::Error;
 
@@ -66,6 +67,17 @@ pub enum ValidationError {
     /// ppc64le with Thread granularity and several threads per core.
     #[error("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1 ({0}): POWER hot-plugs whole cores, every SMT thread at once")]
     PowerNeedsCore(u32),
+    /// spec.nodeName is not a DNS subdomain.
+    #[error("spec.nodeName must be a node name: a DNS subdomain of lowercase letters, digits, '-' and '.', at most 253 characters, got {0:?}")]
+    NodeName(String),
+    /// A spec.nodeSelector key or value breaks label syntax.
+    #[error("spec.nodeSelector {what} must be label {what}: {value:?} is not one")]
+    NodeSelector {
+        /// "keys" or "values".
+        what: &'static str,
+        /// The offending key or value.
+        value: String,
+    },
     /// spec.boot.cmdline is too long.
     #[error("spec.boot.cmdline must be at most 1024 characters, got {0}")]
     CmdlineTooLong(usize),
@@ -122,6 +134,25 @@ pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
                     });
                 }
             }
+        }
+    }
+    if let Some(n) = &spec.node_name {
+        if !is_dns_subdomain(n) {
+            return Err(ValidationError::NodeName(n.clone()));
+        }
+    }
+    for (k, v) in spec.node_selector.iter().flatten() {
+        if !is_label_key(k) {
+            return Err(ValidationError::NodeSelector {
+                what: "keys",
+                value: k.clone(),
+            });
+        }
+        if !is_label_value(v) {
+            return Err(ValidationError::NodeSelector {
+                what: "values",
+                value: v.clone(),
+            });
         }
     }
     let bytes = parse_quantity(&spec.memory.0)

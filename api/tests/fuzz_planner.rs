@@ -115,7 +115,7 @@ proptest! {
                 let st = |i: u32| views[usize::try_from(i).unwrap()].state;
                 for &i in &p.plug {
                     prop_assert!(
-                        matches!(st(i), VcpuState::Absent | VcpuState::Failed),
+                        matches!(st(i), VcpuState::Absent | VcpuState::Failed | VcpuState::Offline),
                         "plugs slot {i} which is {:?}: {p:?}", st(i)
                     );
                 }

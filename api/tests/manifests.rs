@@ -133,9 +133,37 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
+/// The schema's defaults written into `v` where it lacks them, as the API server does to a
+/// new object and to a stored one when it reads it (so an update's `oldSelf` has them).
+fn defaulted(schema: &Value, v: &Value) -> Value {
+    let mut v = v.clone();
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        v.as_object_mut(),
+    ) {
+        for (k, child) in props {
+            match obj.get(k) {
+                Some(present) => {
+                    let d = defaulted(child, present);
+                    obj.insert(k.clone(), d);
+                }
+                None => {
+                    if let Some(d) = child.get("default") {
+                        obj.insert(k.clone(), d.clone());
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
 /// Every error the API server would report for creating (or updating from `old`) `obj`.
 fn admission_errors(obj: &Value, old: Option<&Value>) -> Vec<String> {
     let schema = schema();
+    let obj = &defaulted(&schema, obj);
+    let old = old.map(|o| defaulted(&schema, o));
+    let old = old.as_ref();
     let mut errs = Vec::new();
     structural(&schema, obj, "", &mut errs);
     if !errs.is_empty() {
