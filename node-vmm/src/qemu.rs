@@ -69,6 +69,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio::task::JoinHandle;
 
+mod park;
+
 /// The x86_64 QEMU binary looked up in `PATH` by default.
 pub const DEFAULT_BINARY: &str = crate::machine::X86_64_BINARY;
 /// x86_64 CPU model under TCG (see the module documentation).
@@ -163,6 +165,9 @@ struct Persisted {
     /// timeout or an agent restart interrupted. Observing finishes them (see `observe`).
     #[serde(default)]
     plugging: BTreeSet<u32>,
+    /// Slots parked under TCG: QEMU keeps the vCPU, the guest has it offline (see `park`).
+    #[serde(default)]
+    parked: BTreeSet<u32>,
 }
 
 fn load_persisted(dir: &Path) -> Result<Option<Persisted>, BackendError> {
@@ -1369,6 +1374,7 @@ impl QemuVm {
         let before = ops.st.clone();
         ops.st.unplugging.retain(|s| present.contains(s));
         ops.st.failed.retain(|s| !present.contains(s));
+        ops.st.parked.retain(|s| present.contains(s));
         if ops.st != before {
             self.persist(&ops.st);
         }
@@ -1377,7 +1383,11 @@ impl QemuVm {
             Err(e) => Err(e),
         };
         let mut agent = match view {
-            Ok(v) => Some(v),
+            Ok(v) => {
+                // An agent that answers now counts from now on, even one that came late.
+                self.ready.store(true, Ordering::Relaxed);
+                Some(v)
+            }
             Err(e) => {
                 tracing::debug!(vm = %self.key, error = %e, "guest agent unavailable during observe");
                 None
@@ -1386,6 +1396,16 @@ impl QemuVm {
         if let Some(view) = &agent {
             if let Some(v) = self.finish_plugs(ops, &present, view).await {
                 agent = Some(v);
+            }
+        }
+        // A parked vCPU that the guest onlined by itself is in use again.
+        if let Some(view) = &agent {
+            let n = ops.st.parked.len();
+            ops.st
+                .parked
+                .retain(|s| !matches!(view.slots.get(s), Some((_, true))));
+            if ops.st.parked.len() != n {
+                self.persist(&ops.st);
             }
         }
         let mut out = Vec::with_capacity(self.slots.len());
@@ -1398,6 +1418,7 @@ impl QemuVm {
             let mapped = agent.as_ref().and_then(|a| a.slots.get(&s.index)).copied();
             let state = match (qom.is_some(), &agent) {
                 (true, _) if ops.st.unplugging.contains(&s.index) => VcpuState::Unplugging,
+                (true, _) if ops.st.parked.contains(&s.index) => VcpuState::Offline,
                 (true, Some(_)) => match mapped {
                     Some((_, true)) => VcpuState::Online,
                     Some((_, false)) => VcpuState::Present,
@@ -1676,12 +1697,9 @@ impl QemuVm {
             .filter(|&i| steps[i].acked.is_some())
             .collect();
         if acked.is_empty() || !has_agent {
-            if !has_agent {
-                // Nothing will online these: the plug is as done as it gets.
-                for &i in &acked {
-                    ops.st.plugging.remove(&unit[i]);
-                }
-            }
+            // Without an agent the plug is as done as it gets: the vCPU is reported Present.
+            // It stays in `plugging`, so an agent that answers later (installed, started
+            // late) finds it and onlines it (`finish_plugs`).
             self.persist(&ops.st);
             return steps;
         }
@@ -2183,12 +2201,25 @@ impl VmHandle for QemuVm {
                 tracing::warn!(vm = %self.key, error = %e, "guest agent unavailable before unplug");
             }
         }
+        let mut removing = 0u32;
         for u in &unplug_units {
+            let n = u32::try_from(u.len()).unwrap_or(u32::MAX);
+            if self.parks(&ops, removing.saturating_add(n)) {
+                if let Some(steps) = self.park_unit(&mut ops, u, &opts).await {
+                    report.steps.extend(steps);
+                    continue;
+                }
+            }
+            removing = removing.saturating_add(n);
             let steps = self.unplug_unit(&mut ops, u, &mut hp, &opts).await;
             report.steps.extend(steps);
         }
         for u in &plug_units {
-            let steps = self.plug_unit(&mut ops, u, &mut hp, &opts).await;
+            let steps = if u.iter().all(|s| ops.st.parked.contains(s)) {
+                self.unpark_unit(&mut ops, u, &opts).await
+            } else {
+                self.plug_unit(&mut ops, u, &mut hp, &opts).await
+            };
             report.steps.extend(steps);
         }
         // Every step kept `hp` current; after a failure QEMU may hold something else.

@@ -297,7 +297,10 @@ pub async fn verify(vm: &QemuVm, target: u32) -> Observation {
     );
     for (i, s) in obs.slots.iter().enumerate() {
         assert!(
-            matches!(s.state, VcpuState::Online | VcpuState::Absent),
+            matches!(
+                s.state,
+                VcpuState::Online | VcpuState::Absent | VcpuState::Offline
+            ),
             "slot {i} is {:?}",
             s.state
         );
