@@ -65,6 +65,7 @@ start_agent() { # node
 		--image-dir "$cache/guest" --accel tcg \
 		--metrics-addr "127.0.0.1:$port" --lease-seconds "${CORESCALE_LEASE_SECONDS:-10}" \
 		--overcommit "${CORESCALE_OVERCOMMIT:-4}" --log-format text \
+		--guest-agent-grace-seconds "${CORESCALE_AGENT_GRACE_SECONDS:-10}" \
 		>>"$d/agent.log" 2>&1 </dev/null &
 	echo $! >"$d/agent.pid"
 	wait_http "http://127.0.0.1:$port/readyz" 30 || die "agent of $n is not ready; see $d/agent.log"

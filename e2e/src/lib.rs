@@ -2,6 +2,9 @@
 //! kube-apiserver, the operator, two node agents with their launchers and QEMU/TCG guests,
 //! Prometheus) and checks what a user would see.
 
+pub mod cycles;
+pub mod no_agent;
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use corescale_api::VirtualMachine;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};

@@ -88,6 +88,10 @@ struct AgentArgs {
     /// (Starting) is written; a quicker one is reported once, done.
     #[arg(long, default_value_t = 250)]
     in_progress_after_ms: u64,
+    /// Seconds a booting guest's agent may stay silent before the VM runs as a guest
+    /// without an agent (Running; vCPUs reported Present; Ready reason NoGuestAgent).
+    #[arg(long, env = "CORESCALE_AGENT_GRACE_SECONDS", default_value_t = 30)]
+    guest_agent_grace_seconds: u64,
     /// Simulator only: host CPUs to announce.
     #[arg(long, default_value_t = 64)]
     sim_host_cpus: u32,
@@ -149,6 +153,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         plug_timeout: Duration::from_secs(args.plug_timeout_seconds),
         stop_grace: Duration::from_secs(10),
         in_progress_after: Duration::from_millis(args.in_progress_after_ms),
+        agent_grace: Duration::from_secs(args.guest_agent_grace_seconds),
     };
     let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
     health.set_ready(true);

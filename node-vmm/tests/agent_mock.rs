@@ -51,6 +51,7 @@ fn setup_with(
         plug_timeout: Duration::from_secs(5),
         stop_grace: Duration::from_millis(100),
         in_progress_after,
+        agent_grace: Duration::from_secs(30),
     };
     let shared = agent::shared(
         client,

@@ -36,6 +36,7 @@ fn agent(env: &Env, extra_args: Vec<String>) -> (Arc<Shared>, Calls) {
         plug_timeout: Duration::from_secs(60),
         stop_grace: Duration::from_secs(2),
         in_progress_after: Duration::from_millis(250),
+        agent_grace: Duration::from_secs(30),
     };
     let shared = agent::shared(
         client,

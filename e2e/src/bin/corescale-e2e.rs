@@ -55,6 +55,14 @@ const SCENARIOS: &[Scenario] = &[
         "Infeasible above the node budget; Deferred until room is freed",
     ),
     (
+        "no-agent",
+        "guests without an agent: Running, 1 -> 3 -> 1 Present; an agent 30 s late turns them Online",
+    ),
+    (
+        "cycles",
+        "one TCG guest scaled 1 <-> 4 twenty times: same QEMU, no more vCPU threads than slots",
+    ),
+    (
         "agent-kill",
         "kill -9 the node agent mid-resize: guest keeps running, re-adopted, converges",
     ),
@@ -261,6 +269,8 @@ async fn run(s: &Stack, name: &str, f: &mut Faults) -> Result<String> {
         "core" => core(s).await,
         "metrics" => metrics(s).await,
         "infeasible-deferred" => infeasible_deferred(s).await,
+        "no-agent" => corescale_e2e::no_agent::no_agent(s, NS).await,
+        "cycles" => corescale_e2e::cycles::cycles(s, NS).await,
         "agent-kill" => agent_kill(s, f).await,
         "storm" => storm(s).await,
         "api-outage" => api_outage(s, f).await,

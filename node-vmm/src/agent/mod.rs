@@ -48,6 +48,10 @@ pub struct Config {
     /// or boot done sooner is reported once, when it is done. Those writes would otherwise
     /// be half the status writes of every resize and start, and compete with the work.
     pub in_progress_after: Duration,
+    /// How long a booting guest's agent may stay silent before the VM is run as a guest
+    /// without one: Running, resized on the VMM's own signals, its vCPUs reported Present
+    /// (Ready reason `NoGuestAgent`). An agent that answers later is picked up then.
+    pub agent_grace: Duration,
 }
 
 /// What every worker shares.

@@ -410,9 +410,12 @@ impl Worker {
             return self.start(vm).await;
         }
         let handle = self.handle.as_ref().expect("checked above");
-        if !handle.guest_ready().await {
+        // Past the grace a silent agent no longer holds the VM back: it runs as a guest
+        // without an agent (observations still ask for one, and pick it up when it answers).
+        let waited = self.started_at.map(|t| t.elapsed()).unwrap_or_default();
+        let past_grace = waited >= self.shared.config.agent_grace;
+        if !past_grace && !handle.guest_ready().await {
             self.phase = Phase::Starting;
-            let waited = self.started_at.map(|t| t.elapsed()).unwrap_or_default();
             let msg = if waited > BOOT_WARN {
                 format!(
                     "the guest agent has not answered for {} s",
@@ -722,20 +725,15 @@ impl Worker {
         let online = obs.online();
         let g = vm.meta().generation;
         if online == vm.spec.cpus {
-            let how = if obs.guest_agent {
-                "online"
+            let (reason, msg) = if obs.guest_agent {
+                ("Ready", format!("{online} vCPUs online"))
             } else {
-                "present (no guest agent to tell online state)"
+                (
+                    cond::REASON_NO_GUEST_AGENT,
+                    format!("{online} vCPUs present; no guest agent answers, so their online state in the guest is unknown"),
+                )
             };
-            set_condition(
-                &mut self.conds,
-                cond::READY,
-                true,
-                "Ready",
-                format!("{online} vCPUs {how}"),
-                g,
-                now,
-            );
+            set_condition(&mut self.conds, cond::READY, true, reason, msg, g, now);
         } else {
             let msg = format!("{online} of {} vCPUs online", vm.spec.cpus);
             set_condition(&mut self.conds, cond::READY, false, "Resizing", msg, g, now);
