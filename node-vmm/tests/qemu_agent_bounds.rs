@@ -3,7 +3,9 @@
 //! `corescale.agent=` command-line switch): none at all (the port is never opened, so QEMU
 //! stops reading the socket), a port held open and never read, a port that carries only
 //! garbage, and an agent killed and restarted every second. `wait_guest_ready`, `observe`
-//! and a plug and an unplug each return within their deadline plus a small margin.
+//! and a plug and an unplug each return within their deadline plus a small margin (a
+//! resize step's deadline starts after one preparing agent round trip, which has its own
+//! `agent_timeout`).
 
 mod common;
 
@@ -69,7 +71,7 @@ async fn play(env: &Env, mode: &str, ready_wait: Duration, answers: bool) {
     };
     let (r, _) = within(
         &format!("{name} plug"),
-        OPTS.plug_timeout,
+        OPTS.plug_timeout + env.cfg.agent_timeout,
         vm.resize(&plug, OPTS),
     )
     .await;
@@ -84,7 +86,7 @@ async fn play(env: &Env, mode: &str, ready_wait: Duration, answers: bool) {
     };
     let (r, _) = within(
         &format!("{name} unplug"),
-        OPTS.unplug_timeout,
+        OPTS.unplug_timeout + env.cfg.agent_timeout,
         vm.resize(&unplug, OPTS),
     )
     .await;
