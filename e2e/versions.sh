@@ -16,5 +16,9 @@ for q in qemu-system-x86_64 qemu-system-ppc64; do
 	echo "$q: $("$q" --version 2>/dev/null | head -n1 || echo missing)"
 done
 kube=$(ls -d "$cache"/kube/v*/bin 2>/dev/null | head -n1)
-echo "kube-apiserver: ${kube:+$(basename "$(dirname "$kube")")}${kube:-not built}"
+if [[ -x $kube/kube-apiserver ]]; then
+	echo "kube-apiserver: $("$kube/kube-apiserver" --version 2>/dev/null | head -n1)"
+else
+	echo "kube-apiserver: not built"
+fi
 echo "prometheus: $(prometheus --version 2>&1 | head -n1 || echo missing)"

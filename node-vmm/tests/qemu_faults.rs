@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// A target above the maximum, a missing kernel, a missing QEMU binary, QEMU failing to
 /// start, and QMP errors from QEMU each give a typed error whose message says what to fix;
-/// a plug past the TCG budget is refused before QEMU sees it.
+/// once the TCG budget is spent, unplugged vCPUs are parked and plugged back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_fix() {
     let env = Env::new().await;
@@ -200,24 +200,24 @@ async fn errors_say_what_to_fix() {
     );
     verify(&vm, 1).await;
 
-    // The TCG budget: 1 boot + 2 plugs = 3 = maxcpus; after an unplug, a plug is refused.
+    // The TCG budget: 1 boot + 2 plugs = 3 = maxcpus; an unplug then parks the vCPU
+    // (Offline) rather than remove it for good, and the next plug onlines it again with
+    // no new thread. (A guest without an agent gets the typed refusal instead:
+    // guest_without_agent.)
     resize_to(&vm, &mut tr, 3).await;
     resize_to(&vm, &mut tr, 2).await;
     let obs = vm.observe().await.unwrap();
-    let plan = tr.plan(&spec, &obs, 3).unwrap();
-    let r = vm.resize(&plan, OPTS).await;
-    let e = r.first_error().unwrap();
-    println!("[errors] TCG budget: {e}");
-    assert_eq!(
-        e,
-        &BackendError::VcpuBudget {
-            used: 3,
-            max: 3,
-            wanted: 1
-        }
+    let parked: Vec<usize> = (0..obs.slots.len())
+        .filter(|&i| obs.slots[i].state == VcpuState::Offline)
+        .collect();
+    assert_eq!(parked.len(), 1, "{obs:?}");
+    let r = resize_to(&vm, &mut tr, 3).await;
+    println!(
+        "[errors] TCG budget spent: slot {} onlined again",
+        r.steps[0].slot
     );
-    assert_eq!(e.category(), "vcpu_budget");
-    verify(&vm, 2).await;
+    assert_eq!(usize::try_from(r.steps[0].slot).unwrap(), parked[0]);
+    assert_eq!(vm.vcpu_budget().await, Some((3, 3)));
     assert!(
         launcher
             .status("test", "errors")
@@ -415,6 +415,36 @@ async fn guest_without_agent() {
     print_report("noagent", "unplug", &r);
     assert!(r.first_error().is_none(), "{r:?}");
     assert_eq!(vm.observe().await.unwrap().online(), 1);
+    assert_eq!(
+        vm.observe().await.unwrap().slots[1].state,
+        VcpuState::Absent,
+        "without an agent nothing is parked: the vCPU was removed"
+    );
+
+    // 2 vCPU threads created = maxcpus, and nothing parked: under TCG the next plug must
+    // be refused, typed, before QEMU sees it.
+    assert_eq!(vm.vcpu_budget().await, Some((2, 2)));
+    let r = vm
+        .resize(
+            &Plan {
+                plug: vec![1],
+                ..Default::default()
+            },
+            OPTS,
+        )
+        .await;
+    print_report("noagent", "plug past the TCG budget", &r);
+    match &r.steps[0].error {
+        Some(BackendError::VcpuBudget {
+            used: 2,
+            max: 2,
+            wanted: 1,
+        }) => {}
+        other => panic!("expected a VcpuBudget error, got {other:?}"),
+    }
+    assert!(r.steps[0].applied.is_none(), "nothing was sent to QEMU");
+    let msg = r.first_error().unwrap().to_string();
+    assert!(msg.contains("restart the guest"), "{msg}");
 
     let t0 = Instant::now();
     vm.stop(Duration::from_secs(1)).await.unwrap();
