@@ -1,0 +1,155 @@
+//! Big jumps against small ones: how long the QEMU backend takes for 1 -> 8 and 8 -> 1
+//! against 1 -> 2 and 2 -> 1 on the same TCG guest in the same run (goal: 1 -> 8 within 2x
+//! of 1 -> 2). A resize sends every device_add (device_del) of a direction before it waits,
+//! and onlines (offlines) them in one agent call, so a big jump costs little more than a
+//! small one.
+//!
+//! ```text
+//! cargo run --release -p corescale-node-vmm --example batch_bench -- [--rounds 5] [--settle-ms 200]
+//! ```
+//!
+//! The guest has 64 single-thread slots, so that under TCG every unplug here really removes
+//! the vCPU (parking starts only when the lifetime vCPU-thread budget runs short): this
+//! measures hot-plug, not onlining parked vCPUs. Not measured here: the direct client
+//! doing the same batches (it does single plugs only) and the path through the API server.
+
+use clap::Parser;
+use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_node_vmm::backend::{Accel, ResizeOptions, VmHandle, VmSpec};
+use corescale_node_vmm::images::ImageDir;
+use corescale_node_vmm::launcher::Launcher;
+use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rounds of 1 -> 2 -> 1 -> 8 -> 1.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Pause between resizes, so each starts from a settled guest.
+    #[arg(long, default_value_t = 200)]
+    settle_ms: u64,
+}
+
+const OPTS: ResizeOptions = ResizeOptions {
+    unplug_timeout: Duration::from_secs(20),
+    plug_timeout: Duration::from_secs(30),
+};
+
+/// Resize by `plan`; its wall time and the latest applied / acked / online phase, in ms.
+async fn timed(vm: &QemuVm, plan: Plan) -> (f64, [f64; 3]) {
+    let t0 = Instant::now();
+    let r = vm.resize(&plan, OPTS).await;
+    if let Some(e) = r.first_error() {
+        panic!("resize failed: {e}");
+    }
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    let last = |f: fn(&corescale_node_vmm::backend::StepReport) -> Option<Duration>| {
+        r.steps
+            .iter()
+            .filter_map(f)
+            .max()
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    (
+        wall,
+        [last(|s| s.applied), last(|s| s.acked), last(|s| s.online)],
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rounds = args.rounds.clamp(1, 6); // 1 + 8 threads a round stay within 64 slots
+    let settle = Duration::from_millis(args.settle_ms);
+    let images = ImageDir::new(ImageDir::default_root());
+    let boot = images
+        .resolve(None, Arch::X86_64)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("corescale-batch-bench.")
+        .tempdir()?;
+    let socket = tmp.path().join("launcher.sock");
+    let state = tmp.path().join("vms");
+    let l = Launcher::bind(&socket, &state, Duration::from_secs(5)).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(l.serve(async move {
+        let _ = stop_rx.await;
+    }));
+    let backend = QemuBackend::new(QemuConfig::new(&state, &socket));
+    let spec = VmSpec {
+        namespace: "bench".into(),
+        name: "batch".into(),
+        uid: "batch".into(),
+        topology: Topology {
+            sockets: 1,
+            cores: 64,
+            threads: 1,
+        },
+        granularity: Granularity::Thread,
+        placement: Placement::Packed,
+        boot_vcpus: 1,
+        memory_mib: 512,
+        arch: Arch::X86_64,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        cmdline: String::new(),
+        accel: Accel::Tcg,
+    };
+    let vm = backend.start_vm(&spec).await?;
+    vm.wait_guest_ready(Duration::from_secs(120)).await?;
+    let plug = |slots: std::ops::Range<u32>| Plan {
+        plug: slots.collect(),
+        ..Default::default()
+    };
+    let unplug = |slots: std::ops::Range<u32>| Plan {
+        unplug: slots.rev().collect(),
+        ..Default::default()
+    };
+    // Warm-up: the first online in a guest is slow.
+    timed(&vm, plug(1..2)).await;
+    tokio::time::sleep(settle).await;
+    timed(&vm, unplug(1..2)).await;
+    let (mut up2, mut down2, mut up8, mut down8) = (vec![], vec![], vec![], vec![]);
+    let mut phases = Vec::new();
+    for _ in 0..rounds {
+        for (plan, out) in [
+            (plug(1..2), &mut up2),
+            (unplug(1..2), &mut down2),
+            (plug(1..8), &mut up8),
+            (unplug(1..8), &mut down8),
+        ] {
+            tokio::time::sleep(settle).await;
+            let (wall, p) = timed(&vm, plan).await;
+            out.push(wall);
+            phases.push(p);
+        }
+    }
+    let (u2, d2, u8, d8) = (
+        median(&mut up2),
+        median(&mut down2),
+        median(&mut up8),
+        median(&mut down8),
+    );
+    println!("batch_bench: {rounds} rounds on one TCG guest, median ms of the backend's resize");
+    println!(
+        "  1 -> 2 {u2:8.1}   1 -> 8 {u8:8.1}   ratio {:.2} (goal <= 2)",
+        u8 / u2
+    );
+    println!("  2 -> 1 {d2:8.1}   8 -> 1 {d8:8.1}   ratio {:.2}", d8 / d2);
+    let p = phases[phases.len() - 2];
+    println!(
+        "  last 1 -> 8: all device_add returned at {:.1} ms, all acked (_OST) at {:.1} ms, all online at {:.1} ms",
+        p[0], p[1], p[2]
+    );
+    vm.stop(Duration::from_secs(5)).await?;
+    drop(vm);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+    Ok(())
+}
