@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use corescale_api::{Plan, VcpuState};
+use corescale_api::VcpuState;
 use corescale_node_vmm::backend::{BackendError, VmHandle};
 use std::time::{Duration, Instant};
 
@@ -65,14 +65,10 @@ async fn play(env: &Env, mode: &str, ready_wait: Duration, answers: bool) {
         assert!(!obs.guest_agent, "{mode}: no agent answered: {obs:?}");
     }
 
-    let plug = Plan {
-        plug: vec![1],
-        ..Default::default()
-    };
     let (r, _) = within(
         &format!("{name} plug"),
         OPTS.plug_timeout + env.cfg.agent_timeout,
-        vm.resize(&plug, OPTS),
+        vm.resize(&plug(&[1]), OPTS),
     )
     .await;
     print_report(&spec.name, "plug", &r);
@@ -80,14 +76,10 @@ async fn play(env: &Env, mode: &str, ready_wait: Duration, answers: bool) {
         assert!(r.first_error().is_none(), "{mode}: {r:?}");
         assert!(r.steps[0].acked.is_some(), "the guest kernel acks: {r:?}");
     }
-    let unplug = Plan {
-        unplug: vec![1],
-        ..Default::default()
-    };
     let (r, _) = within(
         &format!("{name} unplug"),
         OPTS.unplug_timeout + env.cfg.agent_timeout,
-        vm.resize(&unplug, OPTS),
+        vm.resize(&unplug(&[1]), OPTS),
     )
     .await;
     print_report(&spec.name, "unplug", &r);

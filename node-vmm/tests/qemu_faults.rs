@@ -130,15 +130,7 @@ async fn errors_say_what_to_fix() {
     assert_eq!(e, PlanError::AboveMax { target: 4, max: 3 });
     println!("[errors] target above max: {e}");
     assert!(e.to_string().contains("spec.topology"), "{e}");
-    let r = vm
-        .resize(
-            &Plan {
-                plug: vec![1, 3],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&plug(&[1, 3]), OPTS).await;
     let e = r.first_error().unwrap();
     println!("[errors] plan past the topology: {e}");
     assert!(
@@ -149,30 +141,14 @@ async fn errors_say_what_to_fix() {
         r.steps.iter().all(|s| s.applied.is_none()),
         "an invalid plan does nothing"
     );
-    let r = vm
-        .resize(
-            &Plan {
-                unplug: vec![0],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&unplug(&[0]), OPTS).await;
     assert!(
         matches!(r.first_error(), Some(BackendError::InvalidPlan(m)) if m.contains("boot vCPU")),
         "{r:?}"
     );
 
     // QMP errors from QEMU: plugging a slot that is already present.
-    let r = vm
-        .resize(
-            &Plan {
-                plug: vec![0],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&plug(&[0]), OPTS).await;
     let e = r.first_error().unwrap();
     println!("[errors] QEMU refuses a present slot: {e}");
     match e {
@@ -384,15 +360,7 @@ async fn guest_without_agent() {
     assert_eq!(obs.slots[0].state, VcpuState::Present);
     assert_eq!(obs.online(), 1, "without an agent, present vCPUs count");
 
-    let r = vm
-        .resize(
-            &Plan {
-                plug: vec![1],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&plug(&[1]), OPTS).await;
     print_report("noagent", "plug", &r);
     assert!(r.first_error().is_none(), "{r:?}");
     assert!(
@@ -403,15 +371,7 @@ async fn guest_without_agent() {
     assert_eq!(obs.slots[1].state, VcpuState::Present);
     assert_eq!(obs.slots[1].guest_cpu, None);
     assert_eq!(obs.online(), 2);
-    let r = vm
-        .resize(
-            &Plan {
-                unplug: vec![1],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&unplug(&[1]), OPTS).await;
     print_report("noagent", "unplug", &r);
     assert!(r.first_error().is_none(), "{r:?}");
     assert_eq!(vm.observe().await.unwrap().online(), 1);
@@ -424,15 +384,7 @@ async fn guest_without_agent() {
     // 2 vCPU threads created = maxcpus, and nothing parked: under TCG the next plug must
     // be refused, typed, before QEMU sees it.
     assert_eq!(vm.vcpu_budget().await, Some((2, 2)));
-    let r = vm
-        .resize(
-            &Plan {
-                plug: vec![1],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&plug(&[1]), OPTS).await;
     print_report("noagent", "plug past the TCG budget", &r);
     match &r.steps[0].error {
         Some(BackendError::VcpuBudget {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use corescale_api::{Plan, VcpuState};
+use corescale_api::VcpuState;
 use corescale_node_vmm::backend::VmHandle;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,7 @@ async fn an_agent_that_starts_late_is_picked_up_and_onlines_earlier_plugs() {
     assert!(!vm.guest_ready().await, "the agent has not started yet");
 
     // Two plugs before the agent: done on the kernel's _OST, Present.
-    let r = vm
-        .resize(
-            &Plan {
-                plug: vec![1, 2],
-                ..Default::default()
-            },
-            OPTS,
-        )
-        .await;
+    let r = vm.resize(&plug(&[1, 2]), OPTS).await;
     print_report("late-agent", "plug without agent", &r);
     assert!(r.first_error().is_none(), "{r:?}");
     assert!(r

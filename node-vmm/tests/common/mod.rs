@@ -167,6 +167,22 @@ pub async fn boot(env: &Env, spec: &VmSpec) -> (QemuVm, Duration) {
     (vm, boot)
 }
 
+/// A plan that plugs `slots`.
+pub fn plug(slots: &[u32]) -> Plan {
+    Plan {
+        plug: slots.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A plan that unplugs `slots`.
+pub fn unplug(slots: &[u32]) -> Plan {
+    Plan {
+        unplug: slots.to_vec(),
+        ..Default::default()
+    }
+}
+
 /// Plug order of slots, for the planner's "most recently plugged first" unplug choice.
 #[derive(Debug, Default)]
 pub struct Tracker {
