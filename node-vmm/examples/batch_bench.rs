@@ -8,14 +8,17 @@
 //! cargo run --release -p corescale-node-vmm --example batch_bench -- [--rounds 5] [--settle-ms 200]
 //! ```
 //!
-//! The guest has 64 single-thread slots, so that under TCG every unplug here really removes
-//! the vCPU (parking starts only when the lifetime vCPU-thread budget runs short): this
-//! measures hot-plug, not onlining parked vCPUs. Not measured here: the direct client
-//! doing the same batches (it does single plugs only) and the path through the API server.
+//! Then the backend lets go of the guest and a minimal direct QMP + guest-agent client
+//! (`direct.rs`) does the same batches the shortest way on the same guest: the floor the
+//! VMM and the guest set. The guest has 128 single-thread slots, so that under TCG every
+//! unplug here really removes the vCPU (parking starts only when the lifetime vCPU-thread
+//! budget runs short) and both clients' threads fit: this measures hot-plug, not onlining
+//! parked vCPUs. Not measured here: the path through the API server.
 
 use clap::Parser;
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
 use corescale_node_vmm::backend::{Accel, ResizeOptions, VmHandle, VmSpec};
+use corescale_node_vmm::direct::DirectClient;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
 use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
@@ -65,7 +68,8 @@ fn median(v: &mut [f64]) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rounds = args.rounds.clamp(1, 6); // 1 + 8 threads a round stay within 64 slots
+    // Each round creates 8 vCPU threads per client; both clients' stay within 128 slots.
+    let rounds = args.rounds.clamp(1, 7);
     let settle = Duration::from_millis(args.settle_ms);
     let images = ImageDir::new(ImageDir::default_root());
     let boot = images
@@ -88,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         uid: "batch".into(),
         topology: Topology {
             sockets: 1,
-            cores: 64,
+            cores: 128,
             threads: 1,
         },
         granularity: Granularity::Thread,
@@ -147,6 +151,63 @@ async fn main() -> anyhow::Result<()> {
         "  last 1 -> 8: all device_add returned at {:.1} ms, all acked (_OST) at {:.1} ms, all online at {:.1} ms",
         p[0], p[1], p[2]
     );
+
+    // The direct client, same guest, same batches.
+    let dir = vm.dir().to_path_buf();
+    drop(vm);
+    let direct = tokio::task::spawn_blocking(move || -> anyhow::Result<[Vec<f64>; 4]> {
+        let mut d = DirectClient::connect(&dir, Duration::from_secs(30))?;
+        let entries: Vec<serde_json::Value> = (1..8)
+            .map(|core| d.slot(0, core, 0))
+            .collect::<Result<_, _>>()?;
+        let mut out: [Vec<f64>; 4] = Default::default();
+        for round in 0..rounds {
+            for (k, n) in [1usize, 7].into_iter().enumerate() {
+                std::thread::sleep(settle);
+                let plugs: Vec<(serde_json::Value, String, u32)> = (0..n)
+                    .map(|i| {
+                        let slot = u32::try_from(i + 1).unwrap_or(0);
+                        (entries[i].clone(), format!("bd-{round}-{n}-{slot}"), slot)
+                    })
+                    .collect();
+                let (logical, took) = d.plug_online_many(&plugs)?;
+                out[2 * k].push(took.as_secs_f64() * 1e3);
+                std::thread::sleep(settle);
+                let unplugs: Vec<(String, u64, u32)> = plugs
+                    .iter()
+                    .zip(&logical)
+                    .map(|((_, id, slot), l)| (id.clone(), *l, *slot))
+                    .collect();
+                out[2 * k + 1].push(d.unplug_many(&unplugs)?.as_secs_f64() * 1e3);
+            }
+        }
+        Ok(out)
+    })
+    .await??;
+    let [mut du2, mut dd2, mut du8, mut dd8] = direct;
+    let (du2, dd2, du8, dd8) = (
+        median(&mut du2),
+        median(&mut dd2),
+        median(&mut du8),
+        median(&mut dd8),
+    );
+    println!("direct client, same guest, same batches (median ms)");
+    println!(
+        "  1 -> 2 {du2:8.1}   1 -> 8 {du8:8.1}   ratio {:.2}",
+        du8 / du2
+    );
+    println!(
+        "  2 -> 1 {dd2:8.1}   8 -> 1 {dd8:8.1}   ratio {:.2}",
+        dd8 / dd2
+    );
+    println!(
+        "backend / direct: 1 -> 2 {:.2}, 1 -> 8 {:.2}, 2 -> 1 {:.2}, 8 -> 1 {:.2}",
+        u2 / du2,
+        u8 / du8,
+        d2 / dd2,
+        d8 / dd8
+    );
+    let vm = backend.adopt_vm(&spec).await?;
     vm.stop(Duration::from_secs(5)).await?;
     drop(vm);
     let _ = stop_tx.send(());

@@ -64,6 +64,8 @@ pub struct DirectClient {
     qga: UnixStream,
     qga_buf: Vec<u8>,
     id: u64,
+    /// QMP events read while waiting for a command's reply, oldest first.
+    events: std::collections::VecDeque<Value>,
 }
 
 impl DirectClient {
@@ -89,6 +91,7 @@ impl DirectClient {
             qga,
             qga_buf: Vec::new(),
             id: 1,
+            events: std::collections::VecDeque::new(),
         };
         d.qmp_cmd(json!({"execute": "qmp_capabilities"}))?;
         // Resynchronise the agent line: 0xFF, then guest-sync-delimited until our id.
@@ -132,12 +135,21 @@ impl DirectClient {
                 }
                 return Ok(v);
             }
+            self.events.push_back(v);
+        }
+    }
+
+    /// The next QMP event: one read while a command ran, or the next line.
+    fn next_event(&mut self) -> Result<Value, DirectError> {
+        match self.events.pop_front() {
+            Some(v) => Ok(v),
+            None => self.qmp_line(),
         }
     }
 
     fn wait_ost(&mut self, slot: &str, source: i64) -> Result<(), DirectError> {
         loop {
-            let v = self.qmp_line()?;
+            let v = self.next_event()?;
             let info = &v["data"]["info"];
             if v["event"] == "ACPI_DEVICE_OST"
                 && info["slot"] == slot
@@ -256,6 +268,81 @@ impl DirectClient {
             online: t0.elapsed(),
             logical,
         })
+    }
+
+    /// Plug several x86 slots at once, the shortest way: every `device_add`, then every
+    /// insert `_OST`, then one `guest-set-vcpus` for all the new CPUs, until the agent lists
+    /// them online. `plugs` holds (entry, device id, ACPI slot); returns the new logical
+    /// ids and the time it took.
+    pub fn plug_online_many(
+        &mut self,
+        plugs: &[(Value, String, u32)],
+    ) -> Result<(Vec<u64>, Duration), DirectError> {
+        let before: Vec<u64> = self.vcpus()?.into_iter().map(|(l, _)| l).collect();
+        let t0 = Instant::now();
+        for (entry, id, _) in plugs {
+            let mut args = entry["props"].as_object().cloned().unwrap_or_default();
+            args.insert("driver".into(), entry["type"].clone());
+            args.insert("id".into(), json!(id));
+            self.qmp_cmd(json!({"execute": "device_add", "arguments": args}))?;
+        }
+        let slots: Vec<String> = plugs.iter().map(|p| p.2.to_string()).collect();
+        self.wait_osts(&slots, 1)?;
+        let new = loop {
+            let new: Vec<u64> = self
+                .vcpus()?
+                .into_iter()
+                .map(|(l, _)| l)
+                .filter(|l| !before.contains(l))
+                .collect();
+            if new.len() == plugs.len() {
+                break new;
+            }
+        };
+        let set: Vec<Value> = new
+            .iter()
+            .map(|l| json!({"logical-id": l, "online": true}))
+            .collect();
+        self.qga_cmd("guest-set-vcpus", json!({ "vcpus": set }))?;
+        while !self
+            .vcpus()?
+            .into_iter()
+            .filter(|(l, _)| new.contains(l))
+            .all(|(_, on)| on)
+        {}
+        Ok((new, t0.elapsed()))
+    }
+
+    /// Unplug several x86 slots at once: one `guest-set-vcpus` offlining every CPU, every
+    /// `device_del`, then every eject `_OST`. `unplugs` holds (device id, logical id, ACPI
+    /// slot).
+    pub fn unplug_many(&mut self, unplugs: &[(String, u64, u32)]) -> Result<Duration, DirectError> {
+        let t0 = Instant::now();
+        let set: Vec<Value> = unplugs
+            .iter()
+            .map(|u| json!({"logical-id": u.1, "online": false}))
+            .collect();
+        self.qga_cmd("guest-set-vcpus", json!({ "vcpus": set }))?;
+        for (id, _, _) in unplugs {
+            self.qmp_cmd(json!({"execute": "device_del", "arguments": {"id": id}}))?;
+        }
+        let slots: Vec<String> = unplugs.iter().map(|u| u.2.to_string()).collect();
+        self.wait_osts(&slots, 3)?;
+        Ok(t0.elapsed())
+    }
+
+    /// Wait for a successful `ACPI_DEVICE_OST` of `source` from every slot of `slots`
+    /// (events that came while a command ran are in the stream as well).
+    fn wait_osts(&mut self, slots: &[String], source: i64) -> Result<(), DirectError> {
+        let mut left: Vec<&String> = slots.iter().collect();
+        while !left.is_empty() {
+            let v = self.next_event()?;
+            let info = &v["data"]["info"];
+            if v["event"] == "ACPI_DEVICE_OST" && info["source"] == source && info["status"] == 0 {
+                left.retain(|s| info["slot"] != s.as_str());
+            }
+        }
+        Ok(())
     }
 
     /// Offline guest CPU `logical` and unplug device `id` (ACPI slot `acpi_slot`).
