@@ -14,3 +14,9 @@ pub mod qemu;
 pub mod qga;
 pub mod qmp;
 pub mod sim;
+
+/// A duration in seconds rounded to the millisecond, as the errors of the protocol clients
+/// and the backend report deadlines.
+pub(crate) fn secs(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}

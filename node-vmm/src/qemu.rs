@@ -58,6 +58,7 @@ use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
 use crate::machine::{EjectDone, GuestCpuId, InsertDone, Machine};
 use crate::qga::{slot_from_acpi_path, QgaClient, QgaError};
 use crate::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
+use crate::secs;
 use corescale_api::planner::slots as topology_slots;
 use corescale_api::{Arch, Granularity, Plan, SlotId, Topology, VcpuState, MAX_VCPUS};
 use serde::{Deserialize, Serialize};
@@ -950,10 +951,6 @@ async fn monitor(
     };
     tracing::info!(vm = %key, ?status, "VMM exited");
     let _ = tx.send(VmEvent::Exited { status }).await;
-}
-
-fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
 /// A unit of a plan: one slot, or every thread of one core.

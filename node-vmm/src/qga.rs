@@ -17,6 +17,7 @@
 //!
 //! The agent answers only while the guest runs: a paused guest gives timeouts, not errors.
 
+use crate::secs;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -114,10 +115,6 @@ impl std::fmt::Debug for QgaClient {
             .field("synced", &self.synced)
             .finish()
     }
-}
-
-fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
 /// Take the next JSON object out of `buf`, skipping whitespace, `0xFF` delimiters and

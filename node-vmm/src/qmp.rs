@@ -17,6 +17,7 @@
 //! So this module is a small typed layer of its own: the handful of commands and events the
 //! QEMU backend uses are typed; anything else is kept as JSON and never breaks the stream.
 
+use crate::secs;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -350,10 +351,6 @@ impl Drop for QmpClient {
     fn drop(&mut self) {
         self.reader.abort();
     }
-}
-
-fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
 impl QmpClient {

@@ -10,8 +10,9 @@
 //! with no new thread. A guest without an agent cannot offline a vCPU on request, so its
 //! unplugs remove the vCPU as under KVM. Under KVM nothing is parked.
 
-use super::{secs, Ops, QemuVm};
+use super::{Ops, QemuVm};
 use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
+use crate::secs;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
