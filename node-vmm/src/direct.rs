@@ -147,18 +147,13 @@ impl DirectClient {
         }
     }
 
-    fn wait_ost(&mut self, slot: &str, source: i64) -> Result<(), DirectError> {
-        loop {
-            let v = self.next_event()?;
-            let info = &v["data"]["info"];
-            if v["event"] == "ACPI_DEVICE_OST"
-                && info["slot"] == slot
-                && info["source"] == source
-                && info["status"] == 0
-            {
-                return Ok(());
-            }
-        }
+    /// `device_add` of the x86 slot `entry` (from [`DirectClient::slot`]) as device `id`.
+    fn device_add(&mut self, entry: &Value, id: &str) -> Result<(), DirectError> {
+        let mut args = entry["props"].as_object().cloned().unwrap_or_default();
+        args.insert("driver".into(), entry["type"].clone());
+        args.insert("id".into(), json!(id));
+        self.qmp_cmd(json!({"execute": "device_add", "arguments": args}))
+            .map(|_| ())
     }
 
     fn qga_obj(&mut self) -> Result<Value, DirectError> {
@@ -245,12 +240,9 @@ impl DirectClient {
     ) -> Result<PlugTimes, DirectError> {
         let before: Vec<u64> = self.vcpus()?.into_iter().map(|(l, _)| l).collect();
         let t0 = Instant::now();
-        let mut args = entry["props"].as_object().cloned().unwrap_or_default();
-        args.insert("driver".into(), entry["type"].clone());
-        args.insert("id".into(), json!(id));
-        self.qmp_cmd(json!({"execute": "device_add", "arguments": args}))?;
+        self.device_add(entry, id)?;
         let applied = t0.elapsed();
-        self.wait_ost(&acpi_slot.to_string(), 1)?;
+        self.wait_osts(&[acpi_slot.to_string()], 1)?;
         let acked = t0.elapsed();
         let logical = loop {
             if let Some((l, _)) = self.vcpus()?.into_iter().find(|(l, _)| !before.contains(l)) {
@@ -281,10 +273,7 @@ impl DirectClient {
         let before: Vec<u64> = self.vcpus()?.into_iter().map(|(l, _)| l).collect();
         let t0 = Instant::now();
         for (entry, id, _) in plugs {
-            let mut args = entry["props"].as_object().cloned().unwrap_or_default();
-            args.insert("driver".into(), entry["type"].clone());
-            args.insert("id".into(), json!(id));
-            self.qmp_cmd(json!({"execute": "device_add", "arguments": args}))?;
+            self.device_add(entry, id)?;
         }
         let slots: Vec<String> = plugs.iter().map(|p| p.2.to_string()).collect();
         self.wait_osts(&slots, 1)?;
@@ -359,7 +348,7 @@ impl DirectClient {
         )?;
         self.qmp_cmd(json!({"execute": "device_del", "arguments": {"id": id}}))?;
         let applied = t0.elapsed();
-        self.wait_ost(&acpi_slot.to_string(), 3)?;
+        self.wait_osts(&[acpi_slot.to_string()], 3)?;
         Ok(UnplugTimes {
             applied,
             acked: t0.elapsed(),
