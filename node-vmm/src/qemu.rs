@@ -953,6 +953,14 @@ async fn monitor(
     let _ = tx.send(VmEvent::Exited { status }).await;
 }
 
+/// Time left until `deadline`, at least a millisecond (a call given zero would not even
+/// try).
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
 /// A unit of a plan: one slot, or every thread of one core.
 fn units(plan_slots: &[u32], spec: &VmSpec) -> Result<Vec<Vec<u32>>, String> {
     let t = &spec.topology;
@@ -1524,6 +1532,11 @@ impl QemuVm {
         fresh
     }
 
+    /// One report per slot of `slots`, nothing done yet.
+    fn steps(slots: &[u32], direction: Direction) -> Vec<StepReport> {
+        slots.iter().map(|&s| Self::step(s, direction)).collect()
+    }
+
     fn step(slot: u32, direction: Direction) -> StepReport {
         StepReport {
             slot,
@@ -1571,10 +1584,7 @@ impl QemuVm {
         };
         let t0 = Instant::now();
         let deadline = t0 + opts.plug_timeout;
-        let mut steps: Vec<StepReport> = unit
-            .iter()
-            .map(|&s| Self::step(s, Direction::Plug))
-            .collect();
+        let mut steps = Self::steps(unit, Direction::Plug);
         let n = u32::try_from(unit.len()).unwrap_or(u32::MAX);
         if self.spec.accel == Accel::Tcg {
             let max = self.spec.topology.max_vcpus();
@@ -1784,11 +1794,7 @@ impl QemuVm {
         steps: &mut [StepReport],
         (t0, deadline): (Instant, Instant),
     ) -> Result<(), BackendError> {
-        let left = || {
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        };
+        let left = || left(deadline);
         let want: BTreeSet<u32> = acked.iter().map(|&i| unit[i]).collect();
         // Find the new logical CPUs: listed by the agent, not mapped yet.
         let mut found: BTreeMap<u32, u32> = BTreeMap::new(); // slot -> logical
@@ -1965,10 +1971,7 @@ impl QemuVm {
     ) -> Vec<StepReport> {
         let t0 = Instant::now();
         let deadline = t0 + opts.unplug_timeout;
-        let mut steps: Vec<StepReport> = unit
-            .iter()
-            .map(|&s| Self::step(s, Direction::Unplug))
-            .collect();
+        let mut steps = Self::steps(unit, Direction::Unplug);
         if let Some(&s) = unit.iter().find(|&&s| s == 0) {
             for st in &mut steps {
                 st.error = Some(BackendError::InvalidPlan(format!(
@@ -2254,7 +2257,7 @@ impl VmHandle for QemuVm {
             }
         }
         if !park.is_empty() {
-            match self.park_unit(&mut ops, &park, &opts).await {
+            match self.park(&mut ops, &park, &opts).await {
                 Some(steps) => report.steps.extend(steps),
                 None => remove.extend(park),
             }
@@ -2269,7 +2272,7 @@ impl VmHandle for QemuVm {
         let unpark: Vec<u32> = unpark.into_iter().flatten().copied().collect();
         let add: Vec<u32> = add.into_iter().flatten().copied().collect();
         if !unpark.is_empty() {
-            let steps = self.unpark_unit(&mut ops, &unpark, &opts).await;
+            let steps = self.unpark(&mut ops, &unpark, &opts).await;
             report.steps.extend(steps);
         }
         if !add.is_empty() {

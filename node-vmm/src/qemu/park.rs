@@ -10,7 +10,7 @@
 //! with no new thread. A guest without an agent cannot offline a vCPU on request, so its
 //! unplugs remove the vCPU as under KVM. Under KVM nothing is parked.
 
-use super::{Ops, QemuVm};
+use super::{left, Ops, QemuVm};
 use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
 use crate::secs;
 use std::collections::BTreeSet;
@@ -30,10 +30,10 @@ impl QemuVm {
         self.spec.accel == Accel::Tcg && self.ready.load(Ordering::Relaxed) && left < removing
     }
 
-    /// Park every slot of `unit`: offline each through the agent and wait until the guest
+    /// Park every slot of `unit` (a whole batch): offline each through the agent and wait until the guest
     /// lists it offline. `None` when the unit cannot be parked (a slot without a known
     /// guest CPU, slot 0, or an agent that refuses): the caller removes it instead.
-    pub(super) async fn park_unit(
+    pub(super) async fn park(
         &self,
         ops: &mut Ops,
         unit: &[u32],
@@ -54,12 +54,9 @@ impl QemuVm {
             return None;
         }
         let applied = t0.elapsed();
-        let mut steps: Vec<StepReport> = unit
-            .iter()
-            .map(|&s| Self::step(s, Direction::Unplug))
-            .collect();
+        let mut steps = Self::steps(unit, Direction::Unplug);
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), false, deadline)
+            .wait_online_state(ops, (unit[0], &logical), false, (t0, deadline))
             .await;
         for (st, &slot) in steps.iter_mut().zip(unit) {
             st.applied = Some(applied);
@@ -79,7 +76,7 @@ impl QemuVm {
 
     /// Bring the parked slots of `unit` back: online each through the agent and wait until
     /// the guest lists it online.
-    pub(super) async fn unpark_unit(
+    pub(super) async fn unpark(
         &self,
         ops: &mut Ops,
         unit: &[u32],
@@ -87,10 +84,7 @@ impl QemuVm {
     ) -> Vec<StepReport> {
         let t0 = Instant::now();
         let deadline = t0 + opts.plug_timeout;
-        let mut steps: Vec<StepReport> = unit
-            .iter()
-            .map(|&s| Self::step(s, Direction::Plug))
-            .collect();
+        let mut steps = Self::steps(unit, Direction::Plug);
         let fail = |steps: &mut Vec<StepReport>, e: BackendError| {
             for st in steps.iter_mut() {
                 st.error = Some(e.clone());
@@ -116,7 +110,7 @@ impl QemuVm {
         }
         let applied = t0.elapsed();
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), true, deadline)
+            .wait_online_state(ops, (unit[0], &logical), true, (t0, deadline))
             .await;
         for ((st, &slot), &l) in steps.iter_mut().zip(unit).zip(&logical) {
             st.applied = Some(applied);
@@ -135,6 +129,7 @@ impl QemuVm {
     }
 
     /// Poll the agent until every CPU of `logical` is `online` (or offline); when it was.
+    /// A timeout names the step's whole time, from `t0`.
     /// `guest-set-vcpus` stops at the first CPU it cannot change, so the rest is asked
     /// again while waiting.
     async fn wait_online_state(
@@ -142,10 +137,9 @@ impl QemuVm {
         ops: &mut Ops,
         (slot, logical): (u32, &[u32]),
         online: bool,
-        deadline: Instant,
+        (t0, deadline): (Instant, Instant),
     ) -> Result<Instant, BackendError> {
         let want: BTreeSet<u32> = logical.iter().copied().collect();
-        let t0 = Instant::now();
         loop {
             let vcpus = ops
                 .qga
@@ -176,10 +170,4 @@ impl QemuVm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-}
-
-fn left(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1))
 }
