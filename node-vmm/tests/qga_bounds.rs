@@ -4,6 +4,9 @@
 //! restarts every second. Fake agents on a socket; `qemu_agent_bounds.rs` plays the same
 //! with real guests.
 
+mod common;
+
+use common::within;
 use corescale_node_vmm::qga::{QgaClient, QgaError};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,22 +14,6 @@ use tokio::net::UnixListener;
 
 /// Slack for the scheduler on a loaded 2-core machine.
 const MARGIN: Duration = Duration::from_millis(700);
-
-/// Run `f` and require it to end within `bound`; an outer limit keeps a hang from hanging
-/// the test.
-async fn within<T>(what: &str, bound: Duration, f: impl std::future::Future<Output = T>) -> T {
-    let t0 = Instant::now();
-    let out = tokio::time::timeout(bound + Duration::from_secs(20), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: still waiting {:?} after its deadline", bound));
-    let took = t0.elapsed();
-    println!("{what}: returned after {:.3} s", took.as_secs_f64());
-    assert!(
-        took <= bound + MARGIN,
-        "{what}: returned after {took:?}, past its deadline {bound:?}"
-    );
-    out
-}
 
 fn socket() -> (tempfile::TempDir, std::path::PathBuf, UnixListener) {
     let dir = tempfile::tempdir().unwrap();
@@ -49,18 +36,19 @@ async fn an_agent_that_never_reads_times_out() {
     });
     let mut c = QgaClient::new(&path);
     let t = Duration::from_secs(2);
-    let e = within("sync", t, c.sync(t, Duration::from_millis(1)))
+    let e = within("sync", t, MARGIN, c.sync(t, Duration::from_millis(1)))
         .await
         .unwrap_err();
     assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
     // Every command, on a connection whose buffer is full or a fresh one.
     for _ in 0..3 {
-        let e = within("ping", t, c.ping(t)).await.unwrap_err();
+        let e = within("ping", t, MARGIN, c.ping(t)).await.unwrap_err();
         assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
     }
     let e = within(
         "get_vcpus",
         Duration::from_millis(300),
+        MARGIN,
         c.get_vcpus(Duration::from_millis(300)),
     )
     .await
@@ -96,13 +84,13 @@ async fn an_agent_that_answers_garbage_times_out() {
     });
     let mut c = QgaClient::new(&path);
     let t = Duration::from_secs(1);
-    let e = within("sync", t, c.sync(t, Duration::from_millis(50)))
+    let e = within("sync", t, MARGIN, c.sync(t, Duration::from_millis(50)))
         .await
         .unwrap_err();
     assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
-    let e = within("ping", t, c.ping(t)).await.unwrap_err();
+    let e = within("ping", t, MARGIN, c.ping(t)).await.unwrap_err();
     assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
-    let e = within("read_file", t, c.read_file("/proc/uptime", t))
+    let e = within("read_file", t, MARGIN, c.read_file("/proc/uptime", t))
         .await
         .unwrap_err();
     assert!(matches!(e, QgaError::Timeout { .. }), "{e:?}");
@@ -149,7 +137,7 @@ async fn an_agent_that_restarts_every_second_stays_within_deadlines() {
     let (mut ok, mut failed) = (0, 0);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(4) {
-        match within("ping", t, c.ping(t)).await {
+        match within("ping", t, MARGIN, c.ping(t)).await {
             Ok(()) => ok += 1,
             Err(e) => {
                 failed += 1;

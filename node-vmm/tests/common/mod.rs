@@ -167,6 +167,27 @@ pub async fn boot(env: &Env, spec: &VmSpec) -> (QemuVm, Duration) {
     (vm, boot)
 }
 
+/// Run `f` and require it to end within `bound` plus `margin`; an outer limit a minute
+/// later keeps a hang from hanging the test.
+pub async fn within<T>(
+    what: &str,
+    bound: Duration,
+    margin: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    let t0 = Instant::now();
+    let out = tokio::time::timeout(bound + margin + Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still waiting a minute after its deadline {bound:?}"));
+    let took = t0.elapsed();
+    println!("{what}: returned after {:.3} s", took.as_secs_f64());
+    assert!(
+        took <= bound + margin,
+        "{what}: returned after {took:?}, past its deadline {bound:?}"
+    );
+    out
+}
+
 /// A plan that plugs `slots`.
 pub fn plug(slots: &[u32]) -> Plan {
     Plan {
