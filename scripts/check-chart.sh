@@ -6,11 +6,12 @@
 #      the RBAC objects and their names (the e2e applies exactly these), least-privilege
 #      rules each with a comment saying why, the operator's and the agents' security
 #      settings, probes, NODE_NAME, /dev/kvm, OnDelete, the dashboard ConfigMap, and the
-#      PrometheusRule equal to files/alerts.yaml;
+#      PrometheusRule equal to files/recording-rules.yaml + files/alerts.yaml;
 #   3. wrong values fail `helm template` with a message naming the field
 #      (values.schema.json, or the chart's own checks);
-#   4. `promtool check rules` and `promtool test rules` on files/alerts.yaml, then the
-#      same tests against deliberately broken copies of the rules, which must fail;
+#   4. `promtool check rules` and `promtool test rules` on files/alerts.yaml and
+#      files/recording-rules.yaml, then the same tests against deliberately broken copies
+#      of the rules, which must fail;
 #   5. the dashboard: every query uses no Grafana variable but $namespace/$vm, parses as
 #      PromQL (promtool), and names only metrics the Rust sources define;
 #   6. the chart's CRD is a copy of crds/ (make check-generated regenerates both).
@@ -301,10 +302,11 @@ if dep and "--namespace=vms" not in dep["spec"]["template"]["spec"]["containers"
     fail("tcg-only: operator.watchNamespace not passed as --namespace")
 
 alerts = yaml.safe_load(open(os.path.join(chart, "files/alerts.yaml")))
+recording = yaml.safe_load(open(os.path.join(chart, "files/recording-rules.yaml")))
 v = load("servicemonitor-rules")
 pr = one(v, "PrometheusRule", "corescale", "servicemonitor-rules")
-if pr and pr["spec"]["groups"] != alerts["groups"]:
-    fail("servicemonitor-rules: the PrometheusRule's groups differ from files/alerts.yaml")
+if pr and pr["spec"]["groups"] != recording["groups"] + alerts["groups"]:
+    fail("servicemonitor-rules: the PrometheusRule's groups differ from files/recording-rules.yaml + files/alerts.yaml")
 sms = find(v, "ServiceMonitor")
 if sorted(s["metadata"]["name"] for s in sms) != ["corescale-node-vmm", "corescale-operator"]:
     fail("servicemonitor-rules: expected ServiceMonitors corescale-operator and corescale-node-vmm")
@@ -319,7 +321,9 @@ if cm and cm["metadata"]["namespace"] != "monitoring":
 v = load("podmonitor-overrides")
 pr = one(v, "PrometheusRule", "corescale", "podmonitor-overrides")
 if pr:
-    rules = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"]}
+    rules = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    if not any("record" in r for g in pr["spec"]["groups"] for r in g["rules"]):
+        fail("podmonitor-overrides: the recording rules are missing from the PrometheusRule")
     if "CorescaleOperatorDown" in rules:
         fail("podmonitor-overrides: prometheusRule.disabled did not drop CorescaleOperatorDown")
     if rules.get("CorescaleResizeStuck", {}).get("for") != "30m":
@@ -388,33 +392,35 @@ for entry in "${invalid_sets[@]}"; do
 done
 log "${#invalid_sets[@]} wrong value sets rejected, each naming the field"
 
-# --- 4: alert rules ---------------------------------------------------------------------------
-promtool check rules "$chart/files/alerts.yaml" >"$work/promtool.log" 2>&1 ||
-	{ cat "$work/promtool.log" >&2; die "promtool check rules failed"; }
-promtool test rules "$chart/tests/alerts_test.yaml" >"$work/promtool.log" 2>&1 ||
-	{ cat "$work/promtool.log" >&2; die "promtool test rules failed"; }
-log "promtool check rules + test rules ok"
+# --- 4: alert and recording rules ----------------------------------------------------------
+for pair in alerts.yaml:alerts_test.yaml recording-rules.yaml:recording_rules_test.yaml; do
+	promtool check rules "$chart/files/${pair%%:*}" >"$work/promtool.log" 2>&1 ||
+		{ cat "$work/promtool.log" >&2; die "promtool check rules files/${pair%%:*} failed"; }
+	promtool test rules "$chart/tests/${pair#*:}" >"$work/promtool.log" 2>&1 ||
+		{ cat "$work/promtool.log" >&2; die "promtool test rules tests/${pair#*:} failed"; }
+done
+log "promtool check rules + test rules ok (alerts, recording rules)"
 
 # Break each rule in a way its tests must notice (a test that cannot fail tests nothing).
-# description|exact text in files/alerts.yaml|replacement
+# description|file under files/|exact text in it|replacement
 mutations=(
-	"ResizeStuck fires too early|reason=\"Infeasible\"}) == 1)
+	"ResizeStuck fires too early|alerts.yaml|reason=\"Infeasible\"}) == 1)
         for: 10m|reason=\"Infeasible\"}) == 1)
         for: 5m"
-	"ResizeStuck ignores the phase|corescale_vm_phase{phase=\"Running\"}|corescale_vm_phase"
-	"ResizeStuck includes Infeasible VMs|corescale_resize_pending{reason=\"Infeasible\"}) == 1)
+	"ResizeStuck ignores the phase|alerts.yaml|corescale_vm_phase{phase=\"Running\"}|corescale_vm_phase"
+	"ResizeStuck includes Infeasible VMs|alerts.yaml|corescale_resize_pending{reason=\"Infeasible\"}) == 1)
         for: 10m|corescale_resize_pending{reason=\"Infeasible\"}) == 2)
         for: 10m"
-	"ResizeStuck per agent instead of per VM|max by (namespace, name) (corescale_vm_vcpus{state=\"desired\"})|corescale_vm_vcpus{state=\"desired\"}"
-	"UnplugTimeouts threshold 3|) >= 4|) >= 3"
-	"UnplugTimeouts counts plugs|direction=\"unplug\", result=\"failure\"|result=\"failure\""
-	"UnplugTimeouts window 30m|result=\"failure\"}[15m]|result=\"failure\"}[30m]"
-	"NodeAgentDown any job|up{job=\"corescale-node-vmm\"} == 0|up == 0"
-	"NodeAgentDown without for|expr: up{job=\"corescale-node-vmm\"} == 0
+	"ResizeStuck per agent instead of per VM|alerts.yaml|max by (namespace, name) (corescale_vm_vcpus{state=\"desired\"})|corescale_vm_vcpus{state=\"desired\"}"
+	"UnplugTimeouts threshold 3|alerts.yaml|) >= 4|) >= 3"
+	"UnplugTimeouts counts plugs|alerts.yaml|direction=\"unplug\", result=\"failure\"|result=\"failure\""
+	"UnplugTimeouts window 30m|alerts.yaml|result=\"failure\"}[15m]|result=\"failure\"}[30m]"
+	"NodeAgentDown any job|alerts.yaml|up{job=\"corescale-node-vmm\"} == 0|up == 0"
+	"NodeAgentDown without for|alerts.yaml|expr: up{job=\"corescale-node-vmm\"} == 0
         for: 5m|expr: up{job=\"corescale-node-vmm\"} == 0
         for: 0m"
-	"VMInfeasible on Deferred|expr: max by (namespace, name) (corescale_resize_pending{reason=\"Infeasible\"}) == 1|expr: max by (namespace, name) (corescale_resize_pending) == 1"
-	"OperatorDown fires too early|== 1)
+	"VMInfeasible on Deferred|alerts.yaml|expr: max by (namespace, name) (corescale_resize_pending{reason=\"Infeasible\"}) == 1|expr: max by (namespace, name) (corescale_resize_pending) == 1"
+	"OperatorDown fires too early|alerts.yaml|== 1)
         for: 10m
         labels:
           severity: warning
@@ -425,16 +431,23 @@ mutations=(
           severity: warning
         annotations:
           summary: \"No corescale"
-	"OperatorDown ignores leadership|absent(corescale_operator_leader{job=\"corescale-operator\"} == 1)|absent(corescale_operator_leader{job=\"corescale-operator\"})"
+	"OperatorDown ignores leadership|alerts.yaml|absent(corescale_operator_leader{job=\"corescale-operator\"} == 1)|absent(corescale_operator_leader{job=\"corescale-operator\"})"
+	"busy cores over 5m|recording-rules.yaml|corescale_vm_vcpu_busy_seconds_total[1m]|corescale_vm_vcpu_busy_seconds_total[5m]"
+	"busy cores per agent|recording-rules.yaml|sum by (namespace, name) (rate(|sum by (namespace, name, instance) (rate("
+	"utilization per desired vCPU|recording-rules.yaml|corescale_vm_vcpus{state=\"online\"}|corescale_vm_vcpus{state=\"desired\"}"
+	"utilization divides by zero|recording-rules.yaml|{state=\"online\"}) > 0)|{state=\"online\"}))"
 )
 for m in "${mutations[@]}"; do
 	desc="${m%%|*}"
 	rest="${m#*|}"
+	file="${rest%%|*}"
+	rest="${rest#*|}"
 	from="${rest%%|*}"
 	to="${rest#*|}"
-	mkdir -p "$work/mut/files" "$work/mut/tests"
-	cp "$chart/tests/alerts_test.yaml" "$work/mut/tests/"
-	FROM="$from" TO="$to" python3 - "$chart/files/alerts.yaml" "$work/mut/files/alerts.yaml" <<'PY' || die "mutation '$desc' does not apply: files/alerts.yaml changed; update scripts/check-chart.sh"
+	rm -rf "$work/mut" && mkdir -p "$work/mut/files" "$work/mut/tests"
+	cp "$chart/tests/"*_test.yaml "$work/mut/tests/"
+	cp "$chart/files/"*.yaml "$work/mut/files/"
+	FROM="$from" TO="$to" python3 - "$chart/files/$file" "$work/mut/files/$file" <<'PY' || die "mutation '$desc' does not apply: files/$file changed; update scripts/check-chart.sh"
 import os, sys
 s = open(sys.argv[1]).read()
 f, t = os.environ["FROM"], os.environ["TO"]
@@ -442,9 +455,11 @@ if s.count(f) != 1:
     sys.exit(f"check-chart.sh: mutation text found {s.count(f)} times, want 1: {f!r}")
 open(sys.argv[2], "w").write(s.replace(f, t))
 PY
-	promtool check rules "$work/mut/files/alerts.yaml" >/dev/null 2>&1 || die "mutation '$desc' makes invalid rules; fix the mutation"
-	if promtool test rules "$work/mut/tests/alerts_test.yaml" >/dev/null 2>&1; then
-		die "the alert tests still pass with a broken rule ($desc): tests/alerts_test.yaml misses a case"
+	promtool check rules "$work/mut/files/$file" >/dev/null 2>&1 || die "mutation '$desc' makes invalid rules; fix the mutation"
+	tests="alerts_test.yaml"
+	[[ $file == recording-rules.yaml ]] && tests="recording_rules_test.yaml"
+	if promtool test rules "$work/mut/tests/$tests" >/dev/null 2>&1; then
+		die "the rule tests still pass with a broken rule ($desc): tests/$tests misses a case"
 	fi
 done
 log "${#mutations[@]} broken variants of the rules each fail the tests"
@@ -454,7 +469,7 @@ dash="$chart/files/dashboard.json"
 jq -e . "$dash" >/dev/null || die "files/dashboard.json is not valid JSON"
 jq -r '[.. | objects | select(has("targets")) | .targets[] | .expr] | .[]' "$dash" >"$work/exprs.txt"
 [[ -s "$work/exprs.txt" ]] || die "files/dashboard.json has no targets[].expr"
-python3 - "$work/exprs.txt" "$work/dashboard-rules.yaml" "$repo" "$chart/files/alerts.yaml" <<'PY'
+python3 - "$work/exprs.txt" "$work/dashboard-rules.yaml" "$repo" "$chart/files/alerts.yaml" "$chart/files/recording-rules.yaml" <<'PY'
 import os, re, sys, yaml
 
 exprs = [l for l in open(sys.argv[1]).read().splitlines() if l.strip()]
@@ -476,12 +491,13 @@ for d in ("operator/src", "node-vmm/src", "common/src", "api/src"):
         for f in files:
             if f.endswith(".rs"):
                 src += open(os.path.join(root, f)).read()
-alerts = open(sys.argv[4]).read()
-used = set(re.findall(r"\b(corescale_[a-z_]+)\b", "\n".join(exprs) + "\n" + alerts))
+alerts = open(sys.argv[4]).read() + "\n" + open(sys.argv[5]).read()
+# Recorded series (level:corescale_metric:operations) are defined by the rules, not the sources.
+used = set(re.findall(r"(?<![\w:])(corescale_[a-z_]+)\b(?!:)", "\n".join(exprs) + "\n" + alerts))
 for m in sorted(used):
     base = re.sub(r"_(bucket|sum|count)$", "", m)
     if f'"{base}"' not in src and f'"{m}"' not in src:
-        errors.append(f"metric {m} (dashboard or alerts) is not defined in the Rust sources")
+        errors.append(f"metric {m} (dashboard, alerts or recording rules) is not defined in the Rust sources")
 if errors:
     for e in errors:
         print(f"check-chart.sh: error: {e}", file=sys.stderr)

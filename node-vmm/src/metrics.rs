@@ -45,6 +45,9 @@ pub struct Metrics {
     pub hotplug_ops: IntCounterVec,
     /// CPU seconds per vCPU thread.
     pub vcpu_cpu_seconds: GenericCounterVec<AtomicF64>,
+    /// CPU seconds of all the VM's vCPU threads together: `rate()` is the cores the guest
+    /// keeps busy, the signal an autoscaler divides by its target per vCPU.
+    pub vm_busy_seconds: GenericCounterVec<AtomicF64>,
     /// 1 for the VM's current phase, 0 for the others.
     pub phase: IntGaugeVec,
     /// 1 while a resize of the VM waits, by reason.
@@ -94,6 +97,13 @@ impl Metrics {
             ),
             &["namespace", "name", "vcpu"],
         )?;
+        let vm_busy_seconds = GenericCounterVec::<AtomicF64>::new(
+            Opts::new(
+                "corescale_vm_vcpu_busy_seconds_total",
+                "CPU time consumed by all of a VM's vCPU threads together; rate() is the number of cores the guest keeps busy (the autoscaling signal).",
+            ),
+            &vm,
+        )?;
         let phase = IntGaugeVec::new(
             Opts::new(
                 "corescale_vm_phase",
@@ -118,6 +128,7 @@ impl Metrics {
             Box::new(hotplug_seconds.clone()),
             Box::new(hotplug_ops.clone()),
             Box::new(vcpu_cpu_seconds.clone()),
+            Box::new(vm_busy_seconds.clone()),
             Box::new(phase.clone()),
             Box::new(resize_pending.clone()),
             Box::new(vmm_restarts.clone()),
@@ -131,6 +142,7 @@ impl Metrics {
             hotplug_seconds,
             hotplug_ops,
             vcpu_cpu_seconds,
+            vm_busy_seconds,
             phase,
             resize_pending,
             vmm_restarts,
@@ -155,6 +167,9 @@ impl Metrics {
             self.resize_pending.with_label_values(&[ns, name, r]);
         }
         self.vmm_restarts.with_label_values(&[ns, name]);
+        // Not vm_busy_seconds: its first value is the vCPU threads' whole lifetime (a new
+        // agent re-adopting a guest continues where the old one left off), and a series
+        // that started at 0 would make that look like a burst of load.
     }
 
     /// Remove every series of a VM that left the node (`max_vcpus`: its slot count).
@@ -186,6 +201,7 @@ impl Metrics {
             let _ = self.resize_pending.remove_label_values(&[ns, name, r]);
         }
         let _ = self.vmm_restarts.remove_label_values(&[ns, name]);
+        let _ = self.vm_busy_seconds.remove_label_values(&[ns, name]);
     }
 
     /// Set the phase gauges of a VM.

@@ -3,6 +3,7 @@
 //! plan at a time, and reports only what it observed.
 
 use super::decide::{self, Feasibility, SlotBook, Want};
+use super::requester;
 use super::Shared;
 use crate::backend::{
     BackendError, Direction, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey,
@@ -972,12 +973,15 @@ impl Worker {
                 generation,
                 finished,
             );
+            let by = requester::cpus_requester(&vm.metadata)
+                .map(|who| format!(", requested by {who}"))
+                .unwrap_or_default();
             (
                 Next::Now,
                 (
                     EventType::Normal,
                     "Resized",
-                    format!("{from} -> {online} vCPUs in {seconds:.2} s"),
+                    format!("{from} -> {online} vCPUs in {seconds:.2} s{by}"),
                 ),
             )
         } else {
@@ -1056,14 +1060,17 @@ impl Worker {
         let Ok(times) = h.vcpu_cpu_seconds().await else {
             return;
         };
+        let m = &self.shared.metrics;
+        let (ns, name) = (&self.key.namespace, &self.key.name);
         for (slot, secs) in times {
             let seen = self.cpu_seen.entry(slot).or_insert(0.0);
+            // A re-plugged vCPU's new thread starts from zero: count from there.
             if secs > *seen {
-                self.shared
-                    .metrics
-                    .vcpu_cpu_seconds
-                    .with_label_values(&[&self.key.namespace, &self.key.name, &slot.to_string()])
-                    .inc_by(secs - *seen);
+                let ran = secs - *seen;
+                m.vcpu_cpu_seconds
+                    .with_label_values(&[ns, name, &slot.to_string()])
+                    .inc_by(ran);
+                m.vm_busy_seconds.with_label_values(&[ns, name]).inc_by(ran);
             }
             *seen = secs;
         }
