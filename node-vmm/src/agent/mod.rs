@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod decide;
+pub mod requester;
 pub mod worker;
 
 use crate::backend::{Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
