@@ -472,7 +472,8 @@ esac
     cat <<SH
 #!/bin/sh
 # corescale test guest, PID 1. Mounts the pseudo file systems, loads the kernel modules of
-# /lib/modules.load-order, starts the guest agent on $AGENT_PORT and idles.
+# /lib/modules.load-order, starts the guest agent on $AGENT_PORT and runs a shell on the
+# console.
 # $cpu_note
 #
 # The kernel command line's corescale.agent= chooses how the agent behaves, so tests can
@@ -566,7 +567,13 @@ if [ "$agent" = on ]; then
     done
 fi
 say "ready (uptime $(uptime_s)s)"
-while :; do sleep 3600; done
+# The console is a shell for whoever attaches to it on the node (the VM's console socket,
+# root only): operators look around, tests start load and read /proc/stat. Nothing is
+# typed into it otherwise, so it waits. It comes back if someone types `exit`.
+while :; do
+    sh -i
+    sleep 1
+done
 SH
 } >"$R/init"
 chmod 0755 "$R/init" "$R/sbin/shutdown" "${power_files[@]}"

@@ -25,7 +25,7 @@
 //! # Per-VM state
 //!
 //! `<state>/<namespace>/<name>/` (mode 0700): `vm.json` (the spec and the pid, written by
-//! the launcher), `qmp.sock`, `qga.sock` and `serial.log` (created by QEMU with umask 0177,
+//! the launcher), `qmp.sock`, `qga.sock`, `console.sock` and `serial.log` (created by QEMU with umask 0177,
 //! so mode 0600), `qemu.log` (the VMM's stdout and stderr).
 
 use serde::{Deserialize, Serialize};
@@ -51,8 +51,10 @@ pub const VM_JSON: &str = "vm.json";
 pub const QMP_SOCK: &str = "qmp.sock";
 /// Guest agent chardev socket.
 pub const QGA_SOCK: &str = "qga.sock";
-/// The guest's console.
+/// The guest's console output.
 pub const SERIAL_LOG: &str = "serial.log";
+/// The guest's console, interactive, for root on the node (x86; see `Machine::console_args`).
+pub const CONSOLE_SOCK: &str = "console.sock";
 /// The VMM's stdout and stderr.
 pub const QEMU_LOG: &str = "qemu.log";
 
@@ -643,7 +645,7 @@ async fn spawn(
     }
     let dir = vm_dir(state_dir, &namespace, &name);
     private_dir(&dir).map_err(|e| dir_error(&dir, &e))?;
-    for f in [QMP_SOCK, QGA_SOCK, VM_JSON] {
+    for f in [QMP_SOCK, QGA_SOCK, CONSOLE_SOCK, VM_JSON] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let log = std::fs::OpenOptions::new()

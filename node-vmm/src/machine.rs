@@ -122,18 +122,27 @@ impl Machine {
         }
     }
 
-    /// QEMU arguments that write the guest's console to `path` (already escaped for
-    /// QEMU's option syntax).
+    /// QEMU arguments that write the guest's console to `log` (both paths already escaped
+    /// for QEMU's option syntax).
+    ///
+    /// x86: the console is also a socket at `sock`, where root on the node can attach
+    /// (`socat - UNIX-CONNECT:<vm dir>/console.sock`) and type into the guest's ttyS0; QEMU
+    /// keeps writing `log` whether or not someone is attached.
     ///
     /// pseries: `-nodefaults` leaves the nvram at reg 0x71000000, so the console vty takes
     /// 0x71000001 (the lowest vty is the firmware's stdout and the guest's hvc0). A vty's
     /// IRQ follows the low bits of its reg: a reg far from this collides with the nvram's.
-    pub fn console_args(self, path: &str) -> Vec<String> {
+    pub fn console_args(self, log: &str, sock: &str) -> Vec<String> {
         match self.arch {
-            Arch::X86_64 => vec!["-serial".into(), format!("file:{path}")],
+            Arch::X86_64 => vec![
+                "-chardev".into(),
+                format!("socket,id=con0,path={sock},server=on,wait=off,logfile={log}"),
+                "-serial".into(),
+                "chardev:con0".into(),
+            ],
             Arch::Ppc64le => vec![
                 "-chardev".into(),
-                format!("file,id=con0,path={path}"),
+                format!("file,id=con0,path={log}"),
                 "-device".into(),
                 "spapr-vty,chardev=con0,reg=0x71000001".into(),
             ],

@@ -9,7 +9,7 @@
 //! boot), one NUMA node per socket when there are several (`-numa node` with a RAM backend
 //! each, `-numa cpu,node-id=i,socket-id=i`), `-accel kvm` or `-accel tcg,thread=multi`,
 //! `-sandbox on`, `-run-with user=` when configured, `-no-reboot`, `-nodefaults`, the
-//! console in `serial.log`, QMP on `qmp.sock`, and the guest agent's chardev on `qga.sock`
+//! console in `serial.log` (and on `console.sock`, x86), QMP on `qmp.sock`, and the guest agent's chardev on `qga.sock`
 //! behind an `isa-serial` device (the guest's ttyS1). Under TCG the CPU model is
 //! `qemu64,vendor=GenuineIntel`: with TCG's default AMD vendor string and no TOPOEXT, Linux
 //! ignores SMT siblings.
@@ -364,7 +364,7 @@ pub fn qemu_argv(
     };
     push(&["-append", &append]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    let console = m.console_args(&path(launcher::SERIAL_LOG));
+    let console = m.console_args(&path(launcher::SERIAL_LOG), &path(launcher::CONSOLE_SOCK));
     push(&console.iter().map(String::as_str).collect::<Vec<_>>());
     push(&[
         "-qmp",

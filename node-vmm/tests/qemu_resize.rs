@@ -39,6 +39,7 @@ async fn thread_granularity_1_4_2_3() {
     for f in [
         "qmp.sock",
         "qga.sock",
+        "console.sock",
         "serial.log",
         "vm.json",
         "backend.json",
