@@ -2,7 +2,8 @@
 # The whole corescale stack on one machine, for the e2e suite, the demo and by hand:
 # a real kube-apiserver (+ controller-manager, etcd), the CRD, the chart's RBAC, two
 # simulated nodes (Node objects) each with a launcher and a node agent running as their
-# own service accounts, the operator, and Prometheus scraping all three.
+# own service accounts, the operator, Prometheus scraping all three (with the chart's
+# recording rules and alerts), and KEDA serving external metrics to the HPA controller.
 #
 #   e2e/stack.sh up                 start everything (idempotent); writes $DIR/env
 #   e2e/stack.sh down               stop everything, guests included
@@ -108,6 +109,7 @@ EOF
 		wait_http "http://127.0.0.1:$port/readyz" 60 || die "operator is not ready; see $dir/operator.log"
 	fi
 	start_prometheus
+	bash "$repo/e2e/cluster/keda.sh" up --dir "$dir/cluster"
 	write_env
 	log "up: source $dir/env"
 }
@@ -119,7 +121,7 @@ start_prometheus() {
 	echo "$port" >"$dir/prometheus.port"
 	{
 		echo "global: {scrape_interval: 2s, evaluation_interval: 2s}"
-		echo "rule_files: ['$repo/charts/corescale/files/alerts.yaml']"
+		echo "rule_files: ['$repo/charts/corescale/files/recording-rules.yaml', '$repo/charts/corescale/files/alerts.yaml']"
 		echo "scrape_configs:"
 		echo "- job_name: corescale-operator"
 		echo "  static_configs: [{targets: ['127.0.0.1:$(cat "$dir/operator.port")']}]"
@@ -129,7 +131,6 @@ start_prometheus() {
 			echo "  - {targets: ['127.0.0.1:$(cat "$dir/nodes/$n/agent.port")'], labels: {node: $n}}"
 		done
 	} >"$dir/prometheus.yml"
-	[[ -f "$repo/charts/corescale/files/alerts.yaml" ]] || sed -i '/^rule_files/d' "$dir/prometheus.yml"
 	mkdir -p "$dir/prometheus-data"
 	setsid prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/prometheus-data" \
 		--web.listen-address="127.0.0.1:$port" >>"$dir/prometheus.log" 2>&1 </dev/null &
@@ -146,6 +147,7 @@ export CORESCALE_OPERATOR_METRICS=http://127.0.0.1:$(cat "$dir/operator.port")
 export CORESCALE_PROMETHEUS=http://127.0.0.1:$(cat "$dir/prometheus.port")
 export CORESCALE_NODE_A_METRICS=http://127.0.0.1:$(cat "$dir/nodes/node-a/agent.port")
 export CORESCALE_NODE_B_METRICS=http://127.0.0.1:$(cat "$dir/nodes/node-b/agent.port")
+source $dir/cluster/keda/keda.env
 EOF
 }
 
@@ -158,6 +160,7 @@ down() {
 		stop_pidfile "$dir/nodes/$n/launcher.pid" TERM
 	done
 	if [[ -d "$dir/cluster" ]]; then
+		bash "$repo/e2e/cluster/keda.sh" down --dir "$dir/cluster" || true
 		# A fault scenario that failed half-way may have left etcd or the API server frozen
 		# (SIGSTOP): thaw them so that they can stop.
 		local f

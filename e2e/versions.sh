@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the e2e ran with, one line each: the guest images (kernel release and Debian package
-# versions, from each image's manifest.json), QEMU, the control plane and Prometheus. A red
+# versions, from each image's manifest.json), QEMU, the control plane, Prometheus and KEDA. A red
 # run then says which Debian packages it met.
 set -uo pipefail
 cache=${CORESCALE_CACHE:-$HOME/.cache/corescale}
@@ -22,3 +22,9 @@ else
 	echo "kube-apiserver: not built"
 fi
 echo "prometheus: $(prometheus --version 2>&1 | head -n1 || echo missing)"
+keda=$(ls -d "$cache"/keda/v*/bin 2>/dev/null | head -n1)
+if [[ -x $keda/keda ]]; then
+	echo "keda: $(basename "$(dirname "$keda")") (operator + metrics server, built from Go modules)"
+else
+	echo "keda: not built"
+fi

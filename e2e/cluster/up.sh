@@ -313,10 +313,9 @@ apiserver_args=(
 	--requestheader-extra-headers-prefix=X-Remote-Extra-
 	--proxy-client-cert-file="$pki/front-proxy-client.crt"
 	--proxy-client-key-file="$pki/front-proxy-client.key"
-	# There is no kube-proxy: resolve Services of webhooks and APIServices to
-	# their endpoints (or ExternalName) instead of dialling a ClusterIP that
-	# nothing routes.
-	--enable-aggregator-routing=true
+	# No --enable-aggregator-routing: an APIService served by a host process (KEDA's
+	# metrics server in e2e/cluster/keda.sh) is an ExternalName Service on localhost,
+	# which only the ClusterIP resolver follows (endpoints may not be loopback).
 	# The chart's node DaemonSet may ask for privileged containers.
 	--allow-privileged=true
 	--profiling=false
