@@ -2,6 +2,9 @@
 //! kube-apiserver, the operator, two node agents with their launchers and QEMU/TCG guests,
 //! Prometheus) and checks what a user would see.
 
+pub mod autoscale;
+pub mod autoscale_plot;
+pub mod console;
 pub mod cycles;
 pub mod no_agent;
 

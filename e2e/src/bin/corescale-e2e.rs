@@ -63,6 +63,10 @@ const SCENARIOS: &[Scenario] = &[
         "one TCG guest scaled 1 <-> 4 twenty times: same QEMU, no more vCPU threads than slots",
     ),
     (
+        "autoscale",
+        "KEDA + the HPA drive spec.cpus from busy loops in the guest: 1 -> 2 -> 3|4 -> 1, Events name the HPA",
+    ),
+    (
         "agent-kill",
         "kill -9 the node agent mid-resize: guest keeps running, re-adopted, converges",
     ),
@@ -271,6 +275,7 @@ async fn run(s: &Stack, name: &str, f: &mut Faults) -> Result<String> {
         "infeasible-deferred" => infeasible_deferred(s).await,
         "no-agent" => corescale_e2e::no_agent::no_agent(s, NS).await,
         "cycles" => corescale_e2e::cycles::cycles(s, NS).await,
+        "autoscale" => corescale_e2e::autoscale::autoscale(s, NS).await,
         "agent-kill" => agent_kill(s, f).await,
         "storm" => storm(s).await,
         "api-outage" => api_outage(s, f).await,
