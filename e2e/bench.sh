@@ -5,7 +5,9 @@
 #    (batch_bench.rs: 1 -> 8 and 8 -> 1 against 1 -> 2 and 2 -> 1);
 #  - the control-plane overhead of a resize through the real API server against a direct
 #    QMP + guest-agent client on the same guest in the same run (corescale-bench), with a
-#    percentile plot (CORESCALE_BENCH_PLOT, default $CORESCALE_STACK_DIR/bench-latency.png).
+#    percentile plot (CORESCALE_BENCH_PLOT, default $CORESCALE_STACK_DIR/bench-latency.png);
+#  - the autoscaling loop's reaction time to steps of guest load (KEDA + the HPA + Prometheus
+#    + corescale), split into its parts (corescale-bench autoscale, AUTOSCALE_STEPS, default 5).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -22,3 +24,4 @@ trap 'bash e2e/stack.sh down >/dev/null 2>&1 || true' EXIT
 bash e2e/stack.sh up >/dev/null
 CORESCALE_BENCH_PLOT="${CORESCALE_BENCH_PLOT:-$CORESCALE_STACK_DIR/bench-latency.png}" \
 	"$CORESCALE_BIN_DIR/corescale-bench" overhead "${OVERHEAD_ROUNDS:-4}" "${OVERHEAD_PER_ROUND:-10}"
+"$CORESCALE_BIN_DIR/corescale-bench" autoscale "${AUTOSCALE_STEPS:-5}"

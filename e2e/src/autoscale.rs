@@ -37,17 +37,21 @@ pub struct Sample {
     pub loops: u32,
 }
 
-struct Run<'a> {
+/// The loop under observation: samples busy cores, `spec.cpus` and online vCPUs.
+pub struct Run<'a> {
     s: &'a Stack,
     ns: &'a str,
     t0: Instant,
-    loops: u32,
+    /// Busy loops running now (recorded with each sample).
+    pub loops: u32,
     query: String,
-    samples: Vec<Sample>,
+    /// Every sample so far.
+    pub samples: Vec<Sample>,
 }
 
 impl Run<'_> {
-    async fn sample(&mut self) -> Result<Sample> {
+    /// Take one sample.
+    pub async fn sample(&mut self) -> Result<Sample> {
         let vm = self.s.vms(self.ns).get(NAME).await?;
         let busy = self
             .s
@@ -68,7 +72,7 @@ impl Run<'_> {
     }
 
     /// Sample every second until `done` holds; returns the seconds it took.
-    async fn until(
+    pub async fn until(
         &mut self,
         what: &str,
         within: Duration,
@@ -154,7 +158,7 @@ fn example(s: &Stack, ns: &str) -> Result<(String, String)> {
 }
 
 /// Start a busy loop in the guest's console shell; returns its pid.
-async fn start_loop(c: &mut Console) -> Result<u32> {
+pub async fn start_loop(c: &mut Console) -> Result<u32> {
     let out = c
         .run(
             "(while :; do :; done) & echo LOOP=$!",
@@ -179,8 +183,10 @@ fn worked(before: &str, after: &str) -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// Run the scenario in namespace `ns`; returns the summary line.
-pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
+/// Create the example's VM and ScaledObject in `ns`, attach to the guest's console and
+/// wait until KEDA's HPA reads the metric. Returns the loop, the console and the seconds
+/// the HPA took to become active.
+pub async fn setup<'a>(s: &'a Stack, ns: &'a str) -> Result<(Run<'a>, Console, f64)> {
     let (vm_yaml, so) = example(s, ns)?;
     s.create(ns, &vm_yaml).await?;
     let vm = s.wait_online(ns, NAME, 1, Duration::from_secs(120)).await?;
@@ -233,6 +239,20 @@ pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let hpa_ready = t_ready.elapsed().as_secs_f64();
+    Ok((run, console, hpa_ready))
+}
+
+/// Delete the ScaledObject and the VM.
+pub async fn teardown(s: &Stack, ns: &str) -> Result<()> {
+    let (ok, _, err) = s.kubectl(&["delete", "scaledobject", "-n", ns, NAME])?;
+    ensure!(ok, "deleting the ScaledObject: {err}");
+    s.delete(ns, NAME).await?;
+    s.wait_gone(ns, NAME, Duration::from_secs(60)).await
+}
+
+/// Run the scenario in namespace `ns`; returns the summary line.
+pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
+    let (mut run, mut console, hpa_ready) = setup(s, ns).await?;
 
     // One busy loop: about one core busy, ceil(1.0 / 0.6) = 2 vCPUs, and not more.
     let mut pids = Vec::new();
@@ -380,10 +400,7 @@ pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
         serde_json::to_vec_pretty(&timings)?,
     )?;
     crate::autoscale_plot::plot(&s.dir.join("autoscale.png"), &run.samples)?;
-    let (ok, _, err) = s.kubectl(&["delete", "scaledobject", "-n", ns, NAME])?;
-    ensure!(ok, "deleting the ScaledObject: {err}");
-    s.delete(ns, NAME).await?;
-    s.wait_gone(ns, NAME, Duration::from_secs(60)).await?;
+    teardown(s, ns).await?;
     Ok(format!(
         "KEDA/HPA: load 1 loop -> 2 vCPUs written {up1_written:.0} s / online {up1_online:.0} s; \
          2 loops -> {max2} ({busy2:.2} busy cores) written {up2_written:.0} s / online {up2_online:.0} s; \

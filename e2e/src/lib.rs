@@ -3,6 +3,7 @@
 //! Prometheus) and checks what a user would see.
 
 pub mod autoscale;
+pub mod autoscale_bench;
 pub mod autoscale_plot;
 pub mod console;
 pub mod cycles;

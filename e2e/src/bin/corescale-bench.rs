@@ -43,7 +43,17 @@ async fn main() -> Result<()> {
             stack.namespace(NS)?;
             api_floor(&stack, &typical_status()?, n).await.map(|_| ())
         }
-        _ => bail!("usage: corescale-bench overhead [ROUNDS] [PER_ROUND] | floor [N]"),
+        Some("autoscale") => {
+            let steps = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+            let figures = corescale_e2e::autoscale_bench::bench(&stack, NS, steps).await?;
+            let path = stack.dir.join("bench-autoscale.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")?;
+            println!("figures written to {}", path.display());
+            Ok(())
+        }
+        _ => bail!(
+            "usage: corescale-bench overhead [ROUNDS] [PER_ROUND] | floor [N] | autoscale [STEPS]"
+        ),
     }
 }
 
