@@ -2,6 +2,7 @@
 //! observe (stores) -> decide (pure, [`decide`]) -> act (one API write per step) -> report
 //! (status by server-side apply, Events, metrics).
 
+use crate::load::{Loads, NodeLoad};
 use crate::metrics::Metrics;
 use crate::placement::{choose_node, Candidate};
 use corescale_api::conditions::{self, set_condition};
@@ -95,10 +96,11 @@ pub struct Context {
     pub liveness: std::sync::Arc<crate::liveness::Liveness>,
     /// Node objects (for nodeSelector).
     pub nodes: Store<Node>,
-    /// All VirtualMachines (for node load).
+    /// All VirtualMachines (phase counts).
     pub vms: Store<VirtualMachine>,
-    /// Placements made but maybe not yet seen in `vms` (the store lags the writes).
-    pub recent: Mutex<HashMap<ObjectRef<VirtualMachine>, String>>,
+    /// vCPUs per node, fed by the VM watch and by placements made here that the watch
+    /// does not show yet (the store lags the writes).
+    pub load: Arc<NodeLoad>,
     /// Placements whose status (`nodeName`) was written and is not yet seen in `vms`. A
     /// placement writes the labels first and the status second; the labels' watch event
     /// triggers a reconcile that may read the object before its status arrives, and must
@@ -252,16 +254,12 @@ fn labelled_for(vm: &VirtualMachine, node: &str) -> bool {
 }
 
 impl Context {
-    /// Build the [`View`] for one VM from the stores.
+    /// Build the [`View`] for one VM from the stores and the load index.
     ///
-    /// `recent` is the locked map of placements not yet seen in the store; the caller
-    /// holds its lock across the decision so that choosing a node and reserving it is
-    /// one step (concurrent reconciles of a burst would otherwise all see one load).
-    pub fn view(
-        &self,
-        vm: &VirtualMachine,
-        recent: &HashMap<ObjectRef<VirtualMachine>, String>,
-    ) -> View {
+    /// The caller holds the load index's lock across the decision so that choosing a node
+    /// and reserving it is one step (concurrent reconciles of a burst would otherwise all
+    /// see one load).
+    pub fn view(&self, vm: &VirtualMachine, loads: &Loads) -> View {
         let now = Timestamp::now();
         let nodes: HashMap<String, BTreeMap<String, String>> = self
             .nodes
@@ -289,9 +287,8 @@ impl Context {
                 }
             })
             .collect();
-        // The load of every node is needed only to place the VM; a VM on a live node is
-        // reconciled on each of its status writes, and summing all VMs each time would
-        // make a status storm quadratic in the number of VMs.
+        // The load of every node is needed only to place the VM (a VM on a live node is
+        // reconciled on each of its status writes); it comes from the index, O(nodes).
         let node = vm.status.as_ref().and_then(|s| s.node_name.as_deref());
         let placed_on_live = node.is_some_and(|n| {
             candidates
@@ -305,28 +302,7 @@ impl Context {
                 status_written: None,
             };
         }
-        let me = ObjectRef::from_obj(vm);
-        let mut load = BTreeMap::new();
-        let mut seen = std::collections::HashSet::new();
-        for other in self.vms.state() {
-            let r = ObjectRef::from_obj(other.as_ref());
-            if r == me {
-                continue;
-            }
-            let node = other.status.as_ref().and_then(|s| s.node_name.clone());
-            let node = recent.get(&r).cloned().or(node);
-            if let Some(n) = node {
-                *load.entry(n).or_insert(0) += other.spec.cpus;
-            }
-            seen.insert(r);
-        }
-        for (r, n) in recent {
-            if r != &me && !seen.contains(r) {
-                // Placed moments ago and not in the store yet: count it with one vCPU at
-                // least, so a burst of placements does not pile onto one node.
-                *load.entry(n.clone()).or_insert(0) += 1;
-            }
-        }
+        let load = loads.except(vm);
         View {
             candidates,
             load,
@@ -541,11 +517,8 @@ pub async fn reconcile(
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let name = vm.name_any();
     let (view, decision) = {
-        let mut recent = ctx
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut view = ctx.view(&vm, &recent);
+        let mut loads = ctx.load.lock();
+        let mut view = ctx.view(&vm, &loads);
         if let Ok(mut written) = ctx.status_written.lock() {
             let me = ObjectRef::from_obj(vm.as_ref());
             let shown = vm.status.as_ref().and_then(|s| s.node_name.as_ref());
@@ -559,7 +532,7 @@ pub async fn reconcile(
         }
         let decision = decide(&vm, &view);
         if let Decision::Place { node, .. } | Decision::Admit { node, .. } = &decision {
-            recent.insert(ObjectRef::from_obj(vm.as_ref()), node.clone());
+            loads.place(&vm, node);
         }
         (view, decision)
     };
@@ -682,9 +655,7 @@ async fn write_placement(
 }
 
 fn forget(ctx: &Context, vm: &VirtualMachine) {
-    if let Ok(mut r) = ctx.recent.lock() {
-        r.remove(&ObjectRef::from_obj(vm));
-    }
+    ctx.load.lock().forget(vm);
     if let Ok(mut w) = ctx.status_written.lock() {
         w.remove(&ObjectRef::from_obj(vm));
     }

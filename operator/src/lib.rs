@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod liveness;
+pub mod load;
 pub mod metrics;
 pub mod placement;
 pub mod run;

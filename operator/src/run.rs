@@ -2,13 +2,14 @@
 
 use crate::controller::{self, Config, Context};
 use crate::liveness::Liveness;
+use crate::load::NodeLoad;
 use crate::metrics::Metrics;
 use clap::Parser;
 use corescale_api::node::{NodeAnnouncement, AGENT_LEASE_LABEL};
 use corescale_api::VirtualMachine;
 use corescale_common::events::EventRecorder as Recorder;
 use corescale_common::lease::{self, LeaseClaim};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::Reporter;
@@ -182,10 +183,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(%identity, "leading");
             metrics.leader.set(1);
         }
-        let controller = Controller::new(vms.clone(), watcher::Config::default()).with_config(
+        // One VM watch feeds the store, the load index and the controller's queue.
+        let load = Arc::new(NodeLoad::default());
+        let (vm_store, vm_writer) = reflector::store();
+        let vm_stream = {
+            let load = load.clone();
+            watcher(vms.clone(), watcher::Config::default())
+                .default_backoff()
+                .reflect(vm_writer)
+                .inspect_ok(move |event| load.lock().observe(event))
+                .applied_objects()
+        };
+        let controller = Controller::for_stream(vm_stream, vm_store.clone()).with_config(
             kube::runtime::controller::Config::default().concurrency(args.concurrency.max(1)),
         );
-        let vm_store = controller.store();
         let ctx = Arc::new(Context {
             client: client.clone(),
             recorder: Recorder::new(
@@ -204,7 +215,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             liveness: liveness.clone(),
             nodes: node_store.clone(),
             vms: vm_store.clone(),
-            recent: Default::default(),
+            load,
             status_written: Default::default(),
         });
         // Phase gauges, recounted from the store.

@@ -84,7 +84,7 @@ fn context(leases: Vec<Lease>) -> (Arc<Context>, Handle) {
         liveness: Default::default(),
         nodes: node_store,
         vms: vm_store,
-        recent: Default::default(),
+        load: Default::default(),
         status_written: Default::default(),
     };
     (Arc::new(ctx), handle)
