@@ -13,7 +13,6 @@ pub mod metrics;
 pub mod qemu;
 pub mod qga;
 pub mod qmp;
-pub mod sim;
 
 /// A duration in seconds rounded to the millisecond, as the errors of the protocol clients
 /// and the backend report deadlines.

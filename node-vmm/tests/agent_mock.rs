@@ -9,7 +9,7 @@ use corescale_api::{VirtualMachine, FINALIZER};
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
 use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity, VmKey};
 use corescale_node_vmm::metrics::Metrics;
-use corescale_node_vmm::sim::{SimBackend, SimDelays};
+use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
