@@ -10,7 +10,6 @@ pub mod images;
 pub mod launcher;
 pub mod machine;
 pub mod metrics;
-pub mod qemu;
 pub mod qga;
 pub mod qmp;
 

@@ -5,6 +5,7 @@
 //! never names QEMU: the QEMU backend (and later a built-in microVM, or the scale
 //! simulator) live behind these traits.
 
+pub mod qemu;
 pub mod sim;
 
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology, VcpuState};
