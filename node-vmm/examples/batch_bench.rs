@@ -17,9 +17,9 @@
 
 use clap::Parser;
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_node_vmm::backend::qemu::direct::DirectClient;
 use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
 use corescale_node_vmm::backend::{Accel, ResizeOptions, VmHandle, VmSpec};
-use corescale_node_vmm::direct::DirectClient;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
 use std::time::{Duration, Instant};

@@ -2,9 +2,9 @@
 //! processor paths and sPAPR hard ids, and the map a handle keeps between operations
 //! (see "Mapping guest CPUs to slots" in the module documentation).
 
+use super::qga::{slot_from_acpi_path, GuestLogicalProcessor, QgaClient, QgaError};
 use super::vm::{Ops, QemuVm};
 use crate::machine::GuestCpuId;
-use crate::qga::{slot_from_acpi_path, QgaClient, QgaError};
 use corescale_api::{SlotId, Topology};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -100,7 +100,7 @@ impl QemuVm {
     async fn map_logical(
         &self,
         qga: &mut QgaClient,
-        vcpus: &[crate::qga::GuestLogicalProcessor],
+        vcpus: &[GuestLogicalProcessor],
         deadline: Instant,
     ) -> Result<BTreeMap<u32, u32>, QgaError> {
         let left = || {
@@ -137,7 +137,7 @@ impl QemuVm {
         &self,
         qga: &mut QgaClient,
         timeout: Duration,
-    ) -> Result<Vec<crate::qga::GuestLogicalProcessor>, QgaError> {
+    ) -> Result<Vec<GuestLogicalProcessor>, QgaError> {
         let deadline = Instant::now() + timeout;
         let mut vcpus = qga.get_vcpus(timeout).await?;
         if self.machine.guest_cpu_id() == GuestCpuId::PhysicalId {
@@ -227,7 +227,7 @@ impl QemuVm {
         &self,
         ops: &mut Ops,
         present: &[u32],
-        vcpus: Vec<crate::qga::GuestLogicalProcessor>,
+        vcpus: Vec<GuestLogicalProcessor>,
         deadline: Instant,
     ) -> Result<AgentView, QgaError> {
         let mut logical: Vec<u32> = vcpus.iter().map(|v| v.logical_id).collect();
@@ -256,8 +256,8 @@ impl QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::qemu::qmp::CpuProps;
     use crate::machine::Machine;
-    use crate::qmp::CpuProps;
     use corescale_api::planner::slots as topology_slots;
     use corescale_api::Arch;
 

@@ -59,6 +59,10 @@
 //! resize (`resize`) made of plugs (`plug`), unplugs (`unplug`) and parked vCPUs
 //! (`park`).
 
+pub mod direct;
+pub mod qga;
+pub mod qmp;
+
 mod cmdline;
 mod cpumap;
 mod observe;
@@ -77,9 +81,9 @@ pub use vm::QemuVm;
 use crate::backend::{Accel, Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
 use crate::machine::Machine;
-use crate::qmp::QmpClient;
 use corescale_api::Arch;
 use persisted::{load_persisted, store_persisted, Persisted};
+use qmp::QmpClient;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,11 +3,11 @@
 //! through the agent.
 
 use super::cpumap::parse_cpuinfo_apic;
+use super::qmp::{self, HotpluggableCpu, QmpError};
 use super::resize::left;
 use super::vm::{Ops, QemuVm};
 use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
 use crate::machine::{GuestCpuId, InsertDone};
-use crate::qmp::{self, HotpluggableCpu, QmpError};
 use crate::secs;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

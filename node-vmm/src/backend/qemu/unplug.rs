@@ -1,10 +1,10 @@
 //! Unplugging vCPUs: recorded first, offlined through the agent, `device_del` per device,
 //! then the guest's eject (an `_OST` or `DEVICE_DELETED`) until the unplug deadline.
 
+use super::qmp::{self, EventKind, HotpluggableCpu, QmpError};
 use super::vm::{Ops, QemuVm};
 use crate::backend::{BackendError, Direction, ResizeOptions, StepReport};
 use crate::machine::EjectDone;
-use crate::qmp::{self, EventKind, HotpluggableCpu, QmpError};
 use crate::secs;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

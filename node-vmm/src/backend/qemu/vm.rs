@@ -4,14 +4,14 @@
 
 use super::cpumap::{apic_id, CpuMap};
 use super::persisted::Persisted;
+use super::qga::{QgaClient, QgaError};
+use super::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use super::{launcher_err, tail, QemuConfig};
 use crate::backend::{
     Accel, BackendError, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey, VmSpec,
 };
 use crate::launcher::{self, KillSignal, LauncherClient};
 use crate::machine::Machine;
-use crate::qga::{QgaClient, QgaError};
-use crate::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use corescale_api::planner::slots as topology_slots;
 use corescale_api::{Plan, SlotId};
 use std::collections::{BTreeMap, HashMap};
