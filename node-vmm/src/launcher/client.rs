@@ -1,7 +1,10 @@
 //! The launcher's client, as the agent and the QEMU backend use it: one connection per
 //! request.
 
-use super::protocol::{ExitInfo, KillSignal, Request, Response, VmProcess};
+use super::protocol::{
+    decode_response, encode_request, understands, ExitInfo, KillSignal, Request, Response,
+    VmProcess, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use super::LauncherError;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -41,9 +44,7 @@ impl LauncherClient {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
             let (r, mut w) = conn.into_split();
-            let mut line =
-                serde_json::to_vec(req).map_err(|e| LauncherError::Protocol(e.to_string()))?;
-            line.push(b'\n');
+            let line = encode_request(req).map_err(|e| LauncherError::Protocol(e.to_string()))?;
             w.write_all(&line)
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
@@ -57,8 +58,7 @@ impl LauncherClient {
                         "the launcher closed the connection without a reply".into(),
                     )
                 })?;
-            serde_json::from_str::<Response>(&reply)
-                .map_err(|e| LauncherError::Protocol(format!("{e}: {reply}")))
+            decode_response(&reply).map_err(LauncherError::Protocol)
         };
         let resp = tokio::time::timeout(self.timeout + extra, fut)
             .await
@@ -69,6 +69,16 @@ impl LauncherClient {
                     self.timeout + extra
                 ))
             })??;
+        // Checked before `ok`: a launcher that does not speak this client's version refuses
+        // in its own, and the mismatch is the error to report.
+        if !understands(resp.version) {
+            return Err(LauncherError::Version {
+                path,
+                launcher: resp.version,
+                min: MIN_PROTOCOL_VERSION,
+                client: PROTOCOL_VERSION,
+            });
+        }
         if resp.ok {
             Ok(resp)
         } else {
@@ -82,6 +92,12 @@ impl LauncherClient {
     /// Check that the launcher answers.
     pub async fn ping(&self) -> Result<(), LauncherError> {
         self.call(&Request::Ping, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// The protocol version the launcher answers this client in: [`PROTOCOL_VERSION`]
+    /// from a launcher of this build, 1 from a launcher older than versions.
+    pub async fn protocol_version(&self) -> Result<u32, LauncherError> {
+        Ok(self.call(&Request::Ping, Duration::ZERO).await?.version)
     }
 
     /// Spawn a VMM.
@@ -187,5 +203,73 @@ pub(crate) async fn exit_of(
     match client.wait(namespace, name, within).await {
         Ok(Some(vm)) if !vm.running => vm.exit,
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake launcher that answers every request with `reply`, and the request lines it
+    /// read.
+    async fn fake_launcher(
+        sock: &Path,
+        reply: &'static str,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let listener = UnixListener::bind(sock).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (r, mut w) = conn.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let _ = tx.send(line);
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                }
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_client_tells_an_older_launcher_from_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // A launcher older than versions answers without one: version 1, understood.
+        let old = dir.path().join("old.sock");
+        let mut seen = fake_launcher(&old, r#"{"ok":true}"#).await;
+        let c = LauncherClient::new(&old);
+        assert_eq!(c.protocol_version().await.unwrap(), 1);
+        c.ping().await.unwrap();
+        let sent: serde_json::Value = serde_json::from_str(&seen.recv().await.unwrap()).unwrap();
+        assert_eq!(sent["version"], PROTOCOL_VERSION);
+        assert_eq!(sent["op"], "ping");
+
+        // A newer launcher that refuses this client's version answers in its own: the
+        // error names both versions, not the refusal's text.
+        let newer = dir.path().join("newer.sock");
+        let _seen = fake_launcher(
+            &newer,
+            r#"{"version":99,"ok":false,"error":"launcher protocol version mismatch"}"#,
+        )
+        .await;
+        let e = LauncherClient::new(&newer).ping().await.unwrap_err();
+        assert_eq!(
+            e,
+            LauncherError::Version {
+                path: newer.display().to_string(),
+                launcher: 99,
+                min: MIN_PROTOCOL_VERSION,
+                client: PROTOCOL_VERSION,
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("speaks version 99"), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "this client speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+            )),
+            "{msg}"
+        );
     }
 }

@@ -16,11 +16,20 @@
 //! or the timeout passes.
 //!
 //! ```text
-//! > {"op":"spawn","namespace":"ns","name":"vm","argv":["qemu-system-x86_64","..."],"spec":{...}}
-//! < {"ok":true,"vm":{"namespace":"ns","name":"vm","pid":4242,"running":true,...}}
-//! > {"op":"wait","namespace":"ns","name":"vm","timeout_ms":2000}
-//! < {"ok":true,"vm":{...,"running":false,"exit":{"code":0,"signal":null}}}
+//! > {"version":2,"op":"spawn","namespace":"ns","name":"vm","argv":["qemu-system-x86_64","..."],"spec":{...}}
+//! < {"version":2,"ok":true,"vm":{"namespace":"ns","name":"vm","pid":4242,"running":true,...}}
+//! > {"version":2,"op":"wait","namespace":"ns","name":"vm","timeout_ms":2000}
+//! < {"version":2,"ok":true,"vm":{...,"running":false,"exit":{"code":0,"signal":null}}}
 //! ```
+//!
+//! Every message carries the protocol version it is written in ([`PROTOCOL_VERSION`]);
+//! one without `version` is version 1, the protocol before versions were sent. The agent
+//! and the launcher are upgraded separately (replacing the launcher stops its guests), so
+//! each side accepts the versions from [`MIN_PROTOCOL_VERSION`] up to its own: the
+//! launcher answers a request in the request's version and refuses a newer one with an
+//! error that names both; the client refuses a response in a version it does not know
+//! with [`LauncherError::Version`]. A launcher of version 1 ignores the `version` field of
+//! a newer agent's requests and answers without one, which the agent reads as version 1.
 //!
 //! # Per-VM state
 //!
@@ -35,7 +44,9 @@ mod state;
 
 pub(crate) use client::exit_of;
 pub use client::LauncherClient;
-pub use protocol::{ExitInfo, KillSignal, Request, Response, VmProcess};
+pub use protocol::{
+    ExitInfo, KillSignal, Request, Response, VmProcess, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 pub use server::{run_launcher, Launcher};
 pub(crate) use state::write_private;
 pub use state::{
@@ -77,6 +88,18 @@ pub enum LauncherError {
         op: String,
         /// Why.
         message: String,
+    },
+    /// The launcher answered in a protocol version this client does not speak.
+    #[error("launcher protocol version mismatch: the launcher at {path} speaks version {launcher}, this client speaks versions {min} to {client}; run the agent and the launcher of one release")]
+    Version {
+        /// Socket path.
+        path: String,
+        /// The version of the launcher's response.
+        launcher: u32,
+        /// The oldest version this client understands.
+        min: u32,
+        /// This client's version.
+        client: u32,
     },
     /// A message that is not valid protocol.
     #[error("launcher protocol: {0}")]

@@ -2,7 +2,9 @@
 //! the table of VMM processes, and stops them all when it stops.
 
 use super::process::spawn;
-use super::protocol::{ExitInfo, KillSignal, Request, Response, VmProcess};
+use super::protocol::{
+    decode_request, encode_response, ExitInfo, KillSignal, Request, Response, VmProcess,
+};
 use super::state::private_dir;
 use super::{LauncherArgs, LauncherError};
 use std::collections::HashMap;
@@ -169,13 +171,15 @@ async fn serve_conn(conn: UnixStream, table: Table, state_dir: PathBuf) {
         if line.trim().is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &table, &state_dir).await,
-            Err(e) => Response::error(format!("not a launcher request: {e}")),
+        // Answered in the request's version; a refused version gets this launcher's own.
+        let resp = match decode_request(&line) {
+            Ok((version, req)) => Response {
+                version,
+                ..handle(req, &table, &state_dir).await
+            },
+            Err(e) => Response::error(e),
         };
-        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
-        if w.write_all(&out).await.is_err() {
+        if w.write_all(&encode_response(&resp)).await.is_err() {
             break;
         }
     }
@@ -285,6 +289,32 @@ mod tests {
         );
         let c = LauncherClient::new(&sock);
         c.ping().await.unwrap();
+        assert_eq!(
+            c.protocol_version().await.unwrap(),
+            crate::launcher::PROTOCOL_VERSION
+        );
+        // A request of a version this launcher does not speak is refused, in its own.
+        {
+            let newer = crate::launcher::PROTOCOL_VERSION + 1;
+            let conn = UnixStream::connect(&sock).await.unwrap();
+            let (r, mut w) = conn.into_split();
+            w.write_all(format!("{{\"version\":{newer},\"op\":\"ping\"}}\n").as_bytes())
+                .await
+                .unwrap();
+            let reply = BufReader::new(r)
+                .lines()
+                .next_line()
+                .await
+                .unwrap()
+                .unwrap();
+            let resp: Response = serde_json::from_str(&reply).unwrap();
+            assert_eq!(resp.version, crate::launcher::PROTOCOL_VERSION);
+            let e = resp.error.unwrap_or_default();
+            assert!(
+                !resp.ok && e.contains(&format!("the request is version {newer}")),
+                "{e}"
+            );
+        }
         let vm = c
             .spawn(
                 "ns",
