@@ -1,4 +1,5 @@
-//! QMP (QEMU Machine Protocol): wire types and an async client over a unix socket.
+//! QMP (QEMU Machine Protocol): an async client over a unix socket; the messages it sends
+//! and decodes are in `wire`.
 //!
 //! # Why not the `qapi` crate
 //!
