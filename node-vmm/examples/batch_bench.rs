@@ -17,11 +17,11 @@
 
 use clap::Parser;
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_node_vmm::backend::qemu::direct::DirectClient;
+use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
 use corescale_node_vmm::backend::{Accel, ResizeOptions, VmHandle, VmSpec};
-use corescale_node_vmm::direct::DirectClient;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
-use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]

@@ -20,11 +20,11 @@
 
 use clap::Parser;
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_node_vmm::backend::qemu::direct::DirectClient;
+use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
 use corescale_node_vmm::backend::{Accel, ResizeOptions, StepReport, VmHandle, VmSpec};
-use corescale_node_vmm::direct::DirectClient;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
-use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

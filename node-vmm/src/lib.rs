@@ -5,15 +5,10 @@
 pub mod accel;
 pub mod agent;
 pub mod backend;
-pub mod direct;
 pub mod images;
 pub mod launcher;
 pub mod machine;
 pub mod metrics;
-pub mod qemu;
-pub mod qga;
-pub mod qmp;
-pub mod sim;
 
 /// A duration in seconds rounded to the millisecond, as the errors of the protocol clients
 /// and the backend report deadlines.

@@ -14,8 +14,8 @@
 //! | guest CPU -> slot | APIC id (`/proc/cpuinfo`), ACPI processor path | `/sys/devices/system/cpu/cpuN/physical_id` (the hard id) |
 //! | console, agent port | `ttyS0`, `isa-serial` (ttyS1) | `hvc0` (`spapr-vty`), `virtio-serial` |
 
+use crate::backend::qemu::qmp::CpuProps;
 use crate::backend::Accel;
-use crate::qmp::CpuProps;
 use corescale_api::{Arch, SlotId, Topology};
 
 /// The x86 QEMU binary looked up in `PATH`.

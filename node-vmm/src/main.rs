@@ -7,12 +7,12 @@
 
 use clap::{Parser, Subcommand};
 use corescale_node_vmm::agent::{self, Config};
+use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig};
+use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
 use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::{self, LauncherArgs};
 use corescale_node_vmm::metrics::Metrics;
-use corescale_node_vmm::qemu::{QemuBackend, QemuConfig};
-use corescale_node_vmm::sim::{SimBackend, SimDelays};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -14,8 +14,8 @@
 //!   text, invalid UTF-8, JSON of the wrong shape): that command fails with a typed error and
 //!   the next command on the same client succeeds.
 
-use corescale_node_vmm::qga::next_object;
-use corescale_node_vmm::qmp::{decode_line, Incoming, QmpClient, QmpError};
+use corescale_node_vmm::backend::qemu::qga::next_object;
+use corescale_node_vmm::backend::qemu::qmp::{decode_line, Incoming, QmpClient, QmpError};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use std::time::Duration;

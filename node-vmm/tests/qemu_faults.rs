@@ -6,12 +6,12 @@ mod common;
 
 use common::*;
 use corescale_api::{Arch, Boot, Plan, PlanError, VcpuState};
+use corescale_node_vmm::backend::qemu::QemuBackend;
 use corescale_node_vmm::backend::{
     Backend, BackendError, Direction, ResizeOptions, VmEvent, VmHandle,
 };
 use corescale_node_vmm::images::{ImageDir, KERNEL_FIELD};
 use corescale_node_vmm::launcher::{self, LauncherClient, VmRecord};
-use corescale_node_vmm::qemu::QemuBackend;
 use std::time::{Duration, Instant};
 
 /// A target above the maximum, a missing kernel, a missing QEMU binary, QEMU failing to

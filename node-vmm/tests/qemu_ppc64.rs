@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use corescale_api::{Arch, Granularity, Placement, Topology, VcpuState};
+use corescale_node_vmm::backend::qemu::QemuVm;
 use corescale_node_vmm::backend::{Backend, BackendError, Direction, VmHandle, VmSpec};
-use corescale_node_vmm::qemu::QemuVm;
 use std::time::Duration;
 
 fn power_spec(name: &str, topology: Topology, granularity: Granularity, boot: u32) -> VmSpec {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::within;
-use corescale_node_vmm::qga::{QgaClient, QgaError};
+use corescale_node_vmm::backend::qemu::qga::{QgaClient, QgaError};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;

@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use corescale_api::{ResizeResult, VirtualMachine};
 use corescale_e2e::Stack;
-use corescale_node_vmm::direct::DirectClient;
+use corescale_node_vmm::backend::qemu::direct::DirectClient;
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};

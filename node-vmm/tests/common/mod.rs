@@ -6,12 +6,12 @@
 pub mod mock_api;
 
 use corescale_api::{Arch, Granularity, Placement, Plan, PlanInput, SlotView, Topology, VcpuState};
+use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
 use corescale_node_vmm::backend::{
     Accel, Backend, Observation, ResizeOptions, ResizeReport, VmHandle, VmSpec,
 };
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher::Launcher;
-use corescale_node_vmm::qemu::{QemuBackend, QemuConfig, QemuVm};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ pub fn prerequisites() -> (PathBuf, PathBuf) {
 /// The guest image and QEMU of an architecture, or a panic that says what to run.
 pub fn prerequisites_for(arch: Arch) -> (PathBuf, PathBuf) {
     let m = corescale_node_vmm::machine::Machine::of(arch);
-    if let Err(e) = corescale_node_vmm::qemu::find_binary_for(m.default_binary(), arch) {
+    if let Err(e) = corescale_node_vmm::backend::qemu::find_binary_for(m.default_binary(), arch) {
         panic!("these tests boot real {arch} guests: {e}");
     }
     let dir = ImageDir::default_root().join(arch.as_str());
@@ -408,7 +408,9 @@ pub async fn check_guest_topology(vm: &QemuVm, obs: &Observation, slot: u32) -> 
             .unwrap();
         assert_eq!(
             apic.as_u64(),
-            Some(u64::from(corescale_node_vmm::qemu::apic_id(&t, &id))),
+            Some(u64::from(corescale_node_vmm::backend::qemu::apic_id(
+                &t, &id
+            ))),
             "APIC id of slot {slot}"
         );
     }

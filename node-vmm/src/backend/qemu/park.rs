@@ -10,7 +10,8 @@
 //! with no new thread. A guest without an agent cannot offline a vCPU on request, so its
 //! unplugs remove the vCPU as under KVM. Under KVM nothing is parked.
 
-use super::{left, Ops, QemuVm};
+use super::resize::left;
+use super::vm::{Ops, QemuVm};
 use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
 use crate::secs;
 use std::collections::BTreeSet;

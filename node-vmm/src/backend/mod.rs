@@ -5,6 +5,9 @@
 //! never names QEMU: the QEMU backend (and later a built-in microVM, or the scale
 //! simulator) live behind these traits.
 
+pub mod qemu;
+pub mod sim;
+
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology, VcpuState};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -428,6 +431,27 @@ pub trait VmHandle: Send + Sync {
     /// Observe every slot now, from the VMM and (where present) the guest agent.
     async fn observe(&self) -> Result<Observation, BackendError>;
     /// Carry out a plan: plug (and online through the guest agent), or offline and unplug.
+    ///
+    /// # Cancellation: dropping a resize mid-step is safe
+    ///
+    /// The agent drops the returned future at whatever await it has reached when a newer
+    /// target supersedes the step, the VM is to be stopped, or the VMM exits
+    /// (`agent::worker`); no report comes back, and the next plan starts from a fresh
+    /// [`observe`](VmHandle::observe). An implementation must therefore keep that safe at
+    /// every await:
+    ///
+    /// * Record a plug or an unplug, in state that outlives the future (the QEMU backend's
+    ///   `backend.json`), *before* asking the VMM or the guest for it. A slot left
+    ///   mid-step is then observed as `Plugging` or `Unplugging` and finished or retried by
+    ///   a later `observe` or `resize`, never reported as a settled `Present` or `Absent`
+    ///   that nothing would bring back.
+    /// * Count anything with a lifetime budget (TCG's vCPU threads) before the command that
+    ///   spends it, so a dropped step can only over-count, never over-spend.
+    /// * Keep no cache across the drop that the step was updating (the QEMU backend takes
+    ///   its copy of QEMU's CPU list out for the step and puts it back only on success).
+    /// * Hold per-VM exclusion in a guard that the drop releases (an async mutex guard),
+    ///   and use protocol clients that survive an abandoned request (QMP and guest-agent
+    ///   replies are matched by id, so the reply to a dropped request is skipped).
     async fn resize(&self, plan: &Plan, opts: ResizeOptions) -> ResizeReport;
     /// CPU seconds consumed so far by each present vCPU's host thread, by slot index.
     async fn vcpu_cpu_seconds(&self) -> Result<Vec<(u32, f64)>, BackendError>;
