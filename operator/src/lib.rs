@@ -4,8 +4,10 @@
 //! directly.
 
 pub mod controller;
+pub mod decide;
 pub mod liveness;
 pub mod load;
 pub mod metrics;
 pub mod placement;
 pub mod run;
+pub mod status;
