@@ -268,7 +268,7 @@ impl Worker {
         }
         self.shared.budget.release(&self.key);
         self.forget_metrics();
-        tracing::info!(vm = %self.key, "worker done");
+        tracing::info!("worker done");
     }
 
     /// The end of a step: its status write, what follows it, and what to wait for.
@@ -357,7 +357,7 @@ impl Worker {
             Some(VmEvent::GuestStopped) => "the guest powered off".to_string(),
             None => "the VMM connection closed".to_string(),
         };
-        tracing::warn!(vm = %self.key, %what, "guest lost");
+        tracing::warn!(%what, "guest lost");
         if let Some(v) = self.g.vmm.take() {
             let _ = v.handle.stop(Duration::from_secs(1)).await;
         }
@@ -393,13 +393,13 @@ impl Worker {
             } else {
                 Duration::ZERO
             };
-            tracing::info!(vm = %self.key, why, ?grace, "stopping guest");
+            tracing::info!(why, ?grace, "stopping guest");
             if let Err(e) = v.handle.stop(grace).await {
-                tracing::warn!(vm = %self.key, error = %e, "stop failed");
+                tracing::warn!(error = %e, "stop failed");
             }
         }
         if let Err(e) = self.shared.backend.cleanup(&self.key).await {
-            tracing::warn!(vm = %self.key, error = %e, "cleanup failed");
+            tracing::warn!(error = %e, "cleanup failed");
         }
         self.shared.budget.release(&self.key);
     }

@@ -36,7 +36,7 @@ impl Worker {
             .note(&vm.object_ref(&()), type_, reason, note)
             .await
         {
-            tracing::warn!(vm = %self.key, error = %e, reason, "cannot publish event");
+            tracing::warn!(error = %e, reason, "cannot publish event");
         }
     }
 
@@ -57,7 +57,7 @@ impl Worker {
             Err(e) => {
                 // The API server may be down: the guest is untouched, and the next step
                 // applies the status again.
-                tracing::warn!(vm = %self.key, error = %e, "cannot apply status");
+                tracing::warn!(error = %e, "cannot apply status");
                 self.g.last_applied = None;
             }
         }

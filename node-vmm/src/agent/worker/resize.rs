@@ -57,7 +57,7 @@ impl Worker {
                 match applied {
                     Some(Ok(_)) => self.g.last_applied = Some(body),
                     Some(Err(e)) => {
-                        tracing::warn!(vm = %self.key, error = %e, "cannot apply status");
+                        tracing::warn!(error = %e, "cannot apply status");
                         self.g.last_applied = None;
                     }
                     // Not written: what was applied before still stands.
@@ -188,7 +188,7 @@ impl Worker {
             None => "superseded: the VM is being stopped".to_string(),
         };
         let msg = format!("{from} -> {to} vCPUs {why} after {seconds:.2} s; slots left mid-step are observed again");
-        tracing::info!(vm = %self.key, %msg, "resize step abandoned");
+        tracing::info!(%msg, "resize step abandoned");
         self.g.last_applied = None;
         self.g.overrides.clear();
         if let Some(v) = &mut self.g.vmm {

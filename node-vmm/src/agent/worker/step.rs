@@ -310,7 +310,7 @@ impl Worker {
     }
 
     pub(super) fn observe_failed(&mut self, vm: &VirtualMachine, e: BackendError) -> Step {
-        tracing::warn!(vm = %self.key, error = %e, "cannot observe guest");
+        tracing::warn!(error = %e, "cannot observe guest");
         let now = Utc::now();
         set_condition(
             &mut self.g.conds,
