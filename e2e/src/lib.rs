@@ -6,8 +6,7 @@ pub mod autoscale;
 pub mod autoscale_bench;
 pub mod autoscale_plot;
 pub mod console;
-pub mod cycles;
-pub mod no_agent;
+pub mod scenarios;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use corescale_api::VirtualMachine;

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 /// Settings of the agent.
 #[derive(Debug, Clone)]
@@ -207,10 +208,15 @@ impl Dispatcher {
         let w = worker::Worker::new(key.clone(), self.shared.clone(), rx, adopted);
         let done = self.done_tx.clone();
         let k = key.clone();
-        tokio::spawn(async move {
-            w.run().await;
-            let _ = done.send(k);
-        });
+        // Every line the worker logs carries the VM: one span for the task.
+        let span = tracing::info_span!("vm", vm = %key);
+        tokio::spawn(
+            async move {
+                w.run().await;
+                let _ = done.send(k);
+            }
+            .instrument(span),
+        );
         self.workers.insert(key, Slot { tx });
     }
 

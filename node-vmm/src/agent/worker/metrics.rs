@@ -1,0 +1,117 @@
+//! The metrics a worker updates: hot-plug operations and their latency by phase, per-vCPU
+//! and per-VM CPU seconds, the per-VM gauges that mirror each status (vCPUs by state,
+//! phase, pending resizes), and VMM restarts.
+
+use super::Worker;
+use crate::agent::decide;
+use crate::backend::ResizeReport;
+use corescale_api::conditions as cond;
+use corescale_api::{VcpuState, VirtualMachine, VirtualMachineStatus};
+
+impl Worker {
+    /// Count each step of a resize, and time its phases.
+    pub(super) fn record_metrics(&self, report: &ResizeReport, _seconds: f64) {
+        let m = &self.shared.metrics;
+        let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
+        for s in &report.steps {
+            let d = s.direction.as_str();
+            let result = if s.error.is_some() {
+                "failure"
+            } else {
+                "success"
+            };
+            m.hotplug_ops
+                .with_label_values(&[ns, name, d, result])
+                .inc();
+            let phases = [
+                ("applied", s.applied),
+                ("acked", s.acked),
+                ("online", s.online),
+            ];
+            for (p, v) in phases {
+                if let Some(v) = v {
+                    m.hotplug_seconds
+                        .with_label_values(&[ns, name, d, p])
+                        .observe(v.as_secs_f64());
+                }
+            }
+            if s.error.is_none() {
+                let total = s.online.or(s.acked).or(s.applied);
+                if let Some(t) = total {
+                    m.hotplug_seconds
+                        .with_label_values(&[ns, name, d, "total"])
+                        .observe(t.as_secs_f64());
+                }
+            }
+        }
+    }
+
+    /// Add the CPU seconds each vCPU thread ran since the last read, per vCPU and per VM.
+    pub(super) async fn update_cpu_metrics(&mut self) {
+        let Some(v) = &self.g.vmm else { return };
+        let Ok(times) = v.handle.vcpu_cpu_seconds().await else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        let (ns, name) = (&self.key.namespace, &self.key.name);
+        for (slot, secs) in times {
+            let seen = self.g.cpu_seen.entry(slot).or_insert(0.0);
+            // A re-plugged vCPU's new thread starts from zero: count from there.
+            if secs > *seen {
+                let ran = secs - *seen;
+                m.vcpu_cpu_seconds
+                    .with_label_values(&[ns, name, &slot.to_string()])
+                    .inc_by(ran);
+                m.vm_busy_seconds.with_label_values(&[ns, name]).inc_by(ran);
+            }
+            *seen = secs;
+        }
+    }
+
+    /// The per-VM gauges, set to match `status` (about to be written).
+    pub(super) fn export_gauges(&self, vm: &VirtualMachine, status: &VirtualMachineStatus) {
+        let m = &self.shared.metrics;
+        let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
+        let count = |st: VcpuState| {
+            i64::try_from(status.vcpus.iter().filter(|v| v.state == st).count()).unwrap_or(i64::MAX)
+        };
+        // Present: in the guest, online or not; a vCPU being unplugged is still there.
+        let present =
+            count(VcpuState::Present) + count(VcpuState::Online) + count(VcpuState::Unplugging);
+        let values = [
+            ("desired", i64::from(vm.spec.cpus)),
+            ("online", i64::from(status.cpus.unwrap_or(0))),
+            ("present", present),
+            ("plugging", count(VcpuState::Plugging)),
+            ("unplugging", count(VcpuState::Unplugging)),
+            ("max", i64::from(decide::topology_of(vm).max_vcpus())),
+        ];
+        for (state, v) in values {
+            m.vcpus.with_label_values(&[ns, name, state]).set(v);
+        }
+        m.set_phase(ns, name, self.g.phase);
+        for reason in crate::metrics::PENDING_REASONS {
+            let on = cond::get_condition(&status.conditions, cond::RESIZE_PENDING)
+                .is_some_and(|c| c.status == "True" && c.reason == reason);
+            m.resize_pending
+                .with_label_values(&[ns, name, reason])
+                .set(i64::from(on));
+        }
+    }
+
+    /// The guest was lost (its VMM exited, or it powered off); it will be restarted.
+    pub(super) fn count_vmm_restart(&self) {
+        self.shared
+            .metrics
+            .vmm_restarts
+            .with_label_values(&[&self.key.namespace, &self.key.name])
+            .inc();
+    }
+
+    /// The worker ends: the VM's series go (its per-vCPU ones up to its `max_vcpus` slots).
+    pub(super) fn forget_metrics(&self) {
+        self.shared
+            .metrics
+            .forget_vm(&self.key.namespace, &self.key.name, self.max_vcpus);
+    }
+}

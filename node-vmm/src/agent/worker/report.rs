@@ -1,0 +1,84 @@
+//! What the worker writes to the API server: the VM's status (server-side apply, field
+//! manager `node-vmm`, skipped when unchanged) and Events (repeats not published again).
+
+use super::status::{self, Facts};
+use super::{Worker, MANAGER};
+use crate::backend::Observation;
+use corescale_api::VirtualMachine;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+
+impl Worker {
+    pub(super) fn api(&self, vm: &VirtualMachine) -> Api<VirtualMachine> {
+        Api::namespaced(
+            self.shared.client.clone(),
+            &vm.namespace().unwrap_or_default(),
+        )
+    }
+
+    pub(super) async fn event(
+        &mut self,
+        vm: &VirtualMachine,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        // Repeated identical decisions (a Deferred VM re-checked) make one Event, not many.
+        let key = (reason.to_string(), note.clone());
+        if self.last_event.as_ref() == Some(&key) {
+            return;
+        }
+        self.last_event = Some(key);
+        if let Err(e) = self
+            .shared
+            .recorder
+            .note(&vm.object_ref(&()), type_, reason, note)
+            .await
+        {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+
+    /// Build the status from what was observed and apply it (server-side apply, manager
+    /// `node-vmm`), unless it equals what was applied last.
+    pub(super) async fn report(&mut self, vm: &VirtualMachine, obs: Option<&Observation>) {
+        let body = self.status_body(vm, obs);
+        if self.g.last_applied.as_ref() == Some(&body) {
+            return;
+        }
+        let pp = PatchParams::apply(MANAGER).force();
+        match self
+            .api(vm)
+            .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => self.g.last_applied = Some(body),
+            Err(e) => {
+                // The API server may be down: the guest is untouched, and the next step
+                // applies the status again.
+                tracing::warn!(error = %e, "cannot apply status");
+                self.g.last_applied = None;
+            }
+        }
+    }
+
+    /// The server-side-apply body of the status, with the metrics gauges updated to match.
+    pub(super) fn status_body(
+        &self,
+        vm: &VirtualMachine,
+        obs: Option<&Observation>,
+    ) -> serde_json::Value {
+        let facts = Facts {
+            book: self.g.vmm.as_ref().map(|v| &v.book),
+            accel: self.shared.capacity.accel.as_str(),
+            guest_agent: self.guest_agent,
+            phase: self.g.phase,
+            conds: &self.g.conds,
+            last_resize: self.g.last_resize.as_ref(),
+        };
+        let status = status::status(vm, obs, &facts);
+        self.export_gauges(vm, &status);
+        corescale_api::status_apply_body(&status)
+    }
+}
