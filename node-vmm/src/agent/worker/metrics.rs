@@ -56,9 +56,10 @@ impl Worker {
         let (ns, name) = (&self.key.namespace, &self.key.name);
         for (slot, secs) in times {
             let seen = self.g.cpu_seen.entry(slot).or_insert(0.0);
-            // A re-plugged vCPU's new thread starts from zero: count from there.
-            if secs > *seen {
-                let ran = secs - *seen;
+            // Less than last time: a new thread (a re-plugged vCPU, a restarted QEMU)
+            // that started from zero; all of its time is new.
+            let ran = if secs >= *seen { secs - *seen } else { secs };
+            if ran > 0.0 {
                 m.vcpu_cpu_seconds
                     .with_label_values(&[ns, name, &slot.to_string()])
                     .inc_by(ran);
