@@ -12,8 +12,27 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Budget {
     total: u32,
-    held: Mutex<HashMap<VmKey, u32>>,
+    held: Mutex<Held>,
     freed: Notify,
+}
+
+/// What each VM holds, and the sum kept with it: asking for room is O(1), not a sum over
+/// the node's VMs (which made a node's decisions quadratic in its VMs).
+#[derive(Debug, Default)]
+struct Held {
+    per_vm: HashMap<VmKey, u32>,
+    sum: u64,
+}
+
+impl Held {
+    fn set(&mut self, key: &VmKey, vcpus: Option<u32>) -> Option<u32> {
+        let before = match vcpus {
+            Some(v) => self.per_vm.insert(key.clone(), v),
+            None => self.per_vm.remove(key),
+        };
+        self.sum = self.sum - u64::from(before.unwrap_or(0)) + u64::from(vcpus.unwrap_or(0));
+        before
+    }
 }
 
 impl Budget {
@@ -35,7 +54,10 @@ impl Budget {
     pub fn held_by_others(&self, key: &VmKey) -> u32 {
         self.held
             .lock()
-            .map(|h| h.iter().filter(|(k, _)| *k != key).map(|(_, v)| *v).sum())
+            .map(|h| {
+                let own = h.per_vm.get(key).copied().unwrap_or(0);
+                u32::try_from(h.sum - u64::from(own)).unwrap_or(u32::MAX)
+            })
             .unwrap_or(0)
     }
 
@@ -45,7 +67,7 @@ impl Budget {
             .held
             .lock()
             .ok()
-            .and_then(|mut h| h.insert(key.clone(), vcpus));
+            .and_then(|mut h| h.set(key, Some(vcpus)));
         if before.is_some_and(|b| b > vcpus) {
             self.freed.notify_waiters();
         }
@@ -57,7 +79,7 @@ impl Budget {
             .held
             .lock()
             .ok()
-            .and_then(|mut h| h.remove(key))
+            .and_then(|mut h| h.set(key, None))
             .is_some()
         {
             self.freed.notify_waiters();
@@ -97,6 +119,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // The kept sum follows every change.
+        assert_eq!(b.held_by_others(&k("b")), 3);
+        assert_eq!(b.held_by_others(&k("a")), 2);
+        assert_eq!(b.held_by_others(&k("new")), 5);
         b.release(&k("a"));
         assert_eq!(b.held_by_others(&k("b")), 0);
     }
