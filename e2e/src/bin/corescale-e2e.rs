@@ -26,6 +26,17 @@ async fn main() -> Result<()> {
         .skip_while(|a| a != "--only")
         .nth(1)
         .map(|s| s.split(',').map(str::to_string).collect());
+    if let Some(names) = &only {
+        let bad = scenarios::unknown(names);
+        anyhow::ensure!(
+            bad.is_empty(),
+            "--only names no scenario called {bad:?}; the scenarios are {:?}",
+            scenarios::SCENARIOS
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+        );
+    }
     let stack = Stack::from_env("stack").await?;
     stack.namespace(NS)?;
     let mut outcomes = Vec::new();

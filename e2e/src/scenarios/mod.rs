@@ -188,8 +188,16 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+/// Names in `only` that match no scenario (a typo must fail the run, not pass it empty).
+pub fn unknown(only: &[String]) -> Vec<String> {
+    only.iter()
+        .filter(|n| !SCENARIOS.iter().any(|sc| sc.name == n.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// The scenarios to run, in registry order: all of them, or those named in `only` (names
-/// that match no scenario select nothing).
+/// that match no scenario select nothing; see [`unknown`]).
 pub fn selected(only: Option<&[String]>) -> impl Iterator<Item = &'static Scenario> + '_ {
     SCENARIOS
         .iter()
@@ -284,6 +292,7 @@ mod tests {
         assert_eq!(all.len(), SCENARIOS.len());
         let only = ["scale".to_string(), "apply".into(), "nonesuch".into()];
         let some: Vec<&str> = selected(Some(&only)).map(|s| s.name).collect();
+        assert_eq!(unknown(&only), vec!["nonesuch".to_string()]);
         assert_eq!(some, ["apply", "scale"]);
     }
 
