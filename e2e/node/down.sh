@@ -54,6 +54,19 @@ if [[ -x "$kbin/kube-proxy" ]]; then
 fi
 stop kube-scheduler
 stop kubelet 30
+# The kubelet's own chains (kube-proxy --cleanup leaves them): KUBE-FIREWALL (hooked
+# into INPUT and OUTPUT), KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT, in IPv4 and IPv6.
+for ipt in iptables ip6tables; do
+	command -v "$ipt" >/dev/null || continue
+	for table in filter nat mangle; do
+		for chain in INPUT OUTPUT; do
+			while "$ipt" -t "$table" -D "$chain" -j KUBE-FIREWALL 2>/dev/null; do :; done
+		done
+		for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+			"$ipt" -t "$table" -F "$chain" 2>/dev/null && "$ipt" -t "$table" -X "$chain" 2>/dev/null
+		done
+	done
+done
 
 # Containers keep running under their shims when containerd stops: kill every task of
 # this containerd (containers first, sandboxes last) and delete it.
@@ -117,8 +130,9 @@ if [[ -f "$dir/run/created-var-lib-corescale" ]]; then
 	rm -rf /var/lib/corescale
 	rm -f "$dir/run/created-var-lib-corescale"
 fi
-# containerd's shims put their sockets under /run/containerd/s.
-rmdir /run/containerd/s /run/containerd 2>/dev/null
+# containerd's shims put their sockets under /run/containerd/s, runc its state under
+# /run/containerd/runc: empty directories once every task is gone.
+[[ -d /run/containerd ]] && find /run/containerd -depth -type d -empty -delete 2>/dev/null
 rm -f "$dir/env"
 if [[ $purge -eq 1 ]]; then
 	rm -rf "$dir"
