@@ -96,6 +96,10 @@ for p in /proc/[0-9]*; do
 		kill -KILL "${p#/proc/}" 2>/dev/null
 	fi
 done
+# socat forks a child per connection, in its process group (setsid in up.sh): stop them all.
+if ours apiserver-forward; then
+	kill -TERM -- "-$(cat "$dir/run/apiserver-forward.pid")" 2>/dev/null
+fi
 stop apiserver-forward 5
 [[ -x "$repo/e2e/cluster/down.sh" && -d "$dir/cluster" ]] && "$repo/e2e/cluster/down.sh" --dir "$dir/cluster"
 

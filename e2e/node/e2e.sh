@@ -8,7 +8,8 @@
 #                  targets, loaded into the node's containerd
 #   4. helm        `helm install --wait` as README's "Install on a cluster (Helm)" says, image
 #                  names overridden to the local tags (pullPolicy Never: nothing is pulled),
-#                  KVM off (guests run under TCG here)
+#                  KVM off (guests run under TCG here), without README's ServiceMonitor and
+#                  PrometheusRule (no Prometheus Operator CRDs here)
 #   5. vm          a 1-vCPU VM with 4 slots Running with 1 vCPU online in its status
 #   6. scale       `kubectl scale --replicas=2`: 2 vCPUs online
 #   7. teardown    VM deleted, `helm uninstall`, e2e/node/down.sh
@@ -45,8 +46,10 @@ done
 
 timings=()
 stage_start=0
-begin() { stage_name="$1"; stage_start=$(date +%s.%N); log "--- $1"; }
+stage_open=0
+begin() { stage_name="$1"; stage_start=$(date +%s.%N); stage_open=1; log "--- $1"; }
 end() {
+	stage_open=0
 	local s
 	s="$(awk -v a="$stage_start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')"
 	timings+=("$(printf '%-10s %7s s' "$stage_name" "$s")")
@@ -65,6 +68,10 @@ helm=""
 teardown() {
 	local rc=$?
 	trap - EXIT
+	if [[ $stage_open -eq 1 ]]; then
+		stage_name="$stage_name FAILED"
+		end
+	fi
 	if [[ $rc -ne 0 && -f "$dir/env" ]]; then
 		log "diagnostics (exit $rc):"
 		(
