@@ -11,8 +11,14 @@
 #           default guest image built by node-vmm/guest/build.sh from Debian packages.
 #           Runs as 65532; the chart gives it /dev/kvm.
 #
-# CI has no Docker engine and cannot build this. scripts/check-dockerfile.sh checks
-# instead that every COPY/ADD source exists in the build context (after .dockerignore),
+# No image registry is reachable on this project's machines, so `make images`
+# (e2e/node/images.sh) builds this file with podman after making every base image it
+# names locally: debian:bookworm(-slim) with mmdebstrap, rust:${RUST_VERSION}-bookworm from
+# the machine's own Rust toolchain, and a stand-in for gcr.io/distroless/cc-debian12:nonroot
+# (glibc, libgcc, CA certificates, user 65532, no shell): the operator image built there
+# runs on that stand-in, not on Google's distroless. `make node-e2e` runs both images
+# on a real kubelet node. `make chart-check` (scripts/check-dockerfile.sh) checks without
+# building that every COPY/ADD source exists in the build context (after .dockerignore),
 # that every `cargo build` names packages and binaries of the workspace (and builds
 # them), and that what later stages copy from earlier ones is produced there.
 

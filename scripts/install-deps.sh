@@ -8,6 +8,11 @@ need_root() { if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root (apt
 BACKPORTS=/etc/apt/sources.list.d/corescale-bookworm-backports.sources
 # kmod: depmod, which the guest image build runs on the kernel package it packs.
 pkgs_main=(busybox-static cpio kmod binutils prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl)
+# A real kubelet node (e2e/node, `make node-e2e`): containerd + runc (crun cannot run on
+# these hosts' hybrid cgroups), the CNI bridge plugins, podman/buildah to build the
+# Dockerfile's images with no Docker engine, mmdebstrap for the local base images,
+# and what kubelet/kube-proxy call (iptables, conntrack, socat).
+pkgs_main+=(containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack socat iptables)
 # QEMU 10.0 from bookworm-backports: Debian 12's QEMU 7.2 crashes (double free) on the
 # first CPU device_add after a device_del under TCG.
 # qemu-system-ppc (qemu-system-ppc64) for POWER/pseries guests, from the same backports

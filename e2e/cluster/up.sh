@@ -6,7 +6,15 @@
 # no scheduler and no kube-proxy: corescale's operator and node agents run as
 # local processes against this API server.
 #
-# Usage: up.sh [--dir DIR]       (default DIR: e2e/.run/cluster in the repo)
+# Usage: up.sh [--dir DIR] [--node-ip IP]     (default DIR: e2e/.run/cluster in the repo)
+#
+# --node-ip IP  prepare the control plane for real kubelet nodes (e2e/node/up.sh): all
+#   controllers in kube-controller-manager (unless CORESCALE_KCM_CONTROLLERS says
+#   otherwise), Node,RBAC authorization with NodeRestriction, a client certificate for
+#   the API server to call kubelets (verified kubelet serving certificates), nodes
+#   reached by InternalIP, and IP as the advertised address (the Endpoints of service
+#   "kubernetes", kept by the lease reconciler) and in the serving certificate. The API
+#   server still listens on 127.0.0.1 only; e2e/node/up.sh forwards IP:port to it.
 #
 # Writes into DIR:
 #   kubeconfig   admin (system:masters) kubeconfig
@@ -35,6 +43,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 dir="$repo/e2e/.run/cluster"
+node_ip=""
 
 while [[ $# -gt 0 ]]; do
 	case "$1" in
@@ -50,12 +59,20 @@ while [[ $# -gt 0 ]]; do
 		dir="${1#--dir=}"
 		shift
 		;;
+	--node-ip)
+		[[ $# -ge 2 && "$2" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || {
+			echo "up.sh: --node-ip needs an IPv4 address" >&2
+			exit 2
+		}
+		node_ip="$2"
+		shift 2
+		;;
 	-h | --help)
 		awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 		exit 0
 		;;
 	*)
-		echo "up.sh: unknown argument '$1' (expected --dir DIR)" >&2
+		echo "up.sh: unknown argument '$1' (expected --dir DIR or --node-ip IP)" >&2
 		exit 2
 		;;
 	esac
@@ -99,7 +116,11 @@ if compgen -G "$dir/run/*.pid" >/dev/null; then
 fi
 
 # --- binaries --------------------------------------------------------------
-kube_bin="$("$here/build-kube.sh" | tail -n1)"
+if [[ -n "$node_ip" ]]; then
+	kube_bin="$("$here/build-kube.sh" --node | tail -n1)"
+else
+	kube_bin="$("$here/build-kube.sh" | tail -n1)"
+fi
 if [[ -n "${CORESCALE_ETCD_BIN:-}" ]]; then
 	etcd_bin="$CORESCALE_ETCD_BIN"
 else
@@ -172,7 +193,7 @@ cat >"$pki/serving.ext" <<EOF
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,IP:$first_service_ip,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,DNS:localhost,IP:$first_service_ip,${node_ip:+IP:$node_ip,}DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EOF
 ossl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
 	-keyout "$pki/apiserver.key" -out "$pki/apiserver.csr"
@@ -188,6 +209,14 @@ ossl req -newkey rsa:2048 -nodes -subj "/CN=front-proxy-client" \
 ossl x509 -req -in "$pki/front-proxy-client.csr" -CA "$pki/front-proxy-ca.crt" \
 	-CAkey "$pki/front-proxy-ca.key" -CAcreateserial -days 3650 -extfile "$pki/client.ext" \
 	-out "$pki/front-proxy-client.crt"
+# The API server's client certificate towards kubelets (logs, exec, port-forward); the
+# kubelets authorize it by Webhook (e2e/node/up.sh binds it to system:kubelet-api-admin).
+if [[ -n "$node_ip" ]]; then
+	ossl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver-kubelet-client" \
+		-keyout "$pki/apiserver-kubelet-client.key" -out "$pki/apiserver-kubelet-client.csr"
+	ossl x509 -req -in "$pki/apiserver-kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+		-CAcreateserial -days 3650 -extfile "$pki/client.ext" -out "$pki/apiserver-kubelet-client.crt"
+fi
 # Service-account token signing keys.
 ossl genrsa -out "$pki/sa.key" 2048
 ossl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
@@ -301,7 +330,7 @@ apiserver_args=(
 	--tls-private-key-file="$pki/apiserver.key"
 	--client-ca-file="$pki/ca.crt"
 	--token-auth-file="$pki/tokens.csv"
-	--authorization-mode=RBAC
+	--authorization-mode="${node_ip:+Node,}RBAC"
 	--service-account-issuer=https://kubernetes.default.svc.cluster.local
 	--service-account-key-file="$pki/sa.pub"
 	--service-account-signing-key-file="$pki/sa.key"
@@ -320,6 +349,18 @@ apiserver_args=(
 	--allow-privileged=true
 	--profiling=false
 )
+if [[ -n "$node_ip" ]]; then
+	# Later flags win: these replace the loopback-only ones above.
+	apiserver_args+=(
+		--advertise-address="$node_ip"
+		--endpoint-reconciler-type=lease
+		--enable-admission-plugins=NodeRestriction
+		--kubelet-client-certificate="$pki/apiserver-kubelet-client.crt"
+		--kubelet-client-key="$pki/apiserver-kubelet-client.key"
+		--kubelet-certificate-authority="$pki/ca.crt"
+		--kubelet-preferred-address-types=InternalIP,Hostname
+	)
+fi
 # shellcheck disable=SC2206
 apiserver_args+=(${CORESCALE_APISERVER_ARGS:-})
 start kube-apiserver "$apiserver_bin" "${apiserver_args[@]}"
@@ -332,7 +373,10 @@ log "kube-apiserver $kube_version ready at $apiserver_url after $(elapsed) s"
 # Only controllers that make sense without kubelets: service accounts and their
 # tokens, kube-root-ca.crt, namespace deletion, garbage collection (owner
 # references), aggregated ClusterRoles and the HorizontalPodAutoscaler.
-kcm_controllers="${CORESCALE_KCM_CONTROLLERS:-serviceaccount-token-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,namespace-controller,garbage-collector-controller,clusterrole-aggregation-controller,horizontal-pod-autoscaler-controller}"
+default_controllers="serviceaccount-token-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,namespace-controller,garbage-collector-controller,clusterrole-aggregation-controller,horizontal-pod-autoscaler-controller"
+# Real nodes need them all (Deployments, DaemonSets, the node lifecycle, endpoints).
+[[ -z "$node_ip" ]] || default_controllers='*'
+kcm_controllers="${CORESCALE_KCM_CONTROLLERS:-$default_controllers}"
 kcm_args=(
 	--kubeconfig="$dir/kubeconfig"
 	--authentication-kubeconfig="$dir/kubeconfig"
@@ -382,6 +426,7 @@ export CORESCALE_CA_KEY_FILE=$pki/ca.key
 export CORESCALE_FRONT_PROXY_CA_FILE=$pki/front-proxy-ca.crt
 export CORESCALE_ADMIN_TOKEN_FILE=$pki/admin.token
 export CORESCALE_SERVICE_CIDR=$service_cidr
+export CORESCALE_NODE_IP=$node_ip
 export CORESCALE_ETCD_URL=$etcd_url
 export CORESCALE_ETCD_PORT=$etcd_port
 export CORESCALE_ETCD_PEER_PORT=$etcd_peer_port

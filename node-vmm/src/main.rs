@@ -157,5 +157,21 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     };
     let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
     health.set_ready(true);
-    agent::run_agent(shared).await
+    // In its container the agent is PID 1, and the kernel ignores a signal PID 1 has no
+    // handler for: without this, SIGTERM (pod deletion, liveness restart) did nothing and
+    // the kubelet killed the agent only after terminationGracePeriodSeconds, while it kept
+    // restarting the guests the launcher was stopping. The agent holds nothing a new one
+    // cannot rebuild, so it just exits; the guests stay with the launcher.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = agent::run_agent(shared) => r,
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: the agent exits; guests stay with the launcher");
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: the agent exits; guests stay with the launcher");
+            Ok(())
+        }
+    }
 }
