@@ -55,17 +55,20 @@ chart-check: ## Helm lint/template + values schema, promtool check/test of the a
 scale: ## Scale benchmarks on simulated nodes: 100/300/1000 VMs, 10 agents (figures + JSON + docs/scale-growth.png; not part of ci)
 	bash e2e/scale.sh
 
-.PHONY: images node-up node-down node-e2e
-images: ## Build both images from the Dockerfile with podman (local base images, no registry); load them into the node of node-up if it runs
+.PHONY: node-deps images node-up node-down node-e2e
+node-deps: ## Install what a real kubelet node needs too (containerd, runc, CNI plugins, podman, buildah, mmdebstrap, ...)
+	bash scripts/install-deps.sh --node
+
+images: node-deps ## Build both images from the Dockerfile with podman (local base images, no registry); load them into the node of node-up if it runs
 	@if [ -S e2e/.run/node/containerd/containerd.sock ]; then \
 		bash e2e/node/images.sh --load e2e/.run/node/containerd/containerd.sock; \
 	else bash e2e/node/images.sh; fi
 
-node-up: ## A real kubelet node (containerd, kubelet, kube-scheduler, kube-proxy) on the e2e control plane
+node-up: node-deps ## A real kubelet node (containerd, kubelet, kube-scheduler, kube-proxy) on the e2e control plane
 	bash e2e/node/up.sh
 
 node-down: ## Stop node-up's node and remove what it created
 	bash e2e/node/down.sh
 
-node-e2e: ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, a VM scaled 1 -> 2; torn down (not part of ci)
+node-e2e: node-deps ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, a VM scaled 1 -> 2; torn down (not part of ci)
 	bash e2e/node/e2e.sh

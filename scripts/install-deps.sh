@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs every system package corescale's build, tests and e2e need, from Debian's
 # registries only. Idempotent: a second run only checks.
+#
+# Usage: install-deps.sh [--node]   --node: also what a real kubelet node needs
+#                                   (`make node-e2e`; not part of `make ci`)
 set -euo pipefail
 
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root (apt-get)" >&2; exit 1; fi; }
@@ -12,7 +15,11 @@ pkgs_main=(busybox-static cpio kmod binutils prometheus curl jq zstd xz-utils py
 # these hosts' hybrid cgroups), the CNI bridge plugins, podman/buildah to build the
 # Dockerfile's images with no Docker engine, mmdebstrap for the local base images,
 # and what kubelet/kube-proxy call (iptables, conntrack, socat).
-pkgs_main+=(containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack socat iptables)
+if [ "${1:-}" = --node ]; then
+  pkgs_main+=(containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack socat iptables)
+elif [ -n "${1:-}" ]; then
+  echo "install-deps: unknown argument '$1' (expected --node)" >&2; exit 2
+fi
 # QEMU 10.0 from bookworm-backports: Debian 12's QEMU 7.2 crashes (double free) on the
 # first CPU device_add after a device_del under TCG.
 # qemu-system-ppc (qemu-system-ppc64) for POWER/pseries guests, from the same backports
