@@ -9,10 +9,12 @@ pub mod node;
 pub mod planner;
 pub mod types;
 pub mod validate;
+pub mod workload;
 
 pub use planner::{plan, Plan, PlanError, PlanInput, SlotId, SlotView};
 pub use types::*;
 pub use validate::{validate_spec, ValidationError};
+pub use workload::{CloudInit, Disk, DiskStatus, GuestInfo, Port, PortStatus, Protocol, SecretRef};
 
 use kube::CustomResourceExt;
 

@@ -54,6 +54,9 @@ pub const FINALIZER: &str = "corescale.dev/guest-stopped";
     validation = Rule::new("self.granularity != 'Core' || !has(self.topology) || (self.cpus % self.topology.threads == 0 && self.minCpus % self.topology.threads == 0)").message("spec.cpus and spec.minCpus must be multiples of spec.topology.threads when spec.granularity is Core").reason(Reason::FieldValueInvalid).field_path(".cpus"),
     validation = Rule::new("!has(oldSelf.topology) || (has(self.topology) && self.topology == oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
     validation = Rule::new("!has(oldSelf.arch) || (has(self.arch) && self.arch == oldSelf.arch)").message("spec.arch is immutable").reason(Reason::FieldValueForbidden).field_path(".arch"),
+    validation = Rule::new("has(self.disks) == has(oldSelf.disks) && (!has(self.disks) || self.disks == oldSelf.disks)").message("spec.disks is immutable").reason(Reason::FieldValueForbidden).field_path(".disks"),
+    validation = Rule::new("has(self.cloudInit) == has(oldSelf.cloudInit) && (!has(self.cloudInit) || self.cloudInit == oldSelf.cloudInit)").message("spec.cloudInit is immutable").reason(Reason::FieldValueForbidden).field_path(".cloudInit"),
+    validation = Rule::new("has(self.ports) == has(oldSelf.ports) && (!has(self.ports) || self.ports == oldSelf.ports)").message("spec.ports is immutable").reason(Reason::FieldValueForbidden).field_path(".ports"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
 )]
@@ -102,6 +105,27 @@ pub struct VirtualMachineSpec {
     /// the node's default guest image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<Boot>,
+
+    /// Disks (virtio-blk, at most 8, in this order: /dev/vda, /dev/vdb, ...): a copy-on-write
+    /// overlay of an image from the node's image directory, or an empty disk. Disks live on
+    /// the node: they survive agent restarts, guest reboots and VM restarts there, and a VM
+    /// placed on another node starts with fresh ones. Immutable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub disks: Vec<crate::workload::Disk>,
+
+    /// cloud-init NoCloud data for the guest (user data, network config, SSH keys), from
+    /// the manifest or from Secrets of the VM's namespace. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::workload::CloudInit>,
+
+    /// Guest ports forwarded from the node (at most 16); status.ports gives the addresses.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub ports: Vec<crate::workload::Port>,
 
     /// The VMM that runs the guest. Qemu is the only value today. Immutable.
     #[serde(default)]
@@ -355,6 +379,17 @@ pub struct VirtualMachineStatus {
     /// The last resize attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_resize: Option<LastResize>,
+    /// The forwarded ports, as the node set them up for the running guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub ports: Vec<crate::workload::PortStatus>,
+    /// The disks and the node that holds their data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub disks: Vec<crate::workload::DiskStatus>,
+    /// What the guest agent says of the guest: OS, kernel, host name, IP addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::workload::GuestInfo>,
 }
 
 /// Lifecycle phase of a VM.

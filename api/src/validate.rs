@@ -81,6 +81,14 @@ pub enum ValidationError {
     /// spec.boot.cmdline is too long.
     #[error("spec.boot.cmdline must be at most 1024 characters, got {0}")]
     CmdlineTooLong(usize),
+    /// A disk, port or cloud-init field breaks a rule (the field is indexed: spec.disks[1].image).
+    #[error("{field}: {message}")]
+    Workload {
+        /// Field path, with the list index.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Check a spec; the first broken rule is returned.
@@ -177,6 +185,154 @@ pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
         if let Some(c) = &boot.cmdline {
             if c.chars().count() > 1024 {
                 return Err(ValidationError::CmdlineTooLong(c.chars().count()));
+            }
+        }
+    }
+    validate_workload(spec)
+}
+
+fn workload_err(field: String, message: impl Into<String>) -> ValidationError {
+    ValidationError::Workload {
+        field,
+        message: message.into(),
+    }
+}
+
+fn dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && is_dns_subdomain(s) && !s.contains('.')
+}
+
+/// spec.disks, spec.ports and spec.cloudInit, as the CRD's rules check them.
+pub fn validate_workload(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
+    use crate::workload::{MAX_DISKS, MAX_INLINE_DATA, MAX_PORTS, MAX_SSH_KEYS};
+    if spec.disks.len() > MAX_DISKS {
+        return Err(workload_err(
+            "spec.disks".into(),
+            format!("at most {MAX_DISKS} disks, got {}", spec.disks.len()),
+        ));
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        let f = |name: &str| format!("spec.disks[{i}].{name}");
+        if !dns_label(&d.name, 20) {
+            return Err(workload_err(
+                f("name"),
+                format!("{:?} must be a DNS label of at most 20 characters", d.name),
+            ));
+        }
+        if spec.disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(workload_err(
+                f("name"),
+                format!("{:?} is used by an earlier disk", d.name),
+            ));
+        }
+        match (&d.image, &d.size) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(workload_err(
+                    format!("spec.disks[{i}]"),
+                    "give exactly one of image (a disk from an image) and size (an empty disk)",
+                ))
+            }
+            (Some(img), None) => {
+                if img.is_empty() || img.starts_with('/') || img.contains("..") {
+                    return Err(workload_err(f("image"), format!("{img:?} must be a relative path inside the node's image directory, without '..'")));
+                }
+            }
+            (None, Some(q)) => match parse_quantity(&q.0) {
+                Some(b) if (1 << 20..=2 << 40).contains(&b) => {}
+                _ => {
+                    return Err(workload_err(
+                        f("size"),
+                        format!("{:?} must be a quantity between 1Mi and 2Ti", q.0),
+                    ))
+                }
+            },
+        }
+    }
+    if spec.ports.len() > MAX_PORTS {
+        return Err(workload_err(
+            "spec.ports".into(),
+            format!("at most {MAX_PORTS} ports, got {}", spec.ports.len()),
+        ));
+    }
+    for (i, p) in spec.ports.iter().enumerate() {
+        let f = |name: &str| format!("spec.ports[{i}].{name}");
+        if !dns_label(&p.name, 15) {
+            return Err(workload_err(
+                f("name"),
+                format!("{:?} must be a DNS label of at most 15 characters", p.name),
+            ));
+        }
+        let earlier = &spec.ports[..i];
+        if earlier.iter().any(|o| o.name == p.name) {
+            return Err(workload_err(
+                f("name"),
+                format!("{:?} is used by an earlier port", p.name),
+            ));
+        }
+        if !(1..=65535).contains(&p.guest_port) {
+            return Err(workload_err(
+                f("guestPort"),
+                format!("must be between 1 and 65535, got {}", p.guest_port),
+            ));
+        }
+        if let Some(h) = p.host_port {
+            if !(1..=65535).contains(&h) {
+                return Err(workload_err(
+                    f("hostPort"),
+                    format!("must be between 1 and 65535, got {h}"),
+                ));
+            }
+            if earlier
+                .iter()
+                .any(|o| o.host_port == Some(h) && o.protocol == p.protocol)
+            {
+                return Err(workload_err(
+                    f("hostPort"),
+                    format!("{h}/{} is used by an earlier port", p.protocol.as_str()),
+                ));
+            }
+        }
+    }
+    if let Some(c) = &spec.cloud_init {
+        for (field, inline, secret) in [
+            (
+                "spec.cloudInit.userData",
+                &c.user_data,
+                c.user_data_secret_ref.is_some(),
+            ),
+            (
+                "spec.cloudInit.networkData",
+                &c.network_data,
+                c.network_data_secret_ref.is_some(),
+            ),
+        ] {
+            if let Some(d) = inline {
+                if secret {
+                    return Err(workload_err(
+                        field.into(),
+                        "give the data inline or from a Secret (secretRef), not both",
+                    ));
+                }
+                if d.len() > MAX_INLINE_DATA {
+                    return Err(workload_err(field.into(), format!("at most {MAX_INLINE_DATA} bytes inline, got {}; put larger data in a Secret", d.len())));
+                }
+            }
+        }
+        if c.ssh_authorized_keys.len() > MAX_SSH_KEYS {
+            return Err(workload_err(
+                "spec.cloudInit.sshAuthorizedKeys".into(),
+                format!(
+                    "at most {MAX_SSH_KEYS} keys, got {}",
+                    c.ssh_authorized_keys.len()
+                ),
+            ));
+        }
+        for (i, k) in c.ssh_authorized_keys.iter().enumerate() {
+            if k.contains('\n') || k.trim().is_empty() {
+                return Err(workload_err(
+                    format!("spec.cloudInit.sshAuthorizedKeys[{i}]"),
+                    "must be one public key on one line",
+                ));
             }
         }
     }

@@ -107,8 +107,20 @@ fn structural(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             }
         }
         for (k, child) in obj {
-            if let Some(s) = props.get(k) {
-                structural(s, child, &join(path, k), errs);
+            match props.get(k) {
+                Some(s) => structural(s, child, &join(path, k), errs),
+                // Strict field validation (kubectl's default) refuses unknown fields.
+                // (The API server adds apiVersion, kind and metadata to every root schema.)
+                None if schema.get("x-kubernetes-preserve-unknown-fields").is_none()
+                    && !(path.is_empty()
+                        && matches!(k.as_str(), "apiVersion" | "kind" | "metadata")) =>
+                {
+                    errs.push(format!(
+                        "strict decoding error: unknown field \"{}\"",
+                        join(path, k)
+                    ));
+                }
+                None => {}
             }
         }
     }
@@ -207,7 +219,9 @@ fn bad_manifests_are_refused_naming_the_field() {
         );
         // The Rust mirror refuses it too, either while decoding or in validate_spec.
         if let Ok(vm) = serde_json::from_value::<VirtualMachine>(d[0].clone()) {
-            let name_rule = expect.starts_with("metadata.name");
+            // Serde ignores unknown fields: the API server's strict decoding refuses them.
+            let name_rule =
+                expect.starts_with("metadata.name") || expect.starts_with("unknown field");
             assert!(
                 name_rule || validate_spec(&vm.spec).is_err(),
                 "{}: validate_spec accepted what the CRD refuses",
