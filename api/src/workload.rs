@@ -166,9 +166,6 @@ pub struct DiskStatus {
     pub name: String,
     /// The node that holds the disk's data: node-local disks do not follow a VM that moves.
     pub node: String,
-    /// When the node created the disk's data (an empty disk, or the overlay of an image).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What the guest says about itself, through its guest agent.

@@ -104,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         initrd: boot.initrd.clone(),
         cmdline: String::new(),
         accel: Accel::Tcg,
+        disks: Vec::new(),
+        seed: None,
+        ports: Vec::new(),
     };
     let vm = backend.start_vm(&spec).await?;
     vm.wait_guest_ready(Duration::from_secs(120)).await?;

@@ -178,6 +178,9 @@ async fn main() -> anyhow::Result<()> {
         initrd: boot.initrd.clone(),
         cmdline: String::new(),
         accel: Accel::Tcg,
+        disks: Vec::new(),
+        seed: None,
+        ports: Vec::new(),
     };
     let t0 = Instant::now();
     let mut vm = backend.start_vm(&spec).await?;

@@ -111,7 +111,20 @@ impl ImageDir {
 
     /// Resolve one relative path inside the directory.
     pub fn resolve_file(&self, field: &'static str, rel: &str) -> Result<PathBuf, BackendError> {
-        let err = |message: String| BackendError::BootPath { field, message };
+        self.resolve_in(rel)
+            .map_err(|message| BackendError::BootPath { field, message })
+    }
+
+    /// Resolve a disk image, spec.disks[`index`].image.
+    pub fn resolve_disk_image(&self, index: usize, rel: &str) -> Result<PathBuf, BackendError> {
+        self.resolve_in(rel).map_err(|message| BackendError::Field {
+            field: format!("spec.disks[{index}].image"),
+            message,
+        })
+    }
+
+    fn resolve_in(&self, rel: &str) -> Result<PathBuf, String> {
+        let err = |message: String| message;
         let p = Path::new(rel);
         if p.is_absolute() {
             return Err(err(format!(

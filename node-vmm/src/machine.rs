@@ -152,10 +152,12 @@ impl Machine {
     /// The devices that carry the guest agent's chardev `qga0`: the guest's ttyS1 on x86
     /// (no virtio modules needed), a virtio-serial port on pseries (a second spapr-vty
     /// would be an hvc tty, whose echo before the agent sets it raw garbles replies).
-    pub fn agent_port_args(self) -> Vec<String> {
+    /// `distro`: the guest boots a disk (a distribution), whose qemu-guest-agent listens on
+    /// the virtio-serial port `org.qemu.guest_agent.0` on every architecture.
+    pub fn agent_port_args(self, distro: bool) -> Vec<String> {
         let devices: &[&str] = match self.arch {
-            Arch::X86_64 => &["isa-serial,chardev=qga0"],
-            Arch::Ppc64le => &[
+            Arch::X86_64 if !distro => &["isa-serial,chardev=qga0"],
+            Arch::X86_64 | Arch::Ppc64le => &[
                 "virtio-serial-pci,id=agent-serial",
                 "virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
             ],

@@ -92,6 +92,14 @@ struct AgentArgs {
     /// without an agent (Running; vCPUs reported Present; Ready reason NoGuestAgent).
     #[arg(long, env = "CORESCALE_AGENT_GRACE_SECONDS", default_value_t = 30)]
     guest_agent_grace_seconds: u64,
+    /// The address forwarded guest ports (spec.ports) listen on: 127.0.0.1 (this host
+    /// only), or 0.0.0.0 in a pod, where the pod IP is what clients reach. IPv4.
+    #[arg(long, env = "CORESCALE_PORT_ADDRESS", default_value = "127.0.0.1")]
+    port_address: std::net::Ipv4Addr,
+    /// The address status.ports shows (for example the pod IP, from the downward API);
+    /// default: the listen address.
+    #[arg(long, env = "CORESCALE_PORT_ADVERTISE_ADDRESS")]
+    port_advertise_address: Option<String>,
     /// Simulator only: host CPUs to announce.
     #[arg(long, default_value_t = 64)]
     sim_host_cpus: u32,
@@ -154,6 +162,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         stop_grace: Duration::from_secs(10),
         in_progress_after: Duration::from_millis(args.in_progress_after_ms),
         agent_grace: Duration::from_secs(args.guest_agent_grace_seconds),
+        port_address: args.port_address,
+        port_advertise: args.port_advertise_address.filter(|a| !a.is_empty()),
     };
     let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
     health.set_ready(true);

@@ -52,6 +52,8 @@ fn setup_with(
         stop_grace: Duration::from_millis(100),
         in_progress_after,
         agent_grace: Duration::from_secs(30),
+        port_address: std::net::Ipv4Addr::LOCALHOST,
+        port_advertise: None,
     };
     let shared = agent::shared(
         client,

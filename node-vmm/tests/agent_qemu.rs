@@ -37,6 +37,8 @@ fn agent(env: &Env, extra_args: Vec<String>) -> (Arc<Shared>, Calls) {
         stop_grace: Duration::from_secs(2),
         in_progress_after: Duration::from_millis(250),
         agent_grace: Duration::from_secs(30),
+        port_address: std::net::Ipv4Addr::LOCALHOST,
+        port_advertise: None,
     };
     let shared = agent::shared(
         client,

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod decide;
 pub mod requester;
 pub mod worker;
+pub mod workload;
 
 use crate::backend::{Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::images::ImageDir;
@@ -54,6 +55,11 @@ pub struct Config {
     /// without one: Running, resized on the VMM's own signals, its vCPUs reported Present
     /// (Ready reason `NoGuestAgent`). An agent that answers later is picked up then.
     pub agent_grace: Duration,
+    /// The node address forwarded guest ports listen on (QEMU's hostfwd: IPv4).
+    pub port_address: std::net::Ipv4Addr,
+    /// The address status.ports shows for them (the pod or node IP clients reach), when it
+    /// differs from `port_address` (which may be 0.0.0.0).
+    pub port_advertise: Option<String>,
 }
 
 /// What every worker shares.

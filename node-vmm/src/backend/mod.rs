@@ -7,6 +7,7 @@
 
 pub mod qemu;
 pub mod sim;
+pub mod workload;
 
 use corescale_api::{Arch, Granularity, Placement, Plan, Topology, VcpuState};
 use std::path::PathBuf;
@@ -79,6 +80,15 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Accelerator.
     pub accel: Accel,
+    /// Disks, in the guest's order (older records have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<workload::DiskSpec>,
+    /// cloud-init data for a NoCloud seed disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<workload::SeedData>,
+    /// Forwarded ports, host side chosen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<workload::PortForward>,
 }
 
 impl VmSpec {
@@ -310,6 +320,15 @@ pub enum BackendError {
         /// What is wrong.
         message: String,
     },
+    /// A disk, port or cloud-init field of the spec cannot be satisfied on this node (the
+    /// field is indexed: spec.ports[1].hostPort).
+    #[error("{field}: {message}")]
+    Field {
+        /// The spec field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The VMM process cannot create more vCPUs in its life (QEMU under TCG creates at
     /// most maxcpus vCPU threads per process, unplugged ones included).
     #[error("this QEMU process has created {used} of its lifetime budget of {max} vCPU threads (TCG cannot reuse an unplugged vCPU's thread), so it cannot plug {wanted} more; restart the guest (or run it under KVM) to plug again")]
@@ -346,6 +365,7 @@ impl BackendError {
             BackendError::InvalidPlan(_) => "invalid_plan",
             BackendError::State { .. } => "state",
             BackendError::InvalidSpec { .. } => "invalid_spec",
+            BackendError::Field { .. } => "invalid_spec",
             BackendError::VcpuBudget { .. } => "vcpu_budget",
             BackendError::Io { .. } => "io",
         }
@@ -415,8 +435,14 @@ pub trait Backend: Send + Sync {
     async fn running(&self) -> Result<Vec<VmSpec>, BackendError>;
     /// Re-attach to a running guest.
     async fn adopt(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
-    /// Remove what is left of a guest that is not running (sockets, per-VM files).
+    /// Remove what is left of a guest that is not running (sockets, per-VM files). Its
+    /// disks stay: see [`remove_disks`](Backend::remove_disks).
     async fn cleanup(&self, key: &VmKey) -> Result<(), BackendError>;
+    /// Remove a guest's disks: the VM was deleted or left this node. A backend without
+    /// disks has nothing to do.
+    async fn remove_disks(&self, _key: &VmKey) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// One running guest. Calls on one handle are serialized by the caller (one plan at a
@@ -453,6 +479,11 @@ pub trait VmHandle: Send + Sync {
     ///   and use protocol clients that survive an abandoned request (QMP and guest-agent
     ///   replies are matched by id, so the reply to a dropped request is skipped).
     async fn resize(&self, plan: &Plan, opts: ResizeOptions) -> ResizeReport;
+    /// What the guest agent says of the guest (OS, host name, addresses); None when the
+    /// backend cannot ask (no agent, or a backend without guests).
+    async fn guest_info(&self) -> Option<corescale_api::GuestInfo> {
+        None
+    }
     /// CPU seconds consumed so far by each present vCPU's host thread, by slot index.
     async fn vcpu_cpu_seconds(&self) -> Result<Vec<(u32, f64)>, BackendError>;
     /// Wait for the next event (VMM exit, guest stop). Returns None when the handle is closed.

@@ -126,6 +126,9 @@ pub fn spec(
         cmdline: String::new(),
         // The tests force TCG: this machine's /dev/kvm cannot boot Linux.
         accel: Accel::Tcg,
+        disks: Vec::new(),
+        seed: None,
+        ports: Vec::new(),
     }
 }
 

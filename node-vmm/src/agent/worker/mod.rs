@@ -131,6 +131,9 @@ struct Vmm {
     book: SlotBook,
     /// The last observation and when it was made (reused to plan a target set right after).
     last_obs: Option<(Instant, Observation)>,
+    /// What the guest agent last said of the guest, and when it was asked.
+    info: Option<corescale_api::GuestInfo>,
+    info_at: Option<Instant>,
 }
 
 impl Vmm {
@@ -140,6 +143,8 @@ impl Vmm {
             started_at: Instant::now(),
             book,
             last_obs: None,
+            info: None,
+            info_at: None,
         }
     }
 }
@@ -234,6 +239,7 @@ impl Worker {
                     // The object was re-created under the same name: stop the old guest and
                     // start over as a fresh worker for the new object.
                     self.stop_guest("VM re-created with a new UID").await;
+                    self.remove_disks().await;
                     self.g = GuestState::new(None);
                     Step::quiet(Next::Now)
                 }
@@ -246,6 +252,7 @@ impl Worker {
                 }
                 Want::Gone | Want::Leave => {
                     self.stop_guest("VM left this node").await;
+                    self.remove_disks().await;
                     Step::quiet(Next::Exit)
                 }
                 Want::Delete => {
@@ -404,12 +411,20 @@ impl Worker {
         self.shared.budget.release(&self.key);
     }
 
+    /// The VM is gone from this node (deleted, moved, re-created): its node-local disks go.
+    async fn remove_disks(&mut self) {
+        if let Err(e) = self.shared.backend.remove_disks(&self.key).await {
+            tracing::warn!(error = %e, "cannot remove the guest's disks");
+        }
+    }
+
     /// The object is being deleted: stop the guest, then say so in status. The operator
     /// removes the finalizer when it sees the guest stopped; the agent never writes the
     /// VM object itself, only its status (least privilege: it cannot change a spec).
     async fn delete(&mut self, vm: &VirtualMachine) -> Step {
         let had_guest = self.g.vmm.is_some();
         self.stop_guest("VM deleted").await;
+        self.remove_disks().await;
         if had_guest {
             let note = "guest stopped: the VM is being deleted".to_string();
             self.event(vm, EventType::Normal, "Stopped", note).await;

@@ -76,6 +76,22 @@ impl Worker {
             phase: self.g.phase,
             conds: &self.g.conds,
             last_resize: self.g.last_resize.as_ref(),
+            workload: self.g.vmm.as_ref().map(|v| {
+                let spec = v.handle.spec();
+                let advertise = self.shared.config.port_advertise.as_deref();
+                status::Workload {
+                    ports: spec.ports.iter().map(|p| p.status(advertise)).collect(),
+                    disks: spec
+                        .disks
+                        .iter()
+                        .map(|d| corescale_api::DiskStatus {
+                            name: d.name.clone(),
+                            node: self.shared.node.clone(),
+                        })
+                        .collect(),
+                    guest: v.info.as_ref(),
+                }
+            }),
         };
         let status = status::status(vm, obs, &facts);
         self.export_gauges(vm, &status);

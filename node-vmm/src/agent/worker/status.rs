@@ -26,6 +26,15 @@ pub(super) struct Facts<'a> {
     pub phase: Phase,
     pub conds: &'a [Condition],
     pub last_resize: Option<&'a LastResize>,
+    /// The running guest's forwarded ports, disks and what its agent says of it.
+    pub workload: Option<Workload<'a>>,
+}
+
+/// What status says of a running guest's ports, disks and OS.
+pub(super) struct Workload<'a> {
+    pub ports: Vec<corescale_api::PortStatus>,
+    pub disks: Vec<corescale_api::DiskStatus>,
+    pub guest: Option<&'a corescale_api::GuestInfo>,
 }
 
 /// The status this agent owns, from the book (observed states) and the conditions.
@@ -72,6 +81,17 @@ pub(super) fn status(
         conditions: f.conds.to_vec(),
         observed_generation: vm.metadata.generation,
         last_resize: f.last_resize.cloned(),
+        ports: f
+            .workload
+            .as_ref()
+            .map(|w| w.ports.clone())
+            .unwrap_or_default(),
+        disks: f
+            .workload
+            .as_ref()
+            .map(|w| w.disks.clone())
+            .unwrap_or_default(),
+        guest: f.workload.as_ref().and_then(|w| w.guest.cloned()),
         ..Default::default()
     }
 }
@@ -270,6 +290,7 @@ mod tests {
             phase: Phase::Running,
             conds: &[],
             last_resize: None,
+            workload: None,
         };
         let st = status(&vm(2), Some(&obs), &facts);
         let slots: Vec<(u32, VcpuState)> = st.vcpus.iter().map(|v| (v.index, v.state)).collect();

@@ -4,6 +4,7 @@
 use super::status::{self, active, stuck_slots};
 use super::{Next, Step, Vmm, Worker};
 use crate::agent::decide::{self, Feasibility};
+use crate::agent::workload;
 use crate::backend::{BackendError, Observation, VmSpec};
 use chrono::{DateTime, Utc};
 use corescale_api::conditions::{self as cond, set_condition};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 const IDLE_OBSERVE: Duration = Duration::from_secs(5);
 /// How long an observation may be reused to plan a new target.
 const FRESH_OBSERVATION: Duration = Duration::from_secs(2);
+/// How often what the guest agent says of the guest (OS, host name, addresses) is asked.
+const GUEST_INFO_EVERY: Duration = Duration::from_secs(30);
 /// Reason of ResizeInProgress while nothing can be done but wait for the guest.
 const REASON_WAITING: &str = "WaitingForGuest";
 
@@ -65,6 +68,15 @@ impl Worker {
         // A reused observation keeps its own time: a loop that comes back within the
         // freshness window must not keep an old observation fresh for ever.
         self.absorb(&obs, seen, now);
+        if let Some(v) = self.g.vmm.as_mut() {
+            let due = v.info_at.is_none_or(|t| t.elapsed() >= GUEST_INFO_EVERY);
+            if obs.guest_agent && due {
+                v.info_at = Some(Instant::now());
+                if let Some(i) = v.handle.guest_info().await {
+                    v.info = Some(i);
+                }
+            }
+        }
         self.g.phase = Phase::Running;
         set_condition(
             &mut self.g.conds,
@@ -243,6 +255,10 @@ impl Worker {
             Ok(s) => s,
             Err(e) => return self.start_failed(vm, e).await,
         };
+        let spec = match self.with_workload(vm, spec).await {
+            Ok(s) => s,
+            Err(e) => return self.start_failed(vm, e).await,
+        };
         let restarted = self.g.failures > 0;
         match self.shared.backend.start(&spec).await {
             Ok(h) => {
@@ -281,7 +297,26 @@ impl Worker {
                     topology.max_vcpus(),
                     spec.accel.as_str()
                 );
+                let ports: Vec<String> = spec
+                    .ports
+                    .iter()
+                    .map(|p| format!("{} {}:{}", p.name, p.host_ip, p.host_port))
+                    .collect();
+                let msg = if ports.is_empty() {
+                    msg
+                } else {
+                    format!("{msg}; ports {}", ports.join(", "))
+                };
                 self.event(vm, EventType::Normal, reason, msg).await;
+                let behind = workload::disks_left_behind(vm, &self.shared.node);
+                if !spec.disks.is_empty() && !behind.is_empty() {
+                    let msg = format!(
+                        "node-local disks do not follow a VM: their data stays on {}, and {} starts the guest with fresh disks",
+                        behind.join(", "),
+                        self.shared.node
+                    );
+                    self.event(vm, EventType::Warning, "DisksReset", msg).await;
+                }
                 // No status write yet: the boot loop writes Starting once the guest has
                 // taken longer than `in_progress_after`, so a quick start is reported once,
                 // Running (as a quick resize is).
@@ -289,6 +324,18 @@ impl Worker {
             }
             Err(e) => self.start_failed(vm, e).await,
         }
+    }
+
+    /// The spec's disks, cloud-init seed and ports, resolved on this node.
+    async fn with_workload(
+        &self,
+        vm: &VirtualMachine,
+        mut spec: VmSpec,
+    ) -> Result<VmSpec, BackendError> {
+        spec.disks = workload::disks_of(&self.shared, vm)?;
+        spec.seed = workload::seed_of(&self.shared, vm).await?;
+        spec.ports = workload::ports_of(&self.shared, vm)?;
+        Ok(spec)
     }
 
     async fn start_failed(&mut self, vm: &VirtualMachine, e: BackendError) -> Step {
@@ -374,5 +421,8 @@ pub fn vm_spec_of(
             .and_then(|b| b.cmdline.clone())
             .unwrap_or_default(),
         accel,
+        disks: Vec::new(),
+        seed: None,
+        ports: Vec::new(),
     })
 }

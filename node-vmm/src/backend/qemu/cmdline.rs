@@ -110,6 +110,50 @@ fn opt_escape(s: &str) -> String {
     s.replace(',', ",,")
 }
 
+/// Disks (virtio-blk, in order, serial = name), the cloud-init seed (read-only, last), and
+/// one NIC on QEMU's user-mode network with the spec's forwarded ports. The NIC has no
+/// option ROM: guests boot their kernel directly, never from the network.
+fn workload_args(spec: &VmSpec, cfg: &QemuConfig, dir: &Path) -> Vec<String> {
+    let mut a = Vec::new();
+    let key = spec.key();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let file = super::disks::disk_path(&cfg.state_dir, &key, &d.name);
+        a.push("-drive".to_string());
+        a.push(format!(
+            "file={},if=none,id=disk{i},format=qcow2,discard=unmap",
+            opt_escape(&file.display().to_string())
+        ));
+        a.push("-device".to_string());
+        a.push(format!("virtio-blk-pci,drive=disk{i},serial={}", d.name));
+    }
+    if spec.seed.is_some() {
+        let file = dir.join(super::seed::SEED_IMAGE);
+        a.push("-drive".to_string());
+        a.push(format!(
+            "file={},if=none,id=cidata,format=raw,readonly=on",
+            opt_escape(&file.display().to_string())
+        ));
+        a.push("-device".to_string());
+        a.push("virtio-blk-pci,drive=cidata,serial=cidata".to_string());
+    }
+    let mut netdev = "user,id=net0".to_string();
+    for p in &spec.ports {
+        let proto = match p.protocol {
+            corescale_api::Protocol::Tcp => "tcp",
+            corescale_api::Protocol::Udp => "udp",
+        };
+        netdev.push_str(&format!(
+            ",hostfwd={proto}:{}:{}-:{}",
+            p.host_ip, p.host_port, p.guest_port
+        ));
+    }
+    a.push("-netdev".to_string());
+    a.push(netdev);
+    a.push("-device".to_string());
+    a.push("virtio-net-pci,netdev=net0,romfile=".to_string());
+    a
+}
+
 /// QEMU's command line for a spec, with its sockets and logs in `dir`.
 pub fn qemu_argv(
     spec: &VmSpec,
@@ -192,8 +236,10 @@ pub fn qemu_argv(
             path(launcher::QGA_SOCK)
         ),
     ]);
-    let agent = m.agent_port_args();
+    let agent = m.agent_port_args(!spec.disks.is_empty());
     push(&agent.iter().map(String::as_str).collect::<Vec<_>>());
+    let workload = workload_args(spec, cfg, dir);
+    push(&workload.iter().map(String::as_str).collect::<Vec<_>>());
     match &cfg.run_as_user {
         // Dropping to the user is a setuid after the filter is installed: allow it.
         Some(user) => {
@@ -323,6 +369,60 @@ mod tests {
                 && s.contains("id=mem2,size=33M"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn workload_vm_gets_disks_seed_ports_and_the_distro_agent_port() {
+        use crate::backend::workload::{DiskSource, DiskSpec, PortForward, SeedData};
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let plain = qemu_argv(
+            &spec(1, 2, 1, 1),
+            &cfg,
+            Path::new("q"),
+            Path::new("/state/ns/vm"),
+        )
+        .unwrap()
+        .join(" ");
+        assert!(
+            plain.contains("-netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile="),
+            "{plain}"
+        );
+        assert!(
+            !plain.contains("virtio-blk") && plain.contains("isa-serial,chardev=qga0"),
+            "{plain}"
+        );
+        let mut w = spec(1, 2, 1, 1);
+        w.disks = vec![
+            DiskSpec {
+                name: "root".into(),
+                source: DiskSource::Image("/img/d.qcow2".into()),
+            },
+            DiskSpec {
+                name: "data".into(),
+                source: DiskSource::Empty(1 << 30),
+            },
+        ];
+        w.seed = Some(SeedData::default());
+        w.ports = vec![PortForward {
+            name: "ssh".into(),
+            protocol: corescale_api::Protocol::Tcp,
+            guest_port: 22,
+            host_ip: std::net::Ipv4Addr::LOCALHOST,
+            host_port: 40022,
+        }];
+        let s = qemu_argv(&w, &cfg, Path::new("q"), Path::new("/state/ns/vm"))
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-drive file=/state/.disks/ns/vm/root.qcow2,if=none,id=disk0,format=qcow2,discard=unmap -device virtio-blk-pci,drive=disk0,serial=root",
+            "-drive file=/state/.disks/ns/vm/data.qcow2,if=none,id=disk1,format=qcow2,discard=unmap -device virtio-blk-pci,drive=disk1,serial=data",
+            "-drive file=/state/ns/vm/cidata.img,if=none,id=cidata,format=raw,readonly=on -device virtio-blk-pci,drive=cidata,serial=cidata",
+            "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22",
+            "virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ] {
+            assert!(s.contains(want), "{want:?} not in {s}");
+        }
+        assert!(!s.contains("isa-serial,chardev=qga0"), "{s}");
     }
 
     #[test]

@@ -65,11 +65,13 @@ pub mod qmp;
 
 mod cmdline;
 mod cpumap;
+pub mod disks;
 mod observe;
 mod park;
 mod persisted;
 mod plug;
 mod resize;
+pub mod seed;
 mod unplug;
 mod vm;
 
@@ -84,6 +86,7 @@ use crate::machine::Machine;
 use corescale_api::Arch;
 use persisted::{load_persisted, store_persisted, Persisted};
 use qmp::QmpClient;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -263,6 +266,15 @@ impl QemuBackend {
             .await?;
         let dir = self.dir(&key);
         let argv = qemu_argv(spec, &self.cfg, &binary, &dir)?;
+        disks::prepare(&self.cfg.state_dir, &key, &spec.uid, &spec.disks).await?;
+        if let Some(seed) = &spec.seed {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| BackendError::io(format!("creating {}", dir.display()), &e))?;
+            seed::write_seed(&dir.join(seed::SEED_IMAGE), seed)?;
+        }
         let spec_json =
             serde_json::to_value(spec).map_err(|e| BackendError::Protocol(e.to_string()))?;
         let t0 = Instant::now();
@@ -499,6 +511,10 @@ impl Backend for QemuBackend {
         Ok(Box::new(self.adopt_vm(spec).await?))
     }
 
+    async fn remove_disks(&self, key: &VmKey) -> Result<(), BackendError> {
+        disks::remove(&self.cfg.state_dir, key)
+    }
+
     async fn cleanup(&self, key: &VmKey) -> Result<(), BackendError> {
         let dir = self.dir(key);
         self.forget_exited(key, "stop it before cleaning up")
@@ -535,5 +551,8 @@ fn test_spec(sockets: u32, cores: u32, threads: u32, boot: u32) -> VmSpec {
         initrd: Some("/img/initrd,x".into()),
         cmdline: "quiet".into(),
         accel: Accel::Tcg,
+        disks: Vec::new(),
+        seed: None,
+        ports: Vec::new(),
     }
 }

@@ -343,6 +343,20 @@ impl VmHandle for QemuVm {
         self.has_agent(&mut ops).await
     }
 
+    async fn guest_info(&self) -> Option<corescale_api::GuestInfo> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut ops = self.ops.lock().await;
+        match ops.qga.guest_info(self.cfg.agent_timeout).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::debug!(vm = %self.key, error = %e, "guest info unavailable");
+                None
+            }
+        }
+    }
+
     async fn observe(&self) -> Result<Observation, BackendError> {
         let mut ops = self.ops.lock().await;
         self.observe_locked(&mut ops).await

@@ -185,3 +185,63 @@ mod tests {
         assert_eq!(slot_from_acpi_path(""), None);
     }
 }
+
+/// What `guest-get-osinfo`, `guest-get-host-name` and `guest-network-get-interfaces`
+/// say of the guest, each optional (an old or minimal agent lacks some).
+impl QgaClient {
+    /// The guest's OS, host name and IP addresses. A command the agent does not have (or
+    /// that fails) leaves its fields empty; only a broken channel is an error.
+    pub async fn guest_info(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<corescale_api::GuestInfo, QgaError> {
+        let mut info = corescale_api::GuestInfo::default();
+        let text = |v: &Value, k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .filter(|s| !s.is_empty())
+        };
+        match self.execute_value("guest-get-osinfo", None, timeout).await {
+            Ok(v) => {
+                info.os_name = text(&v, "pretty-name").or_else(|| text(&v, "name"));
+                info.os_version = text(&v, "version-id");
+                info.kernel_release = text(&v, "kernel-release");
+            }
+            Err(QgaError::Refused { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .execute_value("guest-get-host-name", None, timeout)
+            .await
+        {
+            Ok(v) => info.hostname = text(&v, "host-name"),
+            Err(QgaError::Refused { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .execute_value("guest-network-get-interfaces", None, timeout)
+            .await
+        {
+            Ok(Value::Array(ifaces)) => {
+                for i in &ifaces {
+                    if text(i, "name").as_deref() == Some("lo") {
+                        continue;
+                    }
+                    let addrs = i.get("ip-addresses").and_then(Value::as_array);
+                    for a in addrs.into_iter().flatten() {
+                        if let Some(ip) = text(a, "ip-address") {
+                            // Link-local IPv6 addresses say nothing a user can reach.
+                            if !ip.starts_with("fe80:") {
+                                info.ip_addresses.push(ip);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(_) | Err(QgaError::Refused { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(info)
+    }
+}

@@ -42,7 +42,7 @@ pub enum QgaError {
         message: String,
     },
     /// No answer in time (the guest is booting, paused, or runs no agent).
-    #[error("the guest agent did not answer {command} within {seconds} s (is the guest running, with qemu-ga on its second serial port?)")]
+    #[error("the guest agent did not answer {command} within {seconds} s (is the guest running, with qemu-ga on its agent port?)")]
     Timeout {
         /// Command name.
         command: String,
