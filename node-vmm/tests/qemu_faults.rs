@@ -273,7 +273,7 @@ async fn paused_guest_during_unplug() {
     let ev = tokio::time::timeout(Duration::from_secs(5), vm.next_event())
         .await
         .unwrap();
-    assert_eq!(ev, Some(VmEvent::GuestStopped));
+    assert_eq!(ev, Some(VmEvent::GuestStopped { reset: false }));
     let ev = tokio::time::timeout(Duration::from_secs(5), vm.next_event())
         .await
         .unwrap();

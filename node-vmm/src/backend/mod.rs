@@ -388,7 +388,10 @@ pub enum VmEvent {
         status: Option<i32>,
     },
     /// The guest shut itself down or reset.
-    GuestStopped,
+    GuestStopped {
+        /// It rebooted (a reset): the VMM ends, and the agent starts it again at once.
+        reset: bool,
+    },
 }
 
 /// What a node can run, as the backend sees it; announced on the node-agent Lease.

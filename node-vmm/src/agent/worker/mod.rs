@@ -359,9 +359,11 @@ impl Worker {
     }
 
     async fn on_vmm_event(&mut self, ev: Option<VmEvent>) {
+        let reboot = matches!(ev, Some(VmEvent::GuestStopped { reset: true }));
         let what = match ev {
             Some(VmEvent::Exited { status }) => format!("the VMM exited (status {status:?})"),
-            Some(VmEvent::GuestStopped) => "the guest powered off".to_string(),
+            Some(VmEvent::GuestStopped { reset: false }) => "the guest powered off".to_string(),
+            Some(VmEvent::GuestStopped { reset: true }) => "the guest rebooted".to_string(),
             None => "the VMM connection closed".to_string(),
         };
         tracing::warn!(%what, "guest lost");
@@ -370,7 +372,10 @@ impl Worker {
         }
         let _ = self.shared.backend.cleanup(&self.key).await;
         self.g.overrides.clear();
-        self.g.failures += 1;
+        // A reboot is the guest's own doing, not a failure: no backoff grows from it.
+        if !reboot {
+            self.g.failures += 1;
+        }
         self.count_vmm_restart();
         status::set_stopped(
             &mut self.g.conds,
@@ -381,13 +386,20 @@ impl Worker {
         );
         let vm = self.rx.borrow().clone();
         if let Some(vm) = vm {
-            self.event(
-                &vm,
-                EventType::Warning,
-                "VmmExited",
-                format!("{what}; restarting per runStrategy"),
-            )
-            .await;
+            let (type_, reason, msg) = if reboot {
+                (
+                    EventType::Normal,
+                    "Rebooted",
+                    "the guest rebooted: its VMM ends with the reset (QEMU runs with -no-reboot) and starts again, with the same disks".to_string(),
+                )
+            } else {
+                (
+                    EventType::Warning,
+                    "VmmExited",
+                    format!("{what}; restarting per runStrategy"),
+                )
+            };
+            self.event(&vm, type_, reason, msg).await;
         }
         self.g.phase = Phase::Starting;
     }

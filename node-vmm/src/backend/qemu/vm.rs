@@ -75,12 +75,14 @@ async fn monitor(
     tx: mpsc::Sender<VmEvent>,
 ) {
     let mut rx = qmp.subscribe();
+    // Some(reset): the guest shut down, or rebooted (QEMU runs with -no-reboot, so a reset
+    // ends the process as a shutdown with reason guest-reset).
     let shutdown = |ev: &qmp::Event| match ev.kind() {
         EventKind::Shutdown { guest, reason } => {
             tracing::info!(vm = %key, guest, reason, "guest shut down");
-            true
+            Some(reason == "guest-reset")
         }
-        _ => false,
+        _ => None,
     };
     loop {
         // Events first: a SHUTDOWN and the monitor closing right after it are often ready
@@ -89,8 +91,8 @@ async fn monitor(
             biased;
             ev = rx.recv() => match ev {
                 Ok(ev) => {
-                    if shutdown(&ev) {
-                        let _ = tx.send(VmEvent::GuestStopped).await;
+                    if let Some(reset) = shutdown(&ev) {
+                        let _ = tx.send(VmEvent::GuestStopped { reset }).await;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -98,8 +100,8 @@ async fn monitor(
             },
             _ = qmp.closed() => {
                 while let Ok(ev) = rx.try_recv() {
-                    if shutdown(&ev) {
-                        let _ = tx.send(VmEvent::GuestStopped).await;
+                    if let Some(reset) = shutdown(&ev) {
+                        let _ = tx.send(VmEvent::GuestStopped { reset }).await;
                     }
                 }
                 break;

@@ -172,20 +172,6 @@ impl QgaClient {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acpi_path_names_the_slot_in_hex() {
-        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C001"), Some(1));
-        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C00A\n"), Some(10));
-        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C0FE"), Some(254));
-        assert_eq!(slot_from_acpi_path("\\_SB_.PCI0"), None);
-        assert_eq!(slot_from_acpi_path(""), None);
-    }
-}
-
 /// What `guest-get-osinfo`, `guest-get-host-name` and `guest-network-get-interfaces`
 /// say of the guest, each optional (an old or minimal agent lacks some).
 impl QgaClient {
@@ -243,5 +229,19 @@ impl QgaClient {
             Err(e) => return Err(e),
         }
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acpi_path_names_the_slot_in_hex() {
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C001"), Some(1));
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C00A\n"), Some(10));
+        assert_eq!(slot_from_acpi_path("\\_SB_.CPUS.C0FE"), Some(254));
+        assert_eq!(slot_from_acpi_path("\\_SB_.PCI0"), None);
+        assert_eq!(slot_from_acpi_path(""), None);
     }
 }
