@@ -61,7 +61,7 @@ ARG DEBIAN
 RUN printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "${DEBIAN}" \
         > /etc/apt/sources.list.d/backports.sources \
  && apt-get update \
- && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 qemu-system-ppc \
+ && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 qemu-system-ppc qemu-utils \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 corescale \
  && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --shell /usr/sbin/nologin corescale

@@ -12,11 +12,13 @@ pub mod cycles;
 mod example;
 mod granularity;
 mod guest_faults;
+mod guest_ssh;
 mod metrics;
 pub mod no_agent;
 mod ppc64le;
 mod storm;
 mod support;
+mod workload;
 
 use crate::Stack;
 use anyhow::Result;
@@ -125,6 +127,12 @@ pub const SCENARIOS: &[Scenario] = &[
         group: Main,
         // It lives in crate::autoscale, next to the loop machinery the autoscale benchmark shares.
         run: |s, _| Box::pin(crate::autoscale::autoscale(s, NS)),
+    },
+    Scenario {
+        name: "workload",
+        what: "a Debian VM from its disk image with cloud-init: HTTP and SSH through forwarded ports, a job spreads over 1 -> 4 vCPUs, disks survive an agent restart and a reboot",
+        group: Main,
+        run: |s, _| Box::pin(workload::workload(s, NS)),
     },
     Scenario {
         name: "agent-kill",
@@ -251,6 +259,7 @@ mod tests {
                 "no-agent",
                 "cycles",
                 "autoscale",
+                "workload",
                 "agent-kill",
                 "storm",
                 "api-outage",
