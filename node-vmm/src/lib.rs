@@ -5,6 +5,7 @@
 pub mod accel;
 pub mod agent;
 pub mod backend;
+pub mod console;
 pub mod images;
 pub mod launcher;
 pub mod machine;

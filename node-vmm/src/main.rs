@@ -32,6 +32,8 @@ enum Command {
     Agent(Box<AgentArgs>),
     /// Run the VMM launcher (its own container in the DaemonSet pod).
     Launcher(LauncherArgs),
+    /// Attach this terminal to a guest's serial console (`<namespace>/<name>`; Ctrl-] detaches).
+    Console(corescale_node_vmm::console::ConsoleArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
             launcher::run_launcher(args).await
         }
         Command::Agent(args) => run_agent(*args).await,
+        Command::Console(args) => Ok(corescale_node_vmm::console::run(args).await?),
     }
 }
 

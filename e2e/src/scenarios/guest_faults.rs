@@ -36,6 +36,16 @@ pub(super) async fn qemu_kill(s: &Stack, f: &mut Faults) -> Result<String> {
     let ev_time = event_time(s, "crash", "VmmExited")?.context("no VmmExited event")?;
     let detect = (ev_time - killed).num_milliseconds();
     ensure!(detect <= 2000, "VmmExited {detect} ms after the kill");
+    let note = s
+        .events(NS, "crash")?
+        .into_iter()
+        .find(|(r, _)| r == "VmmExited")
+        .map(|(_, n)| n)
+        .unwrap_or_default();
+    ensure!(
+        note.contains("; console: "),
+        "the VmmExited Event carries the console's last lines: {note}"
+    );
     let vm = s.wait_online(NS, "crash", 3, BOOT).await?;
     let restarted = killed_at.elapsed().as_secs_f64();
     let (new_pid, _) = s

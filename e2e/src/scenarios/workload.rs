@@ -121,6 +121,56 @@ async fn refused(s: &Stack, ns: &str, name: &str, extra: &str, field: &str) -> R
     Ok(note)
 }
 
+/// Attach `corescale-node-vmm console` to the guest, press Enter, detach with Ctrl-]: the
+/// getty's login prompt must come back. Returns the prompt line.
+async fn console_login_prompt(s: &Stack, node: &str, ns: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("no binary directory")?
+        .join("corescale-node-vmm");
+    let state = s.dir.join("nodes").join(node).join("vms");
+    let mut child = tokio::process::Command::new(&bin)
+        .args([
+            "console",
+            &format!("{ns}/{NAME}"),
+            "--tail",
+            "0",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out).await;
+        out
+    });
+    for _ in 0..3 {
+        stdin.write_all(b"\r").await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stdin.write_all(&[0x1d]).await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .context("the console did not detach on Ctrl-]")??;
+    let out =
+        String::from_utf8_lossy(&tokio::time::timeout(Duration::from_secs(5), reader).await??)
+            .into_owned();
+    ensure!(status.success(), "console exited {status}: {out}");
+    out.lines()
+        .map(str::trim)
+        .find(|l| l.ends_with("login:"))
+        .map(str::to_string)
+        .with_context(|| format!("no login prompt on the console: {out:?}"))
+}
+
 /// Run the scenario in namespace `ns`.
 pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
     let images = image_dir();
@@ -184,7 +234,10 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
     let login = ssh.wait(&host, ssh_port, BOOT).await?;
     ensure!(login.trim() == "1", "nproc at 1 vCPU: {login}");
 
-    // 5. A CPU-bound job spreads over the vCPUs as the VM grows 1 -> 4.
+    // 5. The serial console, through `corescale-node-vmm console`: a getty answers.
+    let console = console_login_prompt(s, &node, ns).await?;
+
+    // 6. A CPU-bound job spreads over the vCPUs as the VM grows 1 -> 4.
     ssh.run(&host, ssh_port, "for i in 1 2 3 4; do nohup timeout 600 sh -c 'while :; do :; done' >/dev/null 2>&1 & done; echo started").await?;
     let one = busy_cores(&ssh, &host, ssh_port, WINDOW).await?;
     s.scale(ns, NAME, 4).await?;
@@ -208,7 +261,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
         total(&four)
     );
 
-    // 6. Data on the root and the data disk survives an agent restart...
+    // 7. Data on the root and the data disk survives an agent restart...
     let mark = format!("corescale-{}", std::process::id());
     ssh.run(
         &host,
@@ -234,7 +287,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
         "after the agent restart the disks hold {got:?}, not {want:?}"
     );
 
-    // 7. ... and a guest reboot (its VMM ends with the reset and starts again, same disks).
+    // 8. ... and a guest reboot (its VMM ends with the reset and starts again, same disks).
     let _ = ssh.run(&host, ssh_port, "sudo systemctl reboot").await;
     wait_event(s, ns, NAME, "Rebooted", "same disks").await?;
     let vm = s
@@ -258,7 +311,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
         "Running after the reboot"
     );
 
-    // 8. Bad input is refused naming the field, and no guest starts.
+    // 9. Bad input is refused naming the field, and no guest starts.
     let held = std::net::TcpListener::bind((host.as_str(), 0))?;
     let taken = held.local_addr()?.port();
     let port_note = refused(
@@ -280,7 +333,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
     )
     .await?;
 
-    // 9. Deleting the VM removes its disks; the base image was never written.
+    // 10. Deleting the VM removes its disks; the base image was never written.
     let disks = s
         .dir
         .join("nodes")
@@ -311,7 +364,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
     );
     ensure!(page.contains("hello"), "{page}");
     Ok(format!(
-        "Debian booted from its disk in {boot_s:.0} s (HTTP at {http_s:.0} s), ssh ok; job {:.2} -> {:.2} busy cores at 1 -> 4 vCPUs; disks kept across agent restart and reboot; base image unchanged",
+        "Debian booted from its disk in {boot_s:.0} s (HTTP at {http_s:.0} s), ssh and console ({console}) ok; job {:.2} -> {:.2} busy cores at 1 -> 4 vCPUs; disks kept across agent restart and reboot; base image unchanged",
         total(&one),
         total(&four)
     ))

@@ -441,6 +441,11 @@ pub trait Backend: Send + Sync {
     /// Remove what is left of a guest that is not running (sockets, per-VM files). Its
     /// disks stay: see [`remove_disks`](Backend::remove_disks).
     async fn cleanup(&self, key: &VmKey) -> Result<(), BackendError>;
+    /// The last lines of a guest's console (for the Event that says it stopped), while its
+    /// files are still there (before [`cleanup`](Backend::cleanup)).
+    fn console_tail(&self, _key: &VmKey) -> Option<String> {
+        None
+    }
     /// Remove a guest's disks: the VM was deleted or left this node. A backend without
     /// disks has nothing to do.
     async fn remove_disks(&self, _key: &VmKey) -> Result<(), BackendError> {

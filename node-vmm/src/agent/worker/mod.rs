@@ -370,6 +370,11 @@ impl Worker {
         if let Some(v) = self.g.vmm.take() {
             let _ = v.handle.stop(Duration::from_secs(1)).await;
         }
+        // The console's last lines say why (a kernel panic, a failed mount), before the
+        // cleanup removes serial.log.
+        let console = (!reboot)
+            .then(|| self.shared.backend.console_tail(&self.key))
+            .flatten();
         let _ = self.shared.backend.cleanup(&self.key).await;
         self.g.overrides.clear();
         // A reboot is the guest's own doing, not a failure: no backoff grows from it.
@@ -393,10 +398,13 @@ impl Worker {
                     "the guest rebooted: its VMM ends with the reset (QEMU runs with -no-reboot) and starts again, with the same disks".to_string(),
                 )
             } else {
+                let console = console
+                    .map(|c| format!("; console: {c}"))
+                    .unwrap_or_default();
                 (
                     EventType::Warning,
                     "VmmExited",
-                    format!("{what}; restarting per runStrategy"),
+                    format!("{what}; restarting per runStrategy{console}"),
                 )
             };
             self.event(&vm, type_, reason, msg).await;

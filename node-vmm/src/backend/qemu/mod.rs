@@ -511,6 +511,19 @@ impl Backend for QemuBackend {
         Ok(Box::new(self.adopt_vm(spec).await?))
     }
 
+    fn console_tail(&self, key: &VmKey) -> Option<String> {
+        let text = tail(&self.dir(key).join(launcher::SERIAL_LOG), 4096);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let last = lines[lines.len().saturating_sub(4)..].join(" | ");
+        // An Event's note holds at most 1 KiB: keep the end, where the reason usually is.
+        let keep = last.char_indices().rev().nth(399).map_or(0, |(i, _)| i);
+        (!last.is_empty()).then(|| last[keep..].to_string())
+    }
+
     async fn remove_disks(&self, key: &VmKey) -> Result<(), BackendError> {
         disks::remove(&self.cfg.state_dir, key)
     }
