@@ -9,7 +9,7 @@
 
 use crate::backend::workload::{DiskSource, DiskSpec};
 use crate::backend::{BackendError, VmKey};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Directory of every guest's disks under the state directory.
@@ -105,7 +105,8 @@ pub async fn prepare(
         .mode(0o700)
         .create(&dir)
         .map_err(|e| io("creating", &dir, e))?;
-    std::fs::write(dir.join(UID_FILE), uid).map_err(|e| io("writing", &dir.join(UID_FILE), e))?;
+    crate::launcher::write_private(&dir.join(UID_FILE), uid.as_bytes())
+        .map_err(|e| io("writing", &dir.join(UID_FILE), e))?;
     let mut out = Vec::with_capacity(disks.len());
     for (i, d) in disks.iter().enumerate() {
         let path = disk_path(state, key, &d.name);
@@ -134,6 +135,9 @@ pub async fn prepare(
                 qemu_img(&["create", "-q", "-f", "qcow2", &tmp_s, &bytes.to_string()]).await?;
             }
         }
+        // qemu-img follows the umask; a disk holds the guest's data: the owner's only.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("restricting", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io("renaming", &tmp, e))?;
         out.push(PreparedDisk {
             name: d.name.clone(),
@@ -184,6 +188,10 @@ mod tests {
         ];
         let first = prepare(&state, &key(), "u1", &disks).await.unwrap();
         assert!(first.iter().all(|d| d.created), "{first:?}");
+        for d in &first {
+            let mode = std::fs::metadata(&d.path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", d.path.display());
+        }
         let info = qemu_img(&[
             "info",
             "--output=json",

@@ -7,6 +7,7 @@
 use crate::backend::workload::SeedData;
 use crate::backend::BackendError;
 use std::io::{Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// File name of the seed image in the VM's directory.
@@ -48,6 +49,7 @@ pub fn write_seed(path: &Path, seed: &SeedData) -> Result<(), BackendError> {
     // FAT12 with room for the files and their clusters: 1 MiB plus twice the payload.
     let size = (1 << 20) + 2 * payload.next_multiple_of(4096);
     let mut f = std::fs::OpenOptions::new()
+        .mode(0o600)
         .read(true)
         .write(true)
         .create(true)
