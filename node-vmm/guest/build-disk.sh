@@ -196,8 +196,11 @@ truncate -s "$DISK_SIZE" "$WORK/disk.raw"
 mkfs.ext4 -q -F -L corescale-root -E root_owner=0:0 -d "$R" "$WORK/disk.raw" >&2 \
     || die "mkfs.ext4 -d failed"
 rm -rf "$R"
-log "qemu-img convert to qcow2"
-qemu-img convert -f raw -O qcow2 ${CORESCALE_DISK_COMPRESS:+-c} "$WORK/disk.raw" "$B/disk.qcow2" >&2
+# Compressed (-c): 256 MB instead of 767 MB in every cache and a quicker sha256 on each cache
+# check, for ~17 s here; the boots measured under TCG were no slower (decompressing a
+# 64 KiB cluster is cheap next to the emulated CPU; guest writes go to the overlay).
+log "qemu-img convert to a compressed qcow2"
+qemu-img convert -f raw -O qcow2 -c -m 2 -W "$WORK/disk.raw" "$B/disk.qcow2" >&2
 rm -f "$WORK/disk.raw"
 t_image=$(date +%s)
 
