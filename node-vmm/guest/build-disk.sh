@@ -85,17 +85,16 @@ done
 # ---- inputs key ---------------------------------------------------------------------------
 # candidate_versions PKG... -> "PKG VERSION": the highest version each package has in
 # bookworm, bookworm-updates or bookworm-security of the host's apt lists (what mmdebstrap
-# will install from the mirrors above; backports and other sources are ignored).
+# will install from the mirrors above; backports and other sources are ignored). One
+# apt-cache call: each costs about half a second.
 candidate_versions() {
-    local p v best
-    for p in "$@"; do
-        best=""
-        for v in $(apt-cache madison "$p" 2>/dev/null \
-                   | awk -F'|' -v s="$SUITE" '$3 ~ (" " s "(-updates|-security)?/main ") && $3 ~ /Packages/ {gsub(/ /, "", $2); print $2}'); do
-            if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
-        done
-        [ -z "$best" ] || printf '%s %s\n' "$p" "$best"
-    done
+    local p v
+    declare -A best=()
+    while read -r p v; do
+        if [ -z "${best[$p]:-}" ] || dpkg --compare-versions "$v" gt "${best[$p]}"; then best[$p]=$v; fi
+    done < <(apt-cache madison "$@" 2>/dev/null | awk -F'|' -v s="$SUITE" \
+        '$3 ~ (" " s "(-updates|-security)?/main ") && $3 ~ /Packages/ {gsub(/ /, "", $1); gsub(/ /, "", $2); print $1, $2}')
+    for p in "${!best[@]}"; do printf '%s %s\n' "$p" "${best[$p]}"; done
 }
 declare -A cand=()
 read_candidates() { while read -r p v; do cand[$p]=$v; done < <(candidate_versions "${KEY_PKGS[@]}"); }
