@@ -49,7 +49,7 @@ FROM docker.io/library/debian:${DEBIAN} AS guest
 RUN apt-get update \
  && apt-get install -y --no-install-recommends binutils cpio kmod xz-utils zstd \
  && rm -rf /var/lib/apt/lists/*
-COPY node-vmm/guest/build.sh node-vmm/guest/boot-check.sh /src/node-vmm/guest/
+COPY node-vmm/guest/build.sh node-vmm/guest/boot-check.sh node-vmm/guest/lib.sh /src/node-vmm/guest/
 # build.sh downloads the Debian packages itself (apt-get download) into a scratch dir.
 # This stage has no QEMU: the node-vmm stage boots each image once (boot-check.sh).
 RUN bash /src/node-vmm/guest/build.sh --no-boot-check --arch x86_64 /out/guest/x86_64 \

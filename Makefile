@@ -5,7 +5,7 @@ export CORESCALE_CACHE ?= $(HOME)/.cache/corescale
 CRD := crds/virtualmachines.corescale.dev.yaml
 CHART_CRD := charts/corescale/crds/virtualmachines.corescale.dev.yaml
 
-.PHONY: help deps generate check-generated lint test guest e2e bench demo ci clean
+.PHONY: help deps generate check-generated lint test guest guest-disk e2e bench demo ci clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -25,8 +25,11 @@ lint: ## rustfmt and clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-guest: ## Build (or reuse) the test guest images (x86_64, ppc64le) from Debian packages
+guest: guest-disk ## Build (or reuse) the test guest images (x86_64, ppc64le) and the Debian disk image from Debian packages
 	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le
+
+guest-disk: ## Build (or reuse) the Debian 12 disk image (qcow2 + vmlinux + initrd) for workloads
+	bash node-vmm/guest/build-disk.sh --arch x86_64
 
 test: guest ## Unit and integration tests, real QEMU guests included
 	$(CARGO) test --workspace

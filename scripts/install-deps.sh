@@ -10,13 +10,18 @@ need_root() { if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root (apt
 
 BACKPORTS=/etc/apt/sources.list.d/corescale-bookworm-backports.sources
 # kmod: depmod, which the guest image build runs on the kernel package it packs.
-pkgs_main=(busybox-static cpio kmod binutils prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl)
+# The Debian disk image (node-vmm/guest/build-disk.sh): mmdebstrap (the root file system),
+# e2fsprogs (mkfs.ext4 -d), dosfstools + mtools (the boot check's NoCloud seed, a vfat
+# image labelled cidata, without mounts), openssh-client (the boot check and e2e log in).
+pkgs_main=(busybox-static cpio kmod binutils prometheus curl jq zstd xz-utils python3-venv python3-yaml openssl
+           mmdebstrap e2fsprogs dosfstools mtools openssh-client)
 # A real kubelet node (e2e/node, `make node-e2e`): containerd + runc (crun cannot run on
 # these hosts' hybrid cgroups), the CNI bridge plugins, podman/buildah to build the
-# Dockerfile's images with no Docker engine, mmdebstrap for the local base images,
-# and what kubelet/kube-proxy call (iptables, conntrack, socat).
+# Dockerfile's images with no Docker engine (mmdebstrap, for the local base images, is in
+# the base list: the guest disk image needs it too), and what kubelet/kube-proxy call
+# (iptables, conntrack, socat).
 if [ "${1:-}" = --node ]; then
-  pkgs_main+=(containerd runc containernetworking-plugins podman buildah mmdebstrap conntrack socat iptables)
+  pkgs_main+=(containerd runc containernetworking-plugins podman buildah conntrack socat iptables)
 elif [ -n "${1:-}" ]; then
   echo "install-deps: unknown argument '$1' (expected --node)" >&2; exit 2
 fi

@@ -58,6 +58,8 @@ BUSYBOX_PKG=busybox-static
 
 log() { printf 'guest/build.sh: %s\n' "$*" >&2; }
 die() { printf 'guest/build.sh: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib.sh
+. "$(dirname "$SCRIPT_PATH")/lib.sh"
 
 # Per-architecture facts: Debian's name for it, the kernel flavour, the multiarch triplet,
 # the guest agent's tty, and apt options (empty: the host's own apt setup).
@@ -185,7 +187,7 @@ done
 agent_ver=${pkg_ver[$AGENT_PKG]}
 
 
-script_sha=$(cat "$SCRIPT_PATH" "$(dirname "$SCRIPT_PATH")/boot-check.sh" | sha256sum | cut -d' ' -f1)
+script_sha=$(cat "$SCRIPT_PATH" "$(dirname "$SCRIPT_PATH")/boot-check.sh" "$(dirname "$SCRIPT_PATH")/lib.sh" | sha256sum | cut -d' ' -f1)
 # One line per input; the manifest stores the same text, so comparing it decides a rebuild.
 inputs_key=$( { for p in "${!pkg_ver[@]}"; do printf '%s=%s\n' "$p" "${pkg_ver[$p]}"; done
                printf 'build.sh=%s\n' "$script_sha"; } | sort | tr '\n' ';')
@@ -243,37 +245,8 @@ X=$WORK/x
 # ---- vmlinux ------------------------------------------------------------------------------
 kver=${kernel_pkg#linux-image-}
 
-# x86_64: the compressed payload of the bzImage, decompressed.
-kernel_x86_64() {
-    local bz setup_sects payload_off payload_len start magic want_size got_size
-    bz=$X/boot/vmlinuz-$kver
-    [ -f "$bz" ] || die "kernel image $bz not found in $kernel_pkg"
-    rd_u() { od -An -t "u$2" -j "$1" -N "$2" "$bz" | tr -d ' \n'; }
-    [ "$(od -An -c -j 514 -N 4 "$bz" | tr -d ' \n')" = HdrS ] || die "$bz is not a bzImage (no HdrS header)"
-    setup_sects=$(rd_u 497 1)               # 0x1f1
-    [ "$setup_sects" -ne 0 ] || setup_sects=4
-    payload_off=$(rd_u 584 4)               # 0x248, relative to the protected-mode code
-    payload_len=$(rd_u 588 4)               # 0x24c
-    start=$(( (setup_sects + 1) * 512 + payload_off ))
-    magic=$(od -An -tx1 -j "$start" -N 6 "$bz" | tr -d ' \n')
-    payload() { dd if="$bz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$payload_len" status=none; }
-    case $magic in
-        fd377a585a00) payload | xz -dc --single-stream >"$WORK/vmlinux" ;;
-        1f8b*)        payload | gzip -dc >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
-        28b52ffd*)    command -v zstd >/dev/null || die "kernel payload is zstd: install zstd"
-                      payload | zstd -dc >"$WORK/vmlinux" ;;
-        5d0000*)      payload | xz -dc --format=lzma >"$WORK/vmlinux" 2>/dev/null || [ -s "$WORK/vmlinux" ] ;;
-        *) die "unknown kernel payload compression (magic $magic) in $bz" ;;
-    esac
-    [ "$(od -An -tx1 -N4 "$WORK/vmlinux" | tr -d ' \n')" = 7f454c46 ] || die "decompressed kernel is not an ELF file"
-    # mkpiggy appends the decompressed size as the payload's last 4 bytes (little endian).
-    want_size=$(od -An -tu4 -j "$((start + payload_len - 4))" -N 4 "$bz" | tr -d ' \n')
-    got_size=$(stat -c %s "$WORK/vmlinux")
-    [ "$want_size" = "$got_size" ] || die "decompressed kernel is $got_size bytes, the bzImage says $want_size"
-    # The PVH entry point is ELF note "Xen" type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU needs it for -kernel vmlinux.
-    readelf -n "$WORK/vmlinux" | grep -Eq 'Xen[[:space:]]+0x[0-9a-f]+[[:space:]].*\(0x00000012\)' \
-        || die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); the kernel needs CONFIG_PVH=y"
-}
+# x86_64: the compressed payload of the bzImage, decompressed (lib.sh).
+kernel_x86_64() { extract_pvh_vmlinux "$X/boot/vmlinuz-$kver" "$WORK/vmlinux"; }
 
 # ppc64le: the package ships the uncompressed ELF kernel that QEMU's pseries loads itself.
 kernel_ppc64le() {
