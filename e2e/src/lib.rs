@@ -452,7 +452,8 @@ pub async fn http_get(url: &str) -> Result<String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("bad HTTP reply from {url}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
+    // The status code, whatever the version (Python's http.server answers HTTP/1.0).
+    if head.split_whitespace().nth(1) != Some("200") {
         bail!("GET {url}: {}", head.lines().next().unwrap_or(""));
     }
     if head

@@ -76,15 +76,17 @@ fn port_of(vm: &VirtualMachine, name: &str) -> Option<(String, u32)> {
         .map(|p| (p.host_ip.clone(), p.host_port))
 }
 
-/// Running, its agent connected and its OS reported.
+/// Running, its agent connected, its OS reported, and cloud-init's host name and the
+/// DHCP address in place.
 fn booted(vm: &VirtualMachine) -> bool {
     vm.status.as_ref().is_some_and(|s| {
         s.phase == Some(Phase::Running)
             && s.guest_agent.as_deref() == Some("Connected")
-            && s.guest
-                .as_ref()
-                .and_then(|g| g.os_name.as_deref())
-                .is_some_and(|n| n.contains("Debian"))
+            && s.guest.as_ref().is_some_and(|g| {
+                g.os_name.as_deref().is_some_and(|n| n.contains("Debian"))
+                    && g.hostname.as_deref() == Some(NAME)
+                    && !g.ip_addresses.is_empty()
+            })
     })
 }
 
@@ -214,16 +216,18 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
         .and_then(|st| st.guest.clone())
         .unwrap_or_default();
     ensure!(
-        guest.hostname.as_deref() == Some(NAME) && !guest.ip_addresses.is_empty(),
-        "status.guest: {guest:?}"
+        guest.ip_addresses.iter().any(|a| a.starts_with("10.0.2.")),
+        "the guest has its user-mode network address: {guest:?}"
     );
 
     // 3. The HTTP service cloud-init started answers through the forwarded port.
     let url = format!("http://{host}:{http}/");
     let t1 = Instant::now();
     let page = loop {
-        match crate::http_get(&url).await {
-            Ok(b) if b.contains("hello from a corescale VM") => break b,
+        // Bounded: the forwarded port accepts before the guest's service does, and such a
+        // connection can stay open with no answer.
+        match tokio::time::timeout(Duration::from_secs(5), crate::http_get(&url)).await {
+            Ok(Ok(b)) if b.contains("hello from a corescale VM") => break b,
             r if t1.elapsed() > BOOT => bail!("{url} never served the page: {r:?}"),
             _ => tokio::time::sleep(Duration::from_secs(2)).await,
         }
@@ -238,7 +242,7 @@ pub async fn workload(s: &Stack, ns: &str) -> Result<String> {
     let console = console_login_prompt(s, &node, ns).await?;
 
     // 6. A CPU-bound job spreads over the vCPUs as the VM grows 1 -> 4.
-    ssh.run(&host, ssh_port, "for i in 1 2 3 4; do nohup timeout 600 sh -c 'while :; do :; done' >/dev/null 2>&1 & done; echo started").await?;
+    ssh.run(&host, ssh_port, "for i in 1 2 3 4; do nohup timeout 600 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & done; echo started").await?;
     let one = busy_cores(&ssh, &host, ssh_port, WINDOW).await?;
     s.scale(ns, NAME, 4).await?;
     s.wait_online(ns, NAME, 4, CONVERGE).await?;

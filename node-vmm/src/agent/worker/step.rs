@@ -19,6 +19,8 @@ const IDLE_OBSERVE: Duration = Duration::from_secs(5);
 const FRESH_OBSERVATION: Duration = Duration::from_secs(2);
 /// How often what the guest agent says of the guest (OS, host name, addresses) is asked.
 const GUEST_INFO_EVERY: Duration = Duration::from_secs(30);
+/// For this long after a guest starts, it is asked every 5 s.
+const GUEST_INFO_EARLY: Duration = Duration::from_secs(180);
 /// Reason of ResizeInProgress while nothing can be done but wait for the guest.
 const REASON_WAITING: &str = "WaitingForGuest";
 
@@ -69,7 +71,14 @@ impl Worker {
         // freshness window must not keep an old observation fresh for ever.
         self.absorb(&obs, seen, now);
         if let Some(v) = self.g.vmm.as_mut() {
-            let due = v.info_at.is_none_or(|t| t.elapsed() >= GUEST_INFO_EVERY);
+            // Early in a guest's life its host name and addresses are still being set
+            // (cloud-init, DHCP): ask more often then.
+            let every = if v.started_at.elapsed() < GUEST_INFO_EARLY {
+                GUEST_INFO_EVERY / 6
+            } else {
+                GUEST_INFO_EVERY
+            };
+            let due = v.info_at.is_none_or(|t| t.elapsed() >= every);
             if obs.guest_agent && due {
                 v.info_at = Some(Instant::now());
                 if let Some(i) = v.handle.guest_info().await {

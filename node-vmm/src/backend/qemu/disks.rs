@@ -80,6 +80,19 @@ async fn image_format(image: &Path, index: usize) -> Result<String, BackendError
     }
 }
 
+/// What identifies an image file cheaply: its inode, size and modification time. A rebuild
+/// published by renaming (a new inode) or rewritten in place (a new mtime) changes it.
+fn identity(image: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(image)?;
+    Ok(serde_json::json!({
+        "inode": m.ino(),
+        "bytes": m.len(),
+        "mtime_ns": i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+    .to_string())
+}
+
 /// Make sure every disk of a guest exists: reuse the files of the same VM (same `uid`),
 /// create the missing ones. A directory left by another VM of the same name is emptied.
 pub async fn prepare(
@@ -110,20 +123,37 @@ pub async fn prepare(
     let mut out = Vec::with_capacity(disks.len());
     for (i, d) in disks.iter().enumerate() {
         let path = disk_path(state, key, &d.name);
+        let base_file = dir.join(format!("{}.base.json", d.name));
         if path.is_file() {
+            if let (DiskSource::Image(image), Ok(recorded)) =
+                (&d.source, std::fs::read_to_string(&base_file))
+            {
+                let now = identity(image).map_err(|e| io("reading", image, e))?;
+                if recorded.trim() != now {
+                    return Err(BackendError::Field {
+                        field: format!("spec.disks[{i}].image"),
+                        message: format!(
+                            "{} is not the file this VM's overlay was made on (it was rebuilt or replaced: {recorded} then, {now} now); an overlay holds only the blocks the guest changed and is only valid on its own image. Put the old image back, or delete and re-create the VM to start over from the new one; publish new images under new names",
+                            image.display()
+                        ),
+                    });
+                }
+            }
             out.push(PreparedDisk {
                 name: d.name.clone(),
                 path,
                 created: false,
             });
             continue;
-        }
-        // Created under a temporary name and renamed: a start cut short leaves no
-        // half-made disk that a later start would take for the real one.
+        } // Created under a temporary name and renamed: a start cut short leaves no
+          // half-made disk that a later start would take for the real one.
         let tmp = dir.join(format!(".{}.tmp", d.name));
         let tmp_s = tmp.display().to_string();
         match &d.source {
             DiskSource::Image(image) => {
+                let id = identity(image).map_err(|e| io("reading", image, e))?;
+                crate::launcher::write_private(&base_file, id.as_bytes())
+                    .map_err(|e| io("writing", &base_file, e))?;
                 let fmt = image_format(image, i).await?;
                 let base = image.display().to_string();
                 qemu_img(&[
@@ -215,6 +245,16 @@ mod tests {
         // The same VM again: the same files, not created anew.
         let again = prepare(&state, &key(), "u1", &disks).await.unwrap();
         assert!(again.iter().all(|d| !d.created), "{again:?}");
+        // The image replaced under the same name: the overlay is refused, naming the field.
+        let replaced = t.path().join("base.new");
+        std::fs::write(&replaced, vec![8u8; 1 << 20]).unwrap();
+        std::fs::rename(&replaced, &image).unwrap();
+        let e = prepare(&state, &key(), "u1", &disks).await.unwrap_err();
+        assert!(
+            e.to_string().starts_with("spec.disks[0].image:")
+                && e.to_string().contains("rebuilt or replaced"),
+            "{e}"
+        );
         // Another VM of the same name: fresh disks.
         let other = prepare(&state, &key(), "u2", &disks).await.unwrap();
         assert!(other.iter().all(|d| d.created), "{other:?}");
@@ -241,7 +281,7 @@ mod tests {
         remove(&state, &key()).unwrap();
         assert_eq!(
             std::fs::read(&image).unwrap(),
-            vec![7u8; 1 << 20],
+            vec![8u8; 1 << 20],
             "the image is never written"
         );
     }
