@@ -248,7 +248,14 @@ mkdir -p "$OUT"
 } >"$B/manifest.json"
 # Each file by rename, the manifest last: a reader that sees a new manifest sees the files
 # it describes, and an interrupted publish fails the sha256 check of the next build.
+# The disk is published under a name of its own content, disk-<sha256 prefix>.qcow2, and
+# disk.qcow2 becomes a symlink to it: VMs' overlays are made on the resolved name, so a
+# rebuild never changes the image an existing overlay was made on. Older versions stay
+# (remove one when no VM's disk was made from it; `qemu-img info` of an overlay names it).
 rm -f "$manifest"
+disk_ver="disk-$(sha256sum "$B/disk.qcow2" | cut -c1-16).qcow2"
+mv -f "$B/disk.qcow2" "$OUT/$disk_ver"
+ln -sfn "$disk_ver" "$B/disk.qcow2"
 for f in "${OUTPUTS[@]}" manifest.json; do
     mv -f "$B/$f" "$OUT/$f"
 done

@@ -80,17 +80,38 @@ async fn image_format(image: &Path, index: usize) -> Result<String, BackendError
     }
 }
 
-/// What identifies an image file cheaply: its inode, size and modification time. A rebuild
-/// published by renaming (a new inode) or rewritten in place (a new mtime) changes it.
-fn identity(image: &Path) -> std::io::Result<String> {
+/// What identifies an image file cheaply: its path, inode, size and modification time. A
+/// rebuild published by renaming (a new inode) or rewritten in place (a new mtime) changes it.
+fn identity(image: &Path) -> std::io::Result<serde_json::Value> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(image)?;
     Ok(serde_json::json!({
+        "path": image.display().to_string(),
         "inode": m.ino(),
         "bytes": m.len(),
         "mtime_ns": i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    }))
+}
+
+/// An overlay is valid only on the very file it was made on: that file must still be there,
+/// unchanged. (A VM keeps the image it was created from; a newer image under the name
+/// spec.disks[].image gives new VMs the new one, see `node-vmm/guest/build-disk.sh`.)
+fn check_base(index: usize, recorded: &str) -> Result<(), BackendError> {
+    let was: serde_json::Value = serde_json::from_str(recorded)
+        .map_err(|e| BackendError::Protocol(format!("disk base record: {e}")))?;
+    let path = PathBuf::from(was["path"].as_str().unwrap_or_default());
+    let now = identity(&path).ok();
+    if now.as_ref() == Some(&was) {
+        return Ok(());
+    }
+    Err(BackendError::Field {
+        field: format!("spec.disks[{index}].image"),
+        message: format!(
+            "the image this VM's disk was made from, {}, was {} since; the disk (a copy-on-write overlay, holding only the blocks the guest changed) is valid only on that file. Put it back, or delete and re-create the VM to start over; publish new images under new names",
+            path.display(),
+            if now.is_some() { "rebuilt or replaced" } else { "removed" }
+        ),
     })
-    .to_string())
 }
 
 /// Make sure every disk of a guest exists: reuse the files of the same VM (same `uid`),
@@ -125,19 +146,10 @@ pub async fn prepare(
         let path = disk_path(state, key, &d.name);
         let base_file = dir.join(format!("{}.base.json", d.name));
         if path.is_file() {
-            if let (DiskSource::Image(image), Ok(recorded)) =
+            if let (DiskSource::Image(_), Ok(recorded)) =
                 (&d.source, std::fs::read_to_string(&base_file))
             {
-                let now = identity(image).map_err(|e| io("reading", image, e))?;
-                if recorded.trim() != now {
-                    return Err(BackendError::Field {
-                        field: format!("spec.disks[{i}].image"),
-                        message: format!(
-                            "{} is not the file this VM's overlay was made on (it was rebuilt or replaced: {recorded} then, {now} now); an overlay holds only the blocks the guest changed and is only valid on its own image. Put the old image back, or delete and re-create the VM to start over from the new one; publish new images under new names",
-                            image.display()
-                        ),
-                    });
-                }
+                check_base(i, &recorded)?;
             }
             out.push(PreparedDisk {
                 name: d.name.clone(),
@@ -152,7 +164,7 @@ pub async fn prepare(
         match &d.source {
             DiskSource::Image(image) => {
                 let id = identity(image).map_err(|e| io("reading", image, e))?;
-                crate::launcher::write_private(&base_file, id.as_bytes())
+                crate::launcher::write_private(&base_file, id.to_string().as_bytes())
                     .map_err(|e| io("writing", &base_file, e))?;
                 let fmt = image_format(image, i).await?;
                 let base = image.display().to_string();
