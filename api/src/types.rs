@@ -74,6 +74,17 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.granularity is immutable").reason(Reason::FieldValueForbidden))]
     pub granularity: Granularity,
 
+    /// How a resize changes the vCPUs the guest uses, fixed for the VM's life. Hotplug
+    /// (default): the VMM adds and removes vCPUs (QEMU device_add/device_del), so a vCPU
+    /// that is not in use does not exist. GuestOnline: every slot of the topology is present
+    /// from boot, the guest boots with spec.cpus online and the rest offline, and a resize
+    /// onlines or offlines vCPUs inside the guest through its guest agent (the guest must
+    /// run qemu-guest-agent); no hot-plug support is needed from the machine, and an offline
+    /// vCPU's host thread sleeps. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.resizeMethod is immutable").reason(Reason::FieldValueForbidden))]
+    pub resize_method: ResizeMethod,
+
     /// The floor an autoscaler may not go under (default 1).
     #[serde(default = "default_min_cpus")]
     #[x_kube(validation = Rule::new("self >= 1").message("spec.minCpus must be at least 1").reason(Reason::FieldValueInvalid))]
@@ -237,6 +248,35 @@ pub enum Placement {
     Spread,
 }
 
+/// How a resize changes the vCPUs a guest uses.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ResizeMethod {
+    /// The VMM hot-plugs and hot-unplugs vCPUs; the guest agent onlines plugged ones.
+    #[default]
+    Hotplug,
+    /// Every vCPU is present from boot; the guest agent onlines and offlines them.
+    GuestOnline,
+}
+
+impl ResizeMethod {
+    /// Every method, for metrics that export one series per method.
+    pub const ALL: [ResizeMethod; 2] = [ResizeMethod::Hotplug, ResizeMethod::GuestOnline];
+
+    /// The method's name as it appears in the API and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeMethod::Hotplug => "Hotplug",
+            ResizeMethod::GuestOnline => "GuestOnline",
+        }
+    }
+}
+
+impl std::fmt::Display for ResizeMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The VMM that runs the guest.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Backend {
@@ -339,8 +379,9 @@ pub struct VirtualMachineStatus {
     /// Whether a guest agent answers: Connected, or Absent (online state then unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<String>,
-    /// One entry per vCPU slot that is not Absent (Plugging, Present, Online, Unplugging or
-    /// Failed); a slot of the topology (maxCpus slots in all) that is not listed is Absent.
+    /// One entry per vCPU slot that is not Absent (Plugging, Present, Online, Offline,
+    /// Unplugging or Failed); a slot of the topology (maxCpus slots in all) that is not
+    /// listed is Absent. Under spec.resizeMethod GuestOnline every slot is Online or Offline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]
     pub vcpus: Vec<VcpuStatus>,
@@ -413,10 +454,11 @@ pub enum VcpuState {
     Unplugging,
     /// The last operation on this slot failed.
     Failed,
-    /// Parked: the VMM keeps the vCPU, the guest has it offline, and it counts for nothing.
-    /// Under TCG, where one QEMU process can create only maxCpus vCPU threads in its life,
-    /// an unplug offlines the vCPU through the guest agent instead of removing it, and the
-    /// next plug of the slot onlines it again.
+    /// Present in the VMM, offline in the guest, counting for nothing (its host thread
+    /// sleeps); the next plug of the slot onlines it through the guest agent. Every slot
+    /// not in use is Offline under spec.resizeMethod GuestOnline. Under Hotplug a slot is
+    /// Offline when parked: under TCG, where one QEMU process can create only maxCpus vCPU
+    /// threads in its life, an unplug offlines the vCPU instead of removing it.
     Offline,
 }
 
@@ -466,7 +508,8 @@ pub struct VcpuStatus {
     pub thread: u32,
     /// Virtual NUMA node of the slot (its socket).
     pub numa_node: u32,
-    /// Plugging, Present, Online, Unplugging or Failed (an Absent slot is not listed).
+    /// Plugging, Present, Online, Offline, Unplugging or Failed (an Absent slot is not
+    /// listed).
     pub state: VcpuState,
     /// When the slot entered its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
