@@ -363,6 +363,7 @@ pub fn vm_spec_of(
         granularity: vm.spec.granularity,
         placement: vm.spec.placement,
         boot_vcpus,
+        resize_method: vm.spec.resize_method,
         memory_mib: bytes / (1 << 20),
         arch: vm.spec.effective_arch(),
         kernel,

@@ -5,7 +5,7 @@ use super::QemuConfig;
 use crate::backend::{Accel, BackendError, VmSpec};
 use crate::launcher;
 use crate::machine::Machine;
-use corescale_api::{Arch, Granularity, MAX_VCPUS};
+use corescale_api::{Arch, Granularity, ResizeMethod, MAX_VCPUS};
 use std::path::{Path, PathBuf};
 
 /// The kernel command line the backend puts before the spec's.
@@ -141,11 +141,18 @@ pub fn qemu_argv(
         ]),
     }
     push(&["-m", &format!("{}M", spec.memory_mib)]);
+    // GuestOnline: every slot is present from boot; the kernel's `maxcpus=` (below) onlines
+    // only the first boot_vcpus, the rest stay present and offline until the agent onlines
+    // them.
+    let present = match spec.resize_method {
+        ResizeMethod::Hotplug => spec.boot_vcpus,
+        ResizeMethod::GuestOnline => t.max_vcpus(),
+    };
     push(&[
         "-smp",
         &format!(
             "{},maxcpus={},sockets={},cores={},threads={}",
-            spec.boot_vcpus,
+            present,
             t.max_vcpus(),
             t.sockets,
             t.cores,
@@ -172,11 +179,16 @@ pub fn qemu_argv(
         push(&["-initrd", &initrd.display().to_string()]);
     }
     let base = base_cmdline(m);
-    let append = if spec.cmdline.trim().is_empty() {
+    let mut append = if spec.cmdline.trim().is_empty() {
         base
     } else {
         format!("{base} {}", spec.cmdline.trim())
     };
+    // Last, so that it wins over a maxcpus= in spec.boot.cmdline (the kernel keeps the
+    // last value): the node's record of which vCPUs are offline depends on it.
+    if spec.resize_method == ResizeMethod::GuestOnline {
+        append.push_str(&format!(" maxcpus={}", spec.boot_vcpus));
+    }
     push(&["-append", &append]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     let console = m.console_args(&path(launcher::SERIAL_LOG), &path(launcher::CONSOLE_SOCK));
@@ -321,6 +333,35 @@ mod tests {
             s.contains("id=mem0,size=34M")
                 && s.contains("id=mem1,size=33M")
                 && s.contains("id=mem2,size=33M"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn guest_online_boots_every_slot_with_the_target_online() {
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let mut g = spec(2, 2, 2, 2);
+        g.granularity = Granularity::Core;
+        g.resize_method = ResizeMethod::GuestOnline;
+        g.cmdline = "maxcpus=8 quiet".into();
+        let s = qemu_argv(&g, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        assert!(
+            s.contains("-smp 8,maxcpus=8,sockets=2,cores=2,threads=2"),
+            "{s}"
+        );
+        assert!(
+            s.contains("-append console=ttyS0 panic=-1 maxcpus=8 quiet maxcpus=2 -"),
+            "the node's maxcpus= comes last: {s}"
+        );
+        // Hotplug keeps the kernel's own choice.
+        g.resize_method = ResizeMethod::Hotplug;
+        let s = qemu_argv(&g, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        assert!(
+            s.contains("-smp 2,maxcpus=8") && !s.contains("maxcpus=2 "),
             "{s}"
         );
     }
