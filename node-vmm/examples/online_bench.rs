@@ -269,6 +269,7 @@ impl Bench {
             "idle {method} guest, {online} of {slots} vCPUs online, host CPU per QEMU thread over {wall:.1} s (utime+stime, s):"
         );
         let (mut offline_used, mut offline_never, mut other) = (0.0, 0.0, 0.0);
+        let (mut n_used, mut n_never) = (0, 0);
         for ((tid, name), end) in &after {
             let ran = end - before.get(&(*tid, name.clone())).copied().unwrap_or(0.0);
             let cpu: Option<u32> = name
@@ -278,10 +279,12 @@ impl Bench {
                 Some(0) => "online",
                 Some(1..=3) => {
                     offline_used += ran;
+                    n_used += 1;
                     "offline (after use)"
                 }
                 Some(_) => {
                     offline_never += ran;
+                    n_never += 1;
                     "offline (never online)"
                 }
                 None => {
@@ -294,8 +297,7 @@ impl Bench {
             }
         }
         println!(
-            "  sum: offline after use (3 threads) {offline_used:.2} s, never online ({} threads) {offline_never:.2} s, non-vCPU threads {other:.2} s",
-            slots - 4
+            "  sum: offline after use ({n_used} threads) {offline_used:.2} s, never online ({n_never} threads) {offline_never:.2} s, non-vCPU threads {other:.2} s"
         );
         vm.stop(Duration::from_secs(5)).await?;
         self.backend.cleanup(&spec.key()).await?;

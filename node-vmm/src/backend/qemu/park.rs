@@ -117,14 +117,17 @@ impl QemuVm {
         let t0 = Instant::now();
         let deadline = t0 + opts.unplug_timeout;
         let changes: Vec<(u32, bool)> = logical.iter().map(|&l| (l, false)).collect();
-        if let Err(e) = ops.qga.set_vcpus(&changes, left(deadline)).await {
-            tracing::warn!(vm = %self.key, error = %e, "cannot offline through the agent; removing the vCPUs instead");
-            return None;
-        }
+        let done = match ops.qga.set_vcpus(&changes, left(deadline)).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(vm = %self.key, error = %e, "cannot offline through the agent");
+                return None;
+            }
+        };
         let applied = t0.elapsed();
         let mut steps = Self::steps(unit, Direction::Unplug);
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), false, (t0, deadline))
+            .confirm_online_state(ops, (unit[0], &logical), (false, done), (t0, deadline))
             .await;
         for (st, &slot) in steps.iter_mut().zip(unit) {
             st.applied = Some(applied);
@@ -173,13 +176,16 @@ impl QemuVm {
             return steps;
         };
         let changes: Vec<(u32, bool)> = logical.iter().map(|&l| (l, true)).collect();
-        if let Err(e) = ops.qga.set_vcpus(&changes, left(deadline)).await {
-            fail(&mut steps, Self::qga_err(e));
-            return steps;
-        }
+        let done = match ops.qga.set_vcpus(&changes, left(deadline)).await {
+            Ok(n) => n,
+            Err(e) => {
+                fail(&mut steps, Self::qga_err(e));
+                return steps;
+            }
+        };
         let applied = t0.elapsed();
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), true, (t0, deadline))
+            .confirm_online_state(ops, (unit[0], &logical), (true, done), (t0, deadline))
             .await;
         for ((st, &slot), &l) in steps.iter_mut().zip(unit).zip(&logical) {
             st.applied = Some(applied);
@@ -195,6 +201,26 @@ impl QemuVm {
         }
         self.persist(&ops.st);
         steps
+    }
+
+    /// When every CPU of `logical` was `online` (or offline), given that `guest-set-vcpus`
+    /// reported `done` of them changed. The agent writes each CPU's sysfs `online` file,
+    /// and that write returns once the kernel has brought the CPU up (or down), so all of
+    /// them done is the guest's own confirmation: no second round trip (`guest-get-vcpus`
+    /// reads every present CPU's file, which under GuestOnline is every slot). Otherwise
+    /// the agent is polled.
+    async fn confirm_online_state(
+        &self,
+        ops: &mut Ops,
+        (slot, logical): (u32, &[u32]),
+        (online, done): (bool, u32),
+        times: (Instant, Instant),
+    ) -> Result<Instant, BackendError> {
+        if usize::try_from(done).is_ok_and(|d| d == logical.len()) {
+            return Ok(Instant::now());
+        }
+        self.wait_online_state(ops, (slot, logical), online, times)
+            .await
     }
 
     /// Poll the agent until every CPU of `logical` is `online` (or offline); when it was.
