@@ -54,6 +54,7 @@ pub const FINALIZER: &str = "corescale.dev/guest-stopped";
     validation = Rule::new("self.granularity != 'Core' || !has(self.topology) || (self.cpus % self.topology.threads == 0 && self.minCpus % self.topology.threads == 0)").message("spec.cpus and spec.minCpus must be multiples of spec.topology.threads when spec.granularity is Core").reason(Reason::FieldValueInvalid).field_path(".cpus"),
     validation = Rule::new("!has(oldSelf.topology) || (has(self.topology) && self.topology == oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
     validation = Rule::new("!has(oldSelf.arch) || (has(self.arch) && self.arch == oldSelf.arch)").message("spec.arch is immutable").reason(Reason::FieldValueForbidden).field_path(".arch"),
+    validation = Rule::new("!has(self.arch) || self.arch != 'aarch64' || (has(self.resizeMethod) && self.resizeMethod == 'GuestOnline')").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs (it is with spec.resizeMethod GuestOnline)").reason(Reason::FieldValueInvalid).field_path(".arch"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
 )]
@@ -102,11 +103,11 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.memory is immutable").reason(Reason::FieldValueForbidden))]
     pub memory: Quantity,
 
-    /// Guest CPU architecture: x86_64 (default) or ppc64le. Immutable.
+    /// Guest CPU architecture: x86_64 (default), ppc64le, or aarch64 (with resizeMethod
+    /// GuestOnline only). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "arch_schema")]
-    #[x_kube(validation = Rule::new("self != 'aarch64' && self != 'arm64'").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs").reason(Reason::FieldValueInvalid))]
-    #[x_kube(validation = Rule::new("self == 'aarch64' || self == 'arm64' || self in ['x86_64', 'ppc64le']").message("spec.arch must be x86_64 or ppc64le").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self in ['x86_64', 'ppc64le', 'aarch64']").message("spec.arch must be x86_64, ppc64le or aarch64").reason(Reason::FieldValueInvalid))]
     pub arch: Option<Arch>,
 
     /// What to boot. Paths are resolved inside the node's guest image directory; empty means
@@ -176,7 +177,7 @@ fn arch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "string",
         "maxLength": 16,
         "default": "x86_64",
-        "description": "Guest CPU architecture: x86_64 (default) or ppc64le. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1)."
+        "description": "Guest CPU architecture: x86_64 (default), ppc64le or aarch64. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1). aarch64 (QEMU's virt machine, which cannot hot-plug CPUs) needs resizeMethod GuestOnline."
     })
 }
 fn default_unplug_timeout() -> u32 {
@@ -297,17 +298,21 @@ pub enum Arch {
     /// its threads is the unit).
     #[serde(rename = "ppc64le")]
     Ppc64le,
+    /// 64-bit Arm (virt machine, which cannot hot-plug CPUs: resizeMethod GuestOnline only).
+    #[serde(rename = "aarch64")]
+    Aarch64,
 }
 
 impl Arch {
     /// Every architecture the API accepts.
-    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Ppc64le];
+    pub const ALL: [Arch; 3] = [Arch::X86_64, Arch::Ppc64le, Arch::Aarch64];
 
     /// The name used in the API, node announcements and messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64",
             Arch::Ppc64le => "ppc64le",
+            Arch::Aarch64 => "aarch64",
         }
     }
 }

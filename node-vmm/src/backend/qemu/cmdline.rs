@@ -84,6 +84,15 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), BackendError> {
             ),
         ));
     }
+    if !Machine::of(spec.arch).cpu_hotplug() && spec.resize_method != ResizeMethod::GuestOnline {
+        return Err(invalid_spec(
+            "spec.resizeMethod",
+            format!(
+                "QEMU's {} machine cannot hot-plug CPUs: use resizeMethod GuestOnline",
+                Machine::of(spec.arch).machine_arg()
+            ),
+        ));
+    }
     if spec.granularity == Granularity::Core && !spec.boot_vcpus.is_multiple_of(t.threads) {
         return Err(invalid_spec(
             "spec.cpus",
@@ -364,6 +373,29 @@ mod tests {
             s.contains("-smp 2,maxcpus=8") && !s.contains("maxcpus=2 "),
             "{s}"
         );
+    }
+
+    #[test]
+    fn arm_runs_virt_with_every_slot_and_a_virtio_agent() {
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let mut a = spec(2, 2, 1, 1);
+        a.arch = Arch::Aarch64;
+        let e = validate_spec(&a).unwrap_err();
+        assert!(e.to_string().starts_with("spec.resizeMethod:"), "{e}");
+        a.resize_method = ResizeMethod::GuestOnline;
+        let s = qemu_argv(&a, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-machine virt,gic-version=3 -accel tcg,thread=multi -cpu cortex-a72",
+            "-smp 4,maxcpus=4,sockets=2,cores=2,threads=1",
+            "-numa cpu,node-id=1,socket-id=1",
+            "-append console=ttyAMA0 panic=-1 quiet maxcpus=1",
+            "-device virtio-serial-pci,id=agent-serial -device virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ] {
+            assert!(s.contains(want), "{want:?} not in {s}");
+        }
+        assert_eq!(cfg.binary_for(Arch::Aarch64), "qemu-system-aarch64");
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct QemuConfig {
     pub binary: String,
     /// QEMU binary for ppc64le guests.
     pub ppc64_binary: String,
+    /// QEMU binary for aarch64 guests.
+    pub aarch64_binary: String,
     /// Where the per-VM directories are (`<state>/<namespace>/<name>/`); the launcher's.
     pub state_dir: PathBuf,
     /// The launcher's socket.
@@ -139,6 +141,7 @@ impl QemuConfig {
         QemuConfig {
             binary: DEFAULT_BINARY.into(),
             ppc64_binary: crate::machine::PPC64_BINARY.into(),
+            aarch64_binary: crate::machine::AARCH64_BINARY.into(),
             state_dir: state_dir.into(),
             launcher_socket: launcher_socket.into(),
             run_as_user: None,
@@ -157,6 +160,7 @@ impl QemuConfig {
         match arch {
             Arch::X86_64 => &self.binary,
             Arch::Ppc64le => &self.ppc64_binary,
+            Arch::Aarch64 => &self.aarch64_binary,
         }
     }
 
