@@ -25,8 +25,8 @@ lint: ## rustfmt and clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-guest: ## Build (or reuse) the test guest images (x86_64, ppc64le) from Debian packages
-	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le
+guest: ## Build (or reuse) the test guest images (x86_64, ppc64le, aarch64) from Debian packages
+	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le && bash node-vmm/guest/build.sh --arch aarch64
 
 test: guest ## Unit and integration tests, real QEMU guests included
 	$(CARGO) test --workspace
