@@ -45,6 +45,10 @@ struct Args {
     /// Single-thread slots of each guest (at least 8).
     #[arg(long, default_value_t = 64)]
     slots: u32,
+    /// Guest architecture: x86_64, ppc64le (threads=1 cores; no direct client for its
+    /// Hotplug) or aarch64 (GuestOnline only).
+    #[arg(long, default_value = "x86_64")]
+    arch: String,
     /// Methods to measure (Hotplug, GuestOnline), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "Hotplug,GuestOnline")]
     methods: Vec<String>,
@@ -198,6 +202,7 @@ fn thread_cpu(pid: i32) -> BTreeMap<(i32, String), f64> {
 }
 
 struct Bench {
+    arch: Arch,
     slots: u32,
     backend: QemuBackend,
     kernel: std::path::PathBuf,
@@ -215,8 +220,8 @@ impl Bench {
             placement: Placement::Packed,
             boot_vcpus: 1,
             resize_method: method,
-            memory_mib: 512,
-            arch: Arch::X86_64,
+            arch: self.arch,
+            memory_mib: if self.arch == Arch::X86_64 { 512 } else { 1024 },
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: String::new(),
@@ -229,7 +234,7 @@ impl Bench {
         &self,
         method: ResizeMethod,
         args: &Args,
-    ) -> anyhow::Result<(Medians, Medians)> {
+    ) -> anyhow::Result<(Medians, Option<Medians>)> {
         let settle = Duration::from_millis(args.settle_ms);
         let spec = self.spec(method);
         let vm = self.backend.start_vm(&spec).await?;
@@ -239,8 +244,15 @@ impl Bench {
         let dir = vm.dir().to_path_buf();
         drop(vm);
         let rounds = args.rounds;
-        let d = tokio::task::spawn_blocking(move || direct_rounds(&dir, method, rounds, settle))
-            .await??;
+        // The direct client hot-plugs the x86 way (ACPI); it onlines on any guest.
+        let d = if method == ResizeMethod::GuestOnline || self.arch == Arch::X86_64 {
+            Some(
+                tokio::task::spawn_blocking(move || direct_rounds(&dir, method, rounds, settle))
+                    .await??,
+            )
+        } else {
+            None
+        };
         let vm = self.backend.adopt_vm(&spec).await?;
         vm.stop(Duration::from_secs(5)).await?;
         self.backend.cleanup(&spec.key()).await?;
@@ -337,9 +349,19 @@ async fn main() -> anyhow::Result<()> {
         rounds: args.rounds.clamp(1, most),
         ..args
     };
+    let arch = match args.arch.as_str() {
+        "x86_64" => Arch::X86_64,
+        "ppc64le" => Arch::Ppc64le,
+        "aarch64" => Arch::Aarch64,
+        other => anyhow::bail!("--arch: {other:?} is not x86_64, ppc64le or aarch64"),
+    };
+    anyhow::ensure!(
+        arch != Arch::Aarch64 || !methods.contains(&ResizeMethod::Hotplug),
+        "--arch aarch64: QEMU's virt machine cannot hot-plug CPUs; use --methods GuestOnline"
+    );
     let images = ImageDir::new(ImageDir::default_root());
     let boot = images
-        .resolve(None, Arch::X86_64)
+        .resolve(None, arch)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tmp = tempfile::Builder::new()
         .prefix("corescale-online-bench.")
@@ -352,13 +374,14 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     let bench = Bench {
+        arch,
         slots: args.slots,
         backend: QemuBackend::new(QemuConfig::new(&state, &socket)),
         kernel: boot.kernel.clone(),
         initrd: boot.initrd.clone(),
     };
     println!(
-        "online_bench: x86_64 TCG guests, 1 socket x {} slots, {} rounds, median ms",
+        "online_bench: {arch} TCG guests, 1 socket x {} slots, {} rounds, median ms",
         args.slots, args.rounds
     );
     println!(
@@ -367,7 +390,14 @@ async fn main() -> anyhow::Result<()> {
     );
     for &method in &methods {
         let (b, d) = bench.latency(method, &args).await?;
-        for (who, m) in [("backend", b), ("direct client", d)] {
+        for (who, m) in [("backend", Some(b)), ("direct client", d)] {
+            let Some(m) = m else {
+                println!(
+                    "  {:<26} (no direct client)",
+                    format!("{} {who}", method.as_str())
+                );
+                continue;
+            };
             println!(
                 "  {:<26} {:8.1} {:8.1} {:8.1} {:8.1}",
                 format!("{} {who}", method.as_str()),
