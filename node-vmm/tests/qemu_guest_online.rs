@@ -248,3 +248,39 @@ async fn guest_online_without_an_agent_cannot_resize() {
     finish(&env, vm).await;
     env.shutdown().await;
 }
+
+/// An agent restart: a fresh backend adopts a GuestOnline guest (its handle starts with no
+/// map of guest CPUs), sees the unused slots Offline from the persisted state, and
+/// resizes it through the agent; the guest never restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_online_adopted_after_an_agent_restart() {
+    let env = Env::new().await;
+    let spec = online_spec(
+        "online-adopt",
+        Topology::new(1, 4, 1),
+        Granularity::Thread,
+        Placement::Packed,
+        2,
+    );
+    let (vm, _) = boot(&env, &spec).await;
+    let pid = vm.pid();
+    let uptime = vm.guest_uptime().await.unwrap();
+    drop(vm);
+    let vm = env.fresh_backend().adopt_vm(&spec).await.unwrap();
+    assert_eq!(vm.pid(), pid);
+    // Before anything is observed, a resize maps the guest's CPUs itself.
+    let r = vm.resize(&plug(&[2, 3]), OPTS).await;
+    assert!(r.first_error().is_none(), "{r:?}");
+    check_states(&vm, &[0, 1, 2, 3]).await;
+    let r = vm.resize(&unplug(&[3, 2, 1]), OPTS).await;
+    assert!(r.first_error().is_none(), "{r:?}");
+    verify(&vm, 1).await;
+    check_states(&vm, &[0]).await;
+    assert!(
+        vm.guest_uptime().await.unwrap() > uptime,
+        "the guest never restarted"
+    );
+    check_no_hotplug(&vm).await;
+    finish(&env, vm).await;
+    env.shutdown().await;
+}
