@@ -53,7 +53,8 @@ COPY node-vmm/guest/build.sh node-vmm/guest/boot-check.sh node-vmm/guest/lib.sh 
 # build.sh downloads the Debian packages itself (apt-get download) into a scratch dir.
 # This stage has no QEMU: the node-vmm stage boots each image once (boot-check.sh).
 RUN bash /src/node-vmm/guest/build.sh --no-boot-check --arch x86_64 /out/guest/x86_64 \
- && bash /src/node-vmm/guest/build.sh --no-boot-check --arch ppc64le /out/guest/ppc64le
+ && bash /src/node-vmm/guest/build.sh --no-boot-check --arch ppc64le /out/guest/ppc64le \
+ && bash /src/node-vmm/guest/build.sh --no-boot-check --arch aarch64 /out/guest/aarch64
 
 # --- node-vmm: agent + launcher + QEMU ------------------------------------------------
 FROM docker.io/library/debian:${DEBIAN}-slim AS node-vmm
@@ -61,7 +62,7 @@ ARG DEBIAN
 RUN printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "${DEBIAN}" \
         > /etc/apt/sources.list.d/backports.sources \
  && apt-get update \
- && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 qemu-system-ppc qemu-utils \
+ && apt-get install -y --no-install-recommends -t "${DEBIAN}-backports" qemu-system-x86 qemu-system-ppc qemu-system-arm qemu-utils \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 corescale \
  && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --shell /usr/sbin/nologin corescale
@@ -70,7 +71,8 @@ COPY --from=guest /out/guest /usr/share/corescale/guest
 # Every image must answer its guest agent before the node image is made.
 COPY node-vmm/guest/boot-check.sh /usr/local/lib/corescale/boot-check.sh
 RUN bash /usr/local/lib/corescale/boot-check.sh --arch x86_64 /usr/share/corescale/guest/x86_64 \
- && bash /usr/local/lib/corescale/boot-check.sh --arch ppc64le /usr/share/corescale/guest/ppc64le
+ && bash /usr/local/lib/corescale/boot-check.sh --arch ppc64le /usr/share/corescale/guest/ppc64le \
+ && bash /usr/local/lib/corescale/boot-check.sh --arch aarch64 /usr/share/corescale/guest/aarch64
 ENV CORESCALE_IMAGE_DIR=/usr/share/corescale/guest
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/corescale-node-vmm"]

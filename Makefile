@@ -25,8 +25,8 @@ lint: ## rustfmt and clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-guest: guest-disk ## Build (or reuse) the test guest images (x86_64, ppc64le) and the Debian disk image from Debian packages
-	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le
+guest: guest-disk ## Build (or reuse) the test guest images (x86_64, ppc64le, aarch64) and the Debian disk image from Debian packages
+	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le && bash node-vmm/guest/build.sh --arch aarch64
 
 guest-disk: ## Build (or reuse) the Debian 12 disk image (qcow2 + vmlinux + initrd) for workloads
 	bash node-vmm/guest/build-disk.sh --arch x86_64

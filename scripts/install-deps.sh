@@ -29,14 +29,16 @@ fi
 # first CPU device_add after a device_del under TCG.
 # qemu-system-ppc (qemu-system-ppc64) for POWER/pseries guests, from the same backports
 # release: core hot-plug and the TCG behaviour node-vmm relies on were measured with 10.0.
-pkgs_bpo=(qemu-system-x86 qemu-system-ppc qemu-utils)
+# qemu-system-arm (qemu-system-aarch64) for arm64 guests on the virt machine (resizeMethod
+# GuestOnline: virt cannot hot-plug CPUs), the same QEMU 10.
+pkgs_bpo=(qemu-system-x86 qemu-system-ppc qemu-system-arm qemu-utils)
 
 missing=()
 for p in "${pkgs_main[@]}" "${pkgs_bpo[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 qemu_ok=1
-for q in qemu-system-x86_64 qemu-system-ppc64; do
+for q in qemu-system-x86_64 qemu-system-ppc64 qemu-system-aarch64; do
   v=$(command -v "$q" >/dev/null && "$q" --version | head -1 | sed -E 's/.*version ([0-9]+)\..*/\1/' || true)
   case $v in ''|*[!0-9]*) qemu_ok=0 ;; *) [ "$v" -ge 10 ] || qemu_ok=0 ;; esac
 done
@@ -59,3 +61,4 @@ apt-get install -y -qq --no-install-recommends "${pkgs_main[@]}"
 apt-get install -y -qq --no-install-recommends -t bookworm-backports "${pkgs_bpo[@]}"
 qemu-system-x86_64 --version | head -1
 qemu-system-ppc64 --version | head -1
+qemu-system-aarch64 --version | head -1

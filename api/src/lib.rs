@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod names;
 pub mod node;
 pub mod planner;
+pub mod status;
 pub mod types;
 pub mod validate;
 pub mod workload;

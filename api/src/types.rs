@@ -3,12 +3,14 @@
 //! Every field carries a doc comment: it becomes the field's description in the generated
 //! CRD, which is what `kubectl explain cvm.spec.<field>` prints.
 
-use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use crate::status::{
+    LastResize, Phase, ResizeResult, VcpuState, VcpuStatus, VirtualMachineStatus,
+};
 
 /// API group of every corescale resource.
 pub const GROUP: &str = "corescale.dev";
@@ -57,6 +59,7 @@ pub const FINALIZER: &str = "corescale.dev/guest-stopped";
     validation = Rule::new("has(self.disks) == has(oldSelf.disks) && (!has(self.disks) || self.disks == oldSelf.disks)").message("spec.disks is immutable").reason(Reason::FieldValueForbidden).field_path(".disks"),
     validation = Rule::new("has(self.cloudInit) == has(oldSelf.cloudInit) && (!has(self.cloudInit) || self.cloudInit == oldSelf.cloudInit)").message("spec.cloudInit is immutable").reason(Reason::FieldValueForbidden).field_path(".cloudInit"),
     validation = Rule::new("has(self.ports) == has(oldSelf.ports) && (!has(self.ports) || self.ports == oldSelf.ports)").message("spec.ports is immutable").reason(Reason::FieldValueForbidden).field_path(".ports"),
+    validation = Rule::new("!has(self.arch) || self.arch != 'aarch64' || (has(self.resizeMethod) && self.resizeMethod == 'GuestOnline')").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs (it is with spec.resizeMethod GuestOnline)").reason(Reason::FieldValueInvalid).field_path(".arch"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
     validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
 )]
@@ -77,6 +80,17 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.granularity is immutable").reason(Reason::FieldValueForbidden))]
     pub granularity: Granularity,
 
+    /// How a resize changes the vCPUs the guest uses, fixed for the VM's life. Hotplug
+    /// (default): the VMM adds and removes vCPUs (QEMU device_add/device_del), so a vCPU
+    /// that is not in use does not exist. GuestOnline: every slot of the topology is present
+    /// from boot, the guest boots with spec.cpus online and the rest offline, and a resize
+    /// onlines or offlines vCPUs inside the guest through its guest agent (the guest must
+    /// run qemu-guest-agent); no hot-plug support is needed from the machine, and an offline
+    /// vCPU's host thread sleeps. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.resizeMethod is immutable").reason(Reason::FieldValueForbidden))]
+    pub resize_method: ResizeMethod,
+
     /// The floor an autoscaler may not go under (default 1).
     #[serde(default = "default_min_cpus")]
     #[x_kube(validation = Rule::new("self >= 1").message("spec.minCpus must be at least 1").reason(Reason::FieldValueInvalid))]
@@ -94,11 +108,11 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.memory is immutable").reason(Reason::FieldValueForbidden))]
     pub memory: Quantity,
 
-    /// Guest CPU architecture: x86_64 (default) or ppc64le. Immutable.
+    /// Guest CPU architecture: x86_64 (default), ppc64le, or aarch64 (with resizeMethod
+    /// GuestOnline only). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "arch_schema")]
-    #[x_kube(validation = Rule::new("self != 'aarch64' && self != 'arm64'").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs").reason(Reason::FieldValueInvalid))]
-    #[x_kube(validation = Rule::new("self == 'aarch64' || self == 'arm64' || self in ['x86_64', 'ppc64le']").message("spec.arch must be x86_64 or ppc64le").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self in ['x86_64', 'ppc64le', 'aarch64']").message("spec.arch must be x86_64, ppc64le or aarch64").reason(Reason::FieldValueInvalid))]
     pub arch: Option<Arch>,
 
     /// What to boot. Paths are resolved inside the node's guest image directory; empty means
@@ -189,7 +203,7 @@ fn arch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "string",
         "maxLength": 16,
         "default": "x86_64",
-        "description": "Guest CPU architecture: x86_64 (default) or ppc64le. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1)."
+        "description": "Guest CPU architecture: x86_64 (default), ppc64le or aarch64. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1). aarch64 (QEMU's virt machine, which cannot hot-plug CPUs) needs resizeMethod GuestOnline."
     })
 }
 fn default_unplug_timeout() -> u32 {
@@ -261,6 +275,35 @@ pub enum Placement {
     Spread,
 }
 
+/// How a resize changes the vCPUs a guest uses.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ResizeMethod {
+    /// The VMM hot-plugs and hot-unplugs vCPUs; the guest agent onlines plugged ones.
+    #[default]
+    Hotplug,
+    /// Every vCPU is present from boot; the guest agent onlines and offlines them.
+    GuestOnline,
+}
+
+impl ResizeMethod {
+    /// Every method, for metrics that export one series per method.
+    pub const ALL: [ResizeMethod; 2] = [ResizeMethod::Hotplug, ResizeMethod::GuestOnline];
+
+    /// The method's name as it appears in the API and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeMethod::Hotplug => "Hotplug",
+            ResizeMethod::GuestOnline => "GuestOnline",
+        }
+    }
+}
+
+impl std::fmt::Display for ResizeMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The VMM that runs the guest.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Backend {
@@ -281,17 +324,21 @@ pub enum Arch {
     /// its threads is the unit).
     #[serde(rename = "ppc64le")]
     Ppc64le,
+    /// 64-bit Arm (virt machine, which cannot hot-plug CPUs: resizeMethod GuestOnline only).
+    #[serde(rename = "aarch64")]
+    Aarch64,
 }
 
 impl Arch {
     /// Every architecture the API accepts.
-    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Ppc64le];
+    pub const ALL: [Arch; 3] = [Arch::X86_64, Arch::Ppc64le, Arch::Aarch64];
 
     /// The name used in the API, node announcements and messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64",
             Arch::Ppc64le => "ppc64le",
+            Arch::Aarch64 => "aarch64",
         }
     }
 }
@@ -332,226 +379,6 @@ pub struct Boot {
     #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("size(self) <= 1024").message("spec.boot.cmdline must be at most 1024 characters").reason(Reason::FieldValueInvalid))]
     pub cmdline: Option<String>,
-}
-
-/// Observed state of a virtual machine, written only from what was observed.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VirtualMachineStatus {
-    /// Lifecycle phase: Pending, Scheduled, Starting, Running, Stopped or Failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<Phase>,
-    /// Node whose agent runs (or will run) the guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
-    /// vCPUs the guest has online, as the guest agent reports them (present vCPUs when the
-    /// guest has no agent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<u32>,
-    /// vCPU slots of the VM (sockets*cores*threads).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_cpus: Option<u32>,
-    /// The topology in force (spec.topology or its default), fixed at first placement.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topology: Option<Topology>,
-    /// Label selector that matches only this VM (used by the scale subresource).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<String>,
-    /// The accelerator the VMM uses: kvm or tcg.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accelerator: Option<String>,
-    /// Whether a guest agent answers: Connected, or Absent (online state then unknown).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_agent: Option<String>,
-    /// One entry per vCPU slot that is not Absent (Plugging, Present, Online, Unplugging or
-    /// Failed); a slot of the topology (maxCpus slots in all) that is not listed is Absent.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]
-    pub vcpus: Vec<VcpuStatus>,
-    /// Scheduled, Running, Ready, ResizePending (reason Deferred or Infeasible) and
-    /// ResizeInProgress (reason Error when the last attempt failed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    pub conditions: Vec<Condition>,
-    /// The spec generation this status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// The last resize attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_resize: Option<LastResize>,
-    /// The forwarded ports, as the node set them up for the running guest.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
-    pub ports: Vec<crate::workload::PortStatus>,
-    /// The disks and the node that holds their data.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
-    pub disks: Vec<crate::workload::DiskStatus>,
-    /// What the guest agent says of the guest: OS, kernel, host name, IP addresses.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest: Option<crate::workload::GuestInfo>,
-}
-
-/// Lifecycle phase of a VM.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-pub enum Phase {
-    /// Not placed on a node yet.
-    Pending,
-    /// Placed; the node agent has not started it yet.
-    Scheduled,
-    /// The VMM runs; the guest is booting.
-    Starting,
-    /// The guest runs.
-    Running,
-    /// The guest is stopped (runStrategy Halted).
-    Stopped,
-    /// The guest cannot run; see the conditions.
-    Failed,
-}
-
-impl Phase {
-    /// Every phase, for metrics that export one series per phase.
-    pub const ALL: [Phase; 6] = [
-        Phase::Pending,
-        Phase::Scheduled,
-        Phase::Starting,
-        Phase::Running,
-        Phase::Stopped,
-        Phase::Failed,
-    ];
-    /// The phase's name as it appears in the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Scheduled => "Scheduled",
-            Phase::Starting => "Starting",
-            Phase::Running => "Running",
-            Phase::Stopped => "Stopped",
-            Phase::Failed => "Failed",
-        }
-    }
-}
-
-/// State of one vCPU slot.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
-pub enum VcpuState {
-    /// No vCPU in this slot.
-    #[default]
-    Absent,
-    /// Plug requested; the guest has not confirmed it yet.
-    Plugging,
-    /// The guest has the vCPU but it is offline (or the guest has no agent to tell).
-    Present,
-    /// The guest has the vCPU online.
-    Online,
-    /// Unplug requested; the guest has not released it yet.
-    Unplugging,
-    /// The last operation on this slot failed.
-    Failed,
-    /// Parked: the VMM keeps the vCPU, the guest has it offline, and it counts for nothing.
-    /// Under TCG, where one QEMU process can create only maxCpus vCPU threads in its life,
-    /// an unplug offlines the vCPU through the guest agent instead of removing it, and the
-    /// next plug of the slot onlines it again.
-    Offline,
-}
-
-impl VcpuState {
-    /// Every state, for metrics.
-    pub const ALL: [VcpuState; 7] = [
-        VcpuState::Absent,
-        VcpuState::Plugging,
-        VcpuState::Present,
-        VcpuState::Online,
-        VcpuState::Unplugging,
-        VcpuState::Failed,
-        VcpuState::Offline,
-    ];
-    /// The state's name as it appears in the API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VcpuState::Absent => "Absent",
-            VcpuState::Plugging => "Plugging",
-            VcpuState::Present => "Present",
-            VcpuState::Online => "Online",
-            VcpuState::Unplugging => "Unplugging",
-            VcpuState::Failed => "Failed",
-            VcpuState::Offline => "Offline",
-        }
-    }
-    /// Whether a vCPU occupies the slot in the guest (it counts toward the current size).
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            VcpuState::Plugging | VcpuState::Present | VcpuState::Online
-        )
-    }
-}
-
-/// One vCPU slot of the VM.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VcpuStatus {
-    /// Slot index: ((socket * cores) + core) * threads + thread.
-    pub index: u32,
-    /// Socket of the slot.
-    pub socket: u32,
-    /// Core within the socket.
-    pub core: u32,
-    /// Thread within the core.
-    pub thread: u32,
-    /// Virtual NUMA node of the slot (its socket).
-    pub numa_node: u32,
-    /// Plugging, Present, Online, Unplugging or Failed (an Absent slot is not listed).
-    pub state: VcpuState,
-    /// When the slot entered its state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<DateTime<Utc>>,
-    /// The guest's logical CPU number (cpuN) while present, as the guest agent reports it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_cpu: Option<u32>,
-}
-
-/// The last resize attempt.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LastResize {
-    /// vCPUs online before.
-    pub from: u32,
-    /// Target vCPUs.
-    pub to: u32,
-    /// When the attempt started.
-    pub started_at: DateTime<Utc>,
-    /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<DateTime<Utc>>,
-    /// Wall time of the attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seconds: Option<f64>,
-    /// Seconds until the VMM accepted the last plug or unplug (phase applied).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied_seconds: Option<f64>,
-    /// Seconds until the guest acknowledged the last plug or unplug (phase acked).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acked_seconds: Option<f64>,
-    /// Seconds until the guest had the new vCPUs online (phase online; plugs only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub online_seconds: Option<f64>,
-    /// Succeeded, Failed or InProgress.
-    pub result: ResizeResult,
-    /// What went wrong, when the result is Failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
-/// Outcome of a resize attempt.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum ResizeResult {
-    /// Still acting.
-    InProgress,
-    /// The guest reached the target.
-    Succeeded,
-    /// A step failed; see the message and the ResizeInProgress condition.
-    Failed,
 }
 
 impl VirtualMachineSpec {

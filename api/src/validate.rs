@@ -6,7 +6,7 @@
 //! message, and the running guest is left untouched.
 
 use crate::names::{is_dns_subdomain, is_label_key, is_label_value};
-use crate::types::{Arch, Granularity, VirtualMachineSpec, MAX_VCPUS};
+use crate::types::{Arch, Granularity, ResizeMethod, VirtualMachineSpec, MAX_VCPUS};
 use thiserror::Error;
 
 /// A spec field that breaks a rule. Messages name the field as `kubectl explain` does.
@@ -61,6 +61,9 @@ pub enum ValidationError {
     /// spec.memory is not a quantity in bounds.
     #[error("spec.memory must be a quantity between 64Mi and 1Ti, got {0:?}")]
     Memory(String),
+    /// aarch64 with resizeMethod Hotplug.
+    #[error("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs (it is with spec.resizeMethod GuestOnline)")]
+    ArmNeedsGuestOnline,
     /// ppc64le with an SMT mode POWER does not have.
     #[error("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes), got {0}")]
     PowerThreads(u32),
@@ -106,6 +109,9 @@ pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
             min: spec.min_cpus,
             cpus: spec.cpus,
         });
+    }
+    if spec.effective_arch() == Arch::Aarch64 && spec.resize_method != ResizeMethod::GuestOnline {
+        return Err(ValidationError::ArmNeedsGuestOnline);
     }
     if let Some(t) = spec.topology {
         range("spec.topology.sockets", t.sockets.into(), 1, 16)?;

@@ -172,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
         granularity: Granularity::Thread,
         placement: Placement::Packed,
         boot_vcpus: 1,
+        resize_method: corescale_api::ResizeMethod::Hotplug,
         memory_mib: 512,
         arch: Arch::X86_64,
         kernel: boot.kernel.clone(),

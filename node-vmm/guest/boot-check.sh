@@ -3,7 +3,7 @@
 # broken image fails its build with the console's last lines instead of reaching the tests
 # as a guest that never gets ready.
 #
-# Usage: node-vmm/guest/boot-check.sh --arch x86_64|ppc64le DIR
+# Usage: node-vmm/guest/boot-check.sh --arch x86_64|ppc64le|aarch64 DIR
 #   DIR holds vmlinux and initramfs.cpio.gz (build.sh's output, before it is published).
 #   Prints the seconds the agent took to answer on stdout.
 #
@@ -16,7 +16,7 @@ set -euo pipefail
 
 log() { printf 'guest/boot-check.sh: %s\n' "$*" >&2; }
 die() { printf 'guest/boot-check.sh: error: %s\n' "$*" >&2; exit 1; }
-usage() { printf 'usage: %s --arch x86_64|ppc64le DIR\n' "$0" >&2; exit 2; }
+usage() { printf 'usage: %s --arch x86_64|ppc64le|aarch64 DIR\n' "$0" >&2; exit 2; }
 ARCH=""
 DIR=""
 while [ $# -gt 0 ]; do
@@ -48,7 +48,15 @@ case $ARCH in
         AGENT_DEV=(-device virtio-serial-pci,id=agent-serial
                    -device virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0)
         ;;
-    *) die "--arch must be x86_64 or ppc64le, not '$ARCH'" ;;
+    aarch64)
+        QEMU=qemu-system-aarch64
+        MACHINE=(-machine virt,gic-version=3 -cpu cortex-a72)
+        CONSOLE=ttyAMA0
+        console_args() { echo -serial "file:$1"; }
+        AGENT_DEV=(-device virtio-serial-pci,id=agent-serial
+                   -device virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0)
+        ;;
+    *) die "--arch must be x86_64, ppc64le or aarch64, not '$ARCH'" ;;
 esac
 command -v "$QEMU" >/dev/null 2>&1 \
     || die "$QEMU is missing: every built image is booted once before it is cached (install QEMU 10: scripts/install-deps.sh)"

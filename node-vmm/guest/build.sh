@@ -4,10 +4,11 @@
 #   initramfs.cpio.gz  busybox-static + qemu-guest-agent (with its shared libraries) + /init
 #   manifest.json      kernel release, package versions, sha256 of the outputs, boot check
 #
-# Usage: node-vmm/guest/build.sh [--arch x86_64|ppc64le] [--no-boot-check] [OUTDIR]
+# Usage: node-vmm/guest/build.sh [--arch x86_64|ppc64le|aarch64] [--no-boot-check] [OUTDIR]
 #   --arch    x86_64 (default): linux-image-amd64's bzImage payload (PVH entry) for q35;
 #             ppc64le: linux-image-powerpc64le's vmlinux for QEMU's pseries machine
-#             (packages of the foreign architecture ppc64el; see below)
+#             (packages of the foreign architecture ppc64el; see below);
+#             aarch64: linux-image-arm64's Image (decompressed) for QEMU's virt machine
 #   OUTDIR    defaults to ${CORESCALE_CACHE:-$HOME/.cache/corescale}/guest/<arch>
 #   --no-boot-check  skip booting the new image (boot-check.sh) before publishing it: only
 #             for builders without QEMU whose next step checks it (the Dockerfile's guest
@@ -36,7 +37,7 @@ set -euo pipefail
 
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
 CACHE_DIR=${CORESCALE_CACHE:-$HOME/.cache/corescale}
-usage() { printf 'usage: %s [--arch x86_64|ppc64le] [--no-boot-check] [OUTDIR]\n' "$0" >&2; exit 2; }
+usage() { printf 'usage: %s [--arch x86_64|ppc64le|aarch64] [--no-boot-check] [OUTDIR]\n' "$0" >&2; exit 2; }
 ARCH=x86_64
 OUT=""
 BOOT_CHECK=1
@@ -106,7 +107,32 @@ done'
                   -o "Dir::State::status=/dev/null")
         mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
         ;;
-    *) die "--arch must be x86_64 or ppc64le, not '$ARCH'" ;;
+    aarch64)
+        # QEMU's virt machine, booted from the device tree (no firmware): the console is
+        # the PL011 (ttyAMA0), the agent a virtio-serial port as on POWER (virtio over
+        # the generic PCIe host bridge). virt cannot hot-plug CPUs: every CPU is present
+        # from boot and the node onlines them (resizeMethod GuestOnline).
+        DEB_ARCH=arm64; FLAVOUR=arm64; TRIPLET=aarch64-linux-gnu
+        AGENT_METHOD=virtio-serial
+        AGENT_PORT="the virtio-serial port org.qemu.guest_agent.0"
+        AGENT_MISSING="no virtio-serial port named org.qemu.guest_agent.0 (QEMU: -device virtio-serial-pci -device virtserialport,name=org.qemu.guest_agent.0)"
+        GUEST_MODULES="virtio_pci virtio_console"
+        AGENT_FIND='i=0
+while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for n in /sys/class/virtio-ports/*/name; do
+        [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename "$(dirname "$n")")
+    done
+    [ -n "$port" ] || sleep 0.02
+    i=$((i + 1))
+done'
+        KERNEL_CONFIG="CONFIG_SMP CONFIG_HOTPLUG_CPU CONFIG_DEVTMPFS CONFIG_RD_GZIP CONFIG_SERIAL_AMBA_PL011_CONSOLE CONFIG_PCI_HOST_GENERIC CONFIG_ARM_GIC_V3"
+        APT_DIR=$CACHE_DIR/apt-$DEB_ARCH
+        APT_OPTS=(-o "APT::Architectures::=$DEB_ARCH" -o "APT::Architecture=$DEB_ARCH"
+                  -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::Cache=$APT_DIR/cache"
+                  -o "Dir::State::status=/dev/null")
+        mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
+        ;;
+    *) die "--arch must be x86_64, ppc64le or aarch64, not '$ARCH'" ;;
 esac
 META_PKG=linux-image-$FLAVOUR
 
@@ -256,6 +282,20 @@ kernel_ppc64le() {
         || die "$k is not a PowerPC64 ELF kernel"
     readelf -h "$k" | grep -q 'little endian' || die "$k is not little endian (ppc64le)"
     cp "$k" "$WORK/vmlinux"
+}
+
+# aarch64: the package's vmlinuz is a gzip-compressed arm64 Image; QEMU's virt loads the
+# Image itself (no firmware), decompressed here once rather than at every boot.
+kernel_aarch64() {
+    local k=$X/boot/vmlinuz-$kver
+    [ -f "$k" ] || die "kernel image $k not found in $kernel_pkg"
+    case $(od -An -tx1 -N 2 "$k" | tr -d ' \n') in
+        1f8b) gzip -dc "$k" >"$WORK/vmlinux" ;;
+        *) cp "$k" "$WORK/vmlinux" ;;
+    esac
+    # The arm64 Image header's magic "ARM\x64" at offset 0x38.
+    [ "$(od -An -tx1 -j 56 -N 4 "$WORK/vmlinux" | tr -d ' \n')" = 41524d64 ] \
+        || die "$k is not an arm64 Image (no ARM\\x64 magic)"
 }
 
 kernel_$ARCH
@@ -415,6 +455,11 @@ sync
 exec /bin/poweroff -f
 SH
     power_files=("$R/sbin/poweroff")
+}
+power_aarch64() {
+    # virt without firmware has no ACPI power button; the node stops the guest through
+    # the agent (guest-shutdown) and, failing that, kills QEMU after its grace.
+    :
 }
 power_$ARCH
 

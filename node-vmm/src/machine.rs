@@ -22,6 +22,8 @@ use corescale_api::{Arch, SlotId, Topology};
 pub const X86_64_BINARY: &str = "qemu-system-x86_64";
 /// The POWER QEMU binary looked up in `PATH`.
 pub const PPC64_BINARY: &str = "qemu-system-ppc64";
+/// The 64-bit Arm QEMU binary looked up in `PATH`.
+pub const AARCH64_BINARY: &str = "qemu-system-aarch64";
 /// The x86_64 CPU model under TCG: with TCG's default AMD vendor string and no TOPOEXT,
 /// Linux ignores SMT siblings.
 pub const X86_64_TCG_CPU_MODEL: &str = "qemu64,vendor=GenuineIntel";
@@ -55,6 +57,10 @@ pub enum GuestCpuId {
     /// `/sys/devices/system/cpu/cpuN/physical_id`: the hard (interrupt server) id QEMU
     /// gives the thread, `core index * vsmt + thread`.
     PhysicalId,
+    /// The logical number is the slot: every CPU is present from boot (virt cannot
+    /// hot-plug), QEMU lists them in the device tree in slot order and Linux numbers them
+    /// in that order.
+    BootOrder,
 }
 
 /// The facts of one guest architecture.
@@ -75,6 +81,7 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => X86_64_BINARY,
             Arch::Ppc64le => PPC64_BINARY,
+            Arch::Aarch64 => AARCH64_BINARY,
         }
     }
 
@@ -83,6 +90,7 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => "install QEMU 10 or newer (Debian 12: qemu-system-x86 from bookworm-backports; scripts/install-deps.sh does it, as root)",
             Arch::Ppc64le => "install QEMU 10 or newer for POWER (Debian 12: qemu-system-ppc from bookworm-backports; scripts/install-deps.sh does it, as root)",
+            Arch::Aarch64 => "install QEMU 10 or newer for 64-bit Arm (Debian 12: qemu-system-arm from bookworm-backports; scripts/install-deps.sh does it, as root)",
         }
     }
 
@@ -93,6 +101,8 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => "q35",
             Arch::Ppc64le => "pseries,x-vof=on",
+            // GICv3: GICv2 addresses at most 8 CPUs.
+            Arch::Aarch64 => "virt,gic-version=3",
         }
     }
 
@@ -101,7 +111,7 @@ impl Machine {
     /// stay at QEMU's defaults.
     pub fn tcg_machine_caps(self) -> &'static str {
         match self.arch {
-            Arch::X86_64 => "",
+            Arch::X86_64 | Arch::Aarch64 => "",
             Arch::Ppc64le => ",cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
         }
     }
@@ -111,6 +121,8 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => X86_64_TCG_CPU_MODEL,
             Arch::Ppc64le => "POWER9",
+            // Not `max`: its pointer authentication is slow to emulate.
+            Arch::Aarch64 => "cortex-a72",
         }
     }
 
@@ -119,6 +131,7 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => "ttyS0",
             Arch::Ppc64le => "hvc0",
+            Arch::Aarch64 => "ttyAMA0",
         }
     }
 
@@ -134,7 +147,7 @@ impl Machine {
     /// IRQ follows the low bits of its reg: a reg far from this collides with the nvram's.
     pub fn console_args(self, log: &str, sock: &str) -> Vec<String> {
         match self.arch {
-            Arch::X86_64 => vec![
+            Arch::X86_64 | Arch::Aarch64 => vec![
                 "-chardev".into(),
                 format!("socket,id=con0,path={sock},server=on,wait=off,logfile={log}"),
                 "-serial".into(),
@@ -157,7 +170,7 @@ impl Machine {
     pub fn agent_port_args(self, distro: bool) -> Vec<String> {
         let devices: &[&str] = match self.arch {
             Arch::X86_64 if !distro => &["isa-serial,chardev=qga0"],
-            Arch::X86_64 | Arch::Ppc64le => &[
+            Arch::X86_64 | Arch::Ppc64le | Arch::Aarch64 => &[
                 "virtio-serial-pci,id=agent-serial",
                 "virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
             ],
@@ -168,10 +181,19 @@ impl Machine {
             .collect()
     }
 
+    /// Whether the machine can hot-plug CPUs (and answers `query-hotpluggable-cpus`):
+    /// arm64 `virt` cannot, so it runs under resizeMethod GuestOnline only.
+    pub fn cpu_hotplug(self) -> bool {
+        match self.arch {
+            Arch::X86_64 | Arch::Ppc64le => true,
+            Arch::Aarch64 => false,
+        }
+    }
+
     /// vCPUs in one hot-plug unit (one `device_add`).
     pub fn unit_threads(self, t: &Topology) -> u32 {
         match self.arch {
-            Arch::X86_64 => 1,
+            Arch::X86_64 | Arch::Aarch64 => 1,
             Arch::Ppc64le => t.threads.max(1),
         }
     }
@@ -180,7 +202,8 @@ impl Machine {
     pub fn insert_done(self) -> InsertDone {
         match self.arch {
             Arch::X86_64 => InsertDone::AcpiOst,
-            Arch::Ppc64le => InsertDone::DeviceAdded,
+            // virt never hot-plugs (GuestOnline only): no completion to wait for.
+            Arch::Ppc64le | Arch::Aarch64 => InsertDone::DeviceAdded,
         }
     }
 
@@ -188,7 +211,7 @@ impl Machine {
     pub fn eject_done(self) -> EjectDone {
         match self.arch {
             Arch::X86_64 => EjectDone::AcpiOst,
-            Arch::Ppc64le => EjectDone::DeviceDeleted,
+            Arch::Ppc64le | Arch::Aarch64 => EjectDone::DeviceDeleted,
         }
     }
 
@@ -197,6 +220,7 @@ impl Machine {
         match self.arch {
             Arch::X86_64 => GuestCpuId::ApicAndAcpi,
             Arch::Ppc64le => GuestCpuId::PhysicalId,
+            Arch::Aarch64 => GuestCpuId::BootOrder,
         }
     }
 
@@ -204,7 +228,8 @@ impl Machine {
     pub fn slot_of_props(self, t: &Topology, p: &CpuProps) -> Option<u32> {
         let get = |v: Option<i64>| u32::try_from(v.unwrap_or(0)).ok();
         match self.arch {
-            Arch::X86_64 => {
+            // virt lists socket/cluster/core/thread ids like q35 (one cluster per socket).
+            Arch::X86_64 | Arch::Aarch64 => {
                 let (s, c, th) = (get(p.socket_id)?, get(p.core_id)?, get(p.thread_id)?);
                 if s >= t.sockets || c >= t.cores || th >= t.threads {
                     return None;
@@ -223,7 +248,7 @@ impl Machine {
     /// The slot of one vCPU thread listed by `query-cpus-fast`.
     pub fn slot_of_thread(self, t: &Topology, props: &CpuProps, qom_path: &str) -> Option<u32> {
         match self.arch {
-            Arch::X86_64 => self.slot_of_props(t, props),
+            Arch::X86_64 | Arch::Aarch64 => self.slot_of_props(t, props),
             // Threads of a core are its children `.../thread[i]`.
             Arch::Ppc64le => {
                 let core = self.slot_of_props(t, props)?;
@@ -241,7 +266,7 @@ impl Machine {
     /// The `device_add` id of the unit whose first slot is `s`.
     pub fn device_id(self, s: &SlotId) -> String {
         match self.arch {
-            Arch::X86_64 => format!("cpu-s{}-c{}-t{}", s.socket, s.core, s.thread),
+            Arch::X86_64 | Arch::Aarch64 => format!("cpu-s{}-c{}-t{}", s.socket, s.core, s.thread),
             Arch::Ppc64le => format!("core-s{}-c{}", s.socket, s.core),
         }
     }
@@ -249,7 +274,7 @@ impl Machine {
     /// The `-numa cpu` settings that put socket `i` on NUMA node `i`.
     pub fn numa_cpu_args(self, t: &Topology) -> Vec<String> {
         match self.arch {
-            Arch::X86_64 => (0..t.sockets)
+            Arch::X86_64 | Arch::Aarch64 => (0..t.sockets)
                 .map(|i| format!("cpu,node-id={i},socket-id={i}"))
                 .collect(),
             // pseries CPUs have no socket-id: place each core.
@@ -294,6 +319,7 @@ pub fn host_arch() -> Option<Arch> {
     match (std::env::consts::ARCH, cfg!(target_endian = "little")) {
         ("x86_64", _) => Some(Arch::X86_64),
         ("powerpc64", true) => Some(Arch::Ppc64le),
+        ("aarch64", _) => Some(Arch::Aarch64),
         _ => None,
     }
 }
@@ -406,7 +432,7 @@ mod tests {
     #[test]
     fn only_the_host_arch_gets_kvm() {
         let other = match host_arch() {
-            Some(Arch::X86_64) | None => Arch::Ppc64le,
+            Some(Arch::X86_64) | Some(Arch::Aarch64) | None => Arch::Ppc64le,
             Some(Arch::Ppc64le) => Arch::X86_64,
         };
         assert_eq!(accel_for(other, Accel::Kvm), Accel::Tcg);

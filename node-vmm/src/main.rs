@@ -68,6 +68,13 @@ struct AgentArgs {
         default_value = "qemu-system-ppc64"
     )]
     qemu_ppc64: String,
+    /// QEMU binary for aarch64 guests (a name in PATH or a path).
+    #[arg(
+        long,
+        env = "CORESCALE_QEMU_AARCH64",
+        default_value = "qemu-system-aarch64"
+    )]
+    qemu_aarch64: String,
     /// Accelerator: auto (KVM when it can run guests, else TCG), kvm or tcg.
     #[arg(long, env = "CORESCALE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     accel: String,
@@ -144,6 +151,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             let mut cfg = QemuConfig::new(&args.state_dir, &args.launcher_socket);
             cfg.binary = args.qemu.clone();
             cfg.ppc64_binary = args.qemu_ppc64.clone();
+            cfg.aarch64_binary = args.qemu_aarch64.clone();
             cfg.accel = args.accel.clone();
             cfg.run_as_user = args.qemu_user.clone();
             let images = ImageDir::new(

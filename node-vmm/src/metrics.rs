@@ -1,9 +1,10 @@
 //! The node agent's Prometheus metrics (`corescale_` prefix). Per-VM series carry only
-//! `namespace` and `name` (bounded by the VMs of one node) plus small fixed label sets;
+//! `namespace` and `name` (bounded by the VMs of one node) plus small fixed label sets
+//! (`method` is the VM's spec.resizeMethod, Hotplug or GuestOnline, fixed for its life);
 //! a VM's series are removed when it leaves the node.
 
 use crate::backend::Direction;
-use corescale_api::Phase;
+use corescale_api::{Phase, ResizeMethod};
 use prometheus::core::{AtomicF64, GenericCounterVec};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use thiserror::Error;
@@ -17,10 +18,11 @@ pub enum MetricsError {
 }
 
 /// States exported by `corescale_vm_vcpus`.
-pub const VCPU_GAUGE_STATES: [&str; 6] = [
+pub const VCPU_GAUGE_STATES: [&str; 7] = [
     "desired",
     "online",
     "present",
+    "offline",
     "plugging",
     "unplugging",
     "max",
@@ -71,24 +73,24 @@ impl Metrics {
         let vcpus = IntGaugeVec::new(
             Opts::new(
                 "corescale_vm_vcpus",
-                "vCPUs of a VM by state: desired, online, present, plugging, unplugging, max.",
+                "vCPUs of a VM by state: desired, online, present, offline (present in the VMM, offline in the guest), plugging, unplugging, max; method is the VM's resize method.",
             ),
-            &["namespace", "name", "state"],
+            &["namespace", "name", "method", "state"],
         )?;
         let hotplug_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "corescale_vcpu_hotplug_duration_seconds",
-                "Time from the start of a vCPU plug or unplug to each phase: applied (VMM accepted), acked (guest ACPI acknowledgement), online (guest agent sees it online), total.",
+                "Time from the start of a vCPU plug or unplug to each phase: applied (VMM accepted, or the guest agent's online/offline call returned), acked (guest ACPI acknowledgement, or the agent lists the new state), online (guest agent sees it online), total; method Hotplug or GuestOnline.",
             )
             .buckets(latency_buckets()),
-            &["namespace", "name", "direction", "phase"],
+            &["namespace", "name", "method", "direction", "phase"],
         )?;
         let hotplug_ops = IntCounterVec::new(
             Opts::new(
                 "corescale_vcpu_hotplug_operations_total",
-                "vCPU plug and unplug operations by result.",
+                "vCPU plug and unplug operations (onlines and offlines under GuestOnline) by result.",
             ),
-            &["namespace", "name", "direction", "result"],
+            &["namespace", "name", "method", "direction", "result"],
         )?;
         let vcpu_cpu_seconds = GenericCounterVec::<AtomicF64>::new(
             Opts::new(
@@ -150,17 +152,18 @@ impl Metrics {
     }
 
     /// Create a VM's series with zero values, so counters start at zero.
-    pub fn register_vm(&self, ns: &str, name: &str) {
+    pub fn register_vm(&self, ns: &str, name: &str, method: ResizeMethod) {
+        let m = method.as_str();
         for d in [Direction::Plug, Direction::Unplug] {
             for r in RESULTS {
                 self.hotplug_ops
-                    .with_label_values(&[ns, name, d.as_str(), r]);
+                    .with_label_values(&[ns, name, m, d.as_str(), r]);
             }
             // Histogram series exist from the start too, so a VM's first resize is a rate
             // that dashboards can see rather than a series that appears with its sample.
             for p in PHASES {
                 self.hotplug_seconds
-                    .with_label_values(&[ns, name, d.as_str(), p]);
+                    .with_label_values(&[ns, name, m, d.as_str(), p]);
             }
         }
         for r in PENDING_REASONS {
@@ -174,19 +177,21 @@ impl Metrics {
 
     /// Remove every series of a VM that left the node (`max_vcpus`: its slot count).
     pub fn forget_vm(&self, ns: &str, name: &str, max_vcpus: u32) {
-        for st in VCPU_GAUGE_STATES {
-            let _ = self.vcpus.remove_label_values(&[ns, name, st]);
-        }
-        for d in [Direction::Plug, Direction::Unplug] {
-            for p in PHASES {
-                let _ = self
-                    .hotplug_seconds
-                    .remove_label_values(&[ns, name, d.as_str(), p]);
+        for m in ResizeMethod::ALL.map(ResizeMethod::as_str) {
+            for st in VCPU_GAUGE_STATES {
+                let _ = self.vcpus.remove_label_values(&[ns, name, m, st]);
             }
-            for r in RESULTS {
-                let _ = self
-                    .hotplug_ops
-                    .remove_label_values(&[ns, name, d.as_str(), r]);
+            for d in [Direction::Plug, Direction::Unplug] {
+                for p in PHASES {
+                    let _ = self
+                        .hotplug_seconds
+                        .remove_label_values(&[ns, name, m, d.as_str(), p]);
+                }
+                for r in RESULTS {
+                    let _ = self
+                        .hotplug_ops
+                        .remove_label_values(&[ns, name, m, d.as_str(), r]);
+                }
             }
         }
         for v in 0..max_vcpus {

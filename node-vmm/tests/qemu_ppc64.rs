@@ -128,3 +128,67 @@ async fn power_smt2_cores_2_4_2() {
     vm.stop(Duration::from_secs(20)).await.unwrap();
     env.shutdown().await;
 }
+
+/// resizeMethod GuestOnline on POWER: every core present from boot, the kernel's
+/// `maxcpus=1` onlines one; 1 -> 4 -> 2 -> 3 through the guest agent only, in the same
+/// QEMU, each step checked in the guest (online CPUs, hard ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_guest_online_1_4_2_3() {
+    let env = Env::new().await;
+    let t = Topology {
+        sockets: 1,
+        cores: 4,
+        threads: 1,
+    };
+    let spec = VmSpec {
+        resize_method: corescale_api::ResizeMethod::GuestOnline,
+        ..power_spec("power-online", t, Granularity::Thread, 1)
+    };
+    let (vm, _) = boot(&env, &spec).await;
+    let pid = vm.pid();
+    assert_eq!(
+        guest(&vm, "/sys/devices/system/cpu/present").await.trim(),
+        "0-3",
+        "every core is present from boot"
+    );
+    verify(&vm, 1).await;
+    let mut tr = Tracker::default();
+    let r = resize_to(&vm, &mut tr, 4).await;
+    assert_eq!(
+        steps(&r),
+        [
+            (1, Direction::Plug),
+            (2, Direction::Plug),
+            (3, Direction::Plug)
+        ]
+    );
+    check_hard_ids(&vm).await;
+    let r = resize_to(&vm, &mut tr, 2).await;
+    assert_eq!(steps(&r), [(3, Direction::Unplug), (2, Direction::Unplug)]);
+    let r = resize_to(&vm, &mut tr, 3).await;
+    assert_eq!(steps(&r), [(2, Direction::Plug)]);
+    check_hard_ids(&vm).await;
+    let states: Vec<VcpuState> = vm
+        .observe()
+        .await
+        .unwrap()
+        .slots
+        .iter()
+        .map(|s| s.state)
+        .collect();
+    use VcpuState::{Offline, Online};
+    assert_eq!(states, [Online, Online, Online, Offline]);
+    assert_eq!(vm.pid(), pid, "the same QEMU throughout");
+    let hp = vm
+        .qmp_command("query-hotpluggable-cpus", None)
+        .await
+        .unwrap();
+    assert!(
+        hp.as_array().unwrap().iter().all(|c| c["qom-path"]
+            .as_str()
+            .is_some_and(|p| !p.contains("peripheral"))),
+        "no core was hot-plugged: {hp}"
+    );
+    vm.stop(Duration::from_secs(20)).await.unwrap();
+    env.shutdown().await;
+}

@@ -3,6 +3,7 @@
 //! shows, whether it injects faults, and the function that runs it. Adding a scenario is a
 //! module file here and one line in the registry.
 
+mod aarch64;
 mod admission;
 mod agent_faults;
 mod budget;
@@ -189,6 +190,12 @@ pub const SCENARIOS: &[Scenario] = &[
         run: |s, _| Box::pin(ppc64le::ppc64le(s)),
     },
     Scenario {
+        name: "aarch64",
+        what: "an arm64 VM (virt, no CPU hot-plug) scaled 1 -> 3 -> 2 by GuestOnline, Events, metrics by method, deleted",
+        group: Main,
+        run: |s, _| Box::pin(aarch64::aarch64(s)),
+    },
+    Scenario {
         name: "delete",
         what: "deleting a VM stops its guest, removes the finalizer, leaves no QEMU",
         group: Main,
@@ -269,6 +276,7 @@ mod tests {
                 "delete-mid-resize",
                 "reschedule",
                 "ppc64le",
+                "aarch64",
                 "delete",
             ]
         );

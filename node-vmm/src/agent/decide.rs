@@ -1,11 +1,12 @@
 //! The node agent's decisions, pure: what a VM placed on this node needs next, whether a
 //! target fits, and which slots to act on. Unit-tested from fixtures.
 
-use crate::backend::{NodeCapacity, Observation};
+use crate::backend::{NodeCapacity, Observation, GUEST_ONLINE_NEEDS_AGENT};
 use chrono::{DateTime, Utc};
 use corescale_api::planner::{self, SlotView};
 use corescale_api::{
-    Plan, PlanError, RunStrategy, Topology, VcpuState, VirtualMachine, VirtualMachineSpec,
+    Plan, PlanError, ResizeMethod, RunStrategy, Topology, VcpuState, VirtualMachine,
+    VirtualMachineSpec,
 };
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -111,6 +112,15 @@ pub fn feasibility(
         ));
     }
     Feasibility::Fits
+}
+
+/// Why the VM's resize method cannot reach spec.cpus on this guest, if it cannot: under
+/// GuestOnline only the guest agent onlines and offlines vCPUs, so a guest whose agent
+/// does not answer cannot be resized at all (Infeasible, re-checked as the guest is
+/// observed again: an agent that starts later unblocks it).
+pub fn method_blocks(spec: &VirtualMachineSpec, guest_agent: bool, current: u32) -> Option<String> {
+    (spec.resize_method == ResizeMethod::GuestOnline && !guest_agent && spec.cpus != current)
+        .then(|| GUEST_ONLINE_NEEDS_AGENT.to_string())
 }
 
 /// Per-slot bookkeeping the agent keeps between observations: when each slot entered its
@@ -273,6 +283,25 @@ mod tests {
             Feasibility::Infeasible(m) => assert!(m.contains("above the VM's maximum of 4"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn guest_online_without_an_agent_is_infeasible_and_says_why() {
+        let v = vm("spec: {cpus: 3, resizeMethod: GuestOnline}");
+        let m = method_blocks(&v.spec, false, 1).expect("blocked");
+        assert!(
+            m.contains("qemu-guest-agent") && m.contains("resizeMethod Hotplug"),
+            "{m}"
+        );
+        assert_eq!(method_blocks(&v.spec, true, 1), None, "an agent answers");
+        assert_eq!(method_blocks(&v.spec, false, 3), None, "nothing to do");
+        let h = vm("spec: {cpus: 3}");
+        assert_eq!(h.spec.resize_method, ResizeMethod::Hotplug);
+        assert_eq!(
+            method_blocks(&h.spec, false, 1),
+            None,
+            "Hotplug needs no agent"
+        );
     }
 
     #[test]

@@ -9,10 +9,14 @@ pub mod qemu;
 pub mod sim;
 pub mod workload;
 
-use corescale_api::{Arch, Granularity, Placement, Plan, Topology, VcpuState};
+use corescale_api::{Arch, Granularity, Placement, Plan, ResizeMethod, Topology, VcpuState};
 use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
+
+/// Why a VM under `spec.resizeMethod: GuestOnline` whose guest agent does not answer cannot
+/// be resized (the backend's error and the agent's `Infeasible` message).
+pub const GUEST_ONLINE_NEEDS_AGENT: &str = "spec.resizeMethod GuestOnline onlines and offlines vCPUs through the guest agent, and this guest's agent does not answer: install and start qemu-guest-agent in the guest, or use resizeMethod Hotplug";
 
 /// Namespace and name of a VM: the key of everything per VM on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -66,8 +70,12 @@ pub struct VmSpec {
     pub granularity: Granularity,
     /// Which free slots a plug fills first.
     pub placement: Placement,
-    /// vCPUs present at boot (`-smp N` boots slots `0..N`).
+    /// vCPUs in use at boot: present (`-smp N` boots slots `0..N`) under Hotplug; online
+    /// (kernel `maxcpus=N`, every slot present) under GuestOnline.
     pub boot_vcpus: u32,
+    /// How a resize changes the vCPUs in use (absent in records of older agents: Hotplug).
+    #[serde(default)]
+    pub resize_method: ResizeMethod,
     /// Guest memory in MiB.
     pub memory_mib: u64,
     /// Guest architecture.
@@ -161,6 +169,10 @@ impl Observation {
                     guest_cpu: Some(step.guest_cpu?),
                     host_thread: None,
                 },
+                Direction::Unplug if step.acked.is_some() && step.kept_offline => SlotObservation {
+                    state: VcpuState::Offline,
+                    ..slot.clone()
+                },
                 Direction::Unplug if step.acked.is_some() => SlotObservation {
                     state: VcpuState::Absent,
                     guest_cpu: None,
@@ -222,6 +234,9 @@ pub struct StepReport {
     pub online: Option<Duration>,
     /// The guest's logical CPU of a plugged slot, as the agent saw it come online.
     pub guest_cpu: Option<u32>,
+    /// An unplug that offlined the vCPU in the guest and left it in the VMM (GuestOnline,
+    /// or a vCPU parked under TCG): the slot ends Offline, not Absent.
+    pub kept_offline: bool,
     /// The error of this step, if it failed.
     pub error: Option<BackendError>,
 }
@@ -513,6 +528,7 @@ mod tests {
             acked: Some(Duration::from_millis(40)),
             online: None,
             guest_cpu: None,
+            kept_offline: false,
             error: None,
         }
     }
@@ -537,6 +553,16 @@ mod tests {
         assert_eq!(after.slots[3].guest_cpu, Some(7));
         assert_eq!(after.slots[1].guest_cpu, None);
         assert_eq!(after.online(), 2);
+        // An unplug that only offlined the vCPU (GuestOnline, parked) leaves it Offline.
+        let kept = StepReport {
+            kept_offline: true,
+            ..step(1, Direction::Unplug)
+        };
+        let after = before
+            .after_steps(&ResizeReport { steps: vec![kept] })
+            .expect("clean step");
+        assert_eq!(after.slots[1].state, VcpuState::Offline);
+        assert_eq!(after.online(), 1);
     }
 
     #[test]

@@ -99,7 +99,12 @@ impl Backend for SimBackend {
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
         let n = usize::try_from(spec.topology.max_vcpus()).unwrap_or(0);
         let boot = usize::try_from(spec.boot_vcpus).unwrap_or(0);
-        let mut slots = vec![VcpuState::Absent; n];
+        // GuestOnline: every slot is present from boot, the unused ones offline.
+        let unused = match spec.resize_method {
+            corescale_api::ResizeMethod::Hotplug => VcpuState::Absent,
+            corescale_api::ResizeMethod::GuestOnline => VcpuState::Offline,
+        };
+        let mut slots = vec![unused; n];
         for s in slots.iter_mut().take(boot) {
             *s = VcpuState::Online;
         }
@@ -216,6 +221,7 @@ impl VmHandle for SimHandle {
                 acked: Some(acked),
                 online: Some(t0.elapsed()),
                 guest_cpu: Some(slot),
+                kept_offline: false,
                 error: None,
             });
         }
@@ -233,6 +239,7 @@ impl VmHandle for SimHandle {
                     acked: None,
                     online: None,
                     guest_cpu: None,
+                    kept_offline: false,
                     error: Some(BackendError::Timeout {
                         what: "release",
                         slot,
@@ -242,7 +249,13 @@ impl VmHandle for SimHandle {
                 continue;
             }
             tokio::time::sleep(d.acked).await;
-            self.set(slot, VcpuState::Absent);
+            self.set(
+                slot,
+                match self.0.spec.resize_method {
+                    corescale_api::ResizeMethod::Hotplug => VcpuState::Absent,
+                    corescale_api::ResizeMethod::GuestOnline => VcpuState::Offline,
+                },
+            );
             report.steps.push(StepReport {
                 slot,
                 direction: Direction::Unplug,
@@ -250,6 +263,7 @@ impl VmHandle for SimHandle {
                 acked: Some(t0.elapsed()),
                 online: None,
                 guest_cpu: None,
+                kept_offline: self.0.spec.resize_method == corescale_api::ResizeMethod::GuestOnline,
                 error: None,
             });
         }

@@ -119,6 +119,7 @@ pub fn spec(
         granularity,
         placement,
         boot_vcpus: boot,
+        resize_method: corescale_api::ResizeMethod::Hotplug,
         memory_mib: 256,
         arch: Arch::X86_64,
         kernel,
@@ -401,7 +402,9 @@ pub async fn check_guest_topology(vm: &QemuVm, obs: &Observation, slot: u32) -> 
         "/machine/peripheral/cpu-s{}-c{}-t{}",
         id.socket, id.core, id.thread
     );
-    if slot >= vm.spec().boot_vcpus {
+    if slot >= vm.spec().boot_vcpus
+        && vm.spec().resize_method == corescale_api::ResizeMethod::Hotplug
+    {
         let apic = vm
             .qmp_command(
                 "qom-get",

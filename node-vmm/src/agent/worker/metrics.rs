@@ -10,9 +10,10 @@ use corescale_api::{VcpuState, VirtualMachine, VirtualMachineStatus};
 
 impl Worker {
     /// Count each step of a resize, and time its phases.
-    pub(super) fn record_metrics(&self, report: &ResizeReport, _seconds: f64) {
+    pub(super) fn record_metrics(&self, vm: &VirtualMachine, report: &ResizeReport) {
         let m = &self.shared.metrics;
         let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
+        let method = vm.spec.resize_method.as_str();
         for s in &report.steps {
             let d = s.direction.as_str();
             let result = if s.error.is_some() {
@@ -21,7 +22,7 @@ impl Worker {
                 "success"
             };
             m.hotplug_ops
-                .with_label_values(&[ns, name, d, result])
+                .with_label_values(&[ns, name, method, d, result])
                 .inc();
             let phases = [
                 ("applied", s.applied),
@@ -31,7 +32,7 @@ impl Worker {
             for (p, v) in phases {
                 if let Some(v) = v {
                     m.hotplug_seconds
-                        .with_label_values(&[ns, name, d, p])
+                        .with_label_values(&[ns, name, method, d, p])
                         .observe(v.as_secs_f64());
                 }
             }
@@ -39,7 +40,7 @@ impl Worker {
                 let total = s.online.or(s.acked).or(s.applied);
                 if let Some(t) = total {
                     m.hotplug_seconds
-                        .with_label_values(&[ns, name, d, "total"])
+                        .with_label_values(&[ns, name, method, d, "total"])
                         .observe(t.as_secs_f64());
                 }
             }
@@ -83,12 +84,14 @@ impl Worker {
             ("desired", i64::from(vm.spec.cpus)),
             ("online", i64::from(status.cpus.unwrap_or(0))),
             ("present", present),
+            ("offline", count(VcpuState::Offline)),
             ("plugging", count(VcpuState::Plugging)),
             ("unplugging", count(VcpuState::Unplugging)),
             ("max", i64::from(decide::topology_of(vm).max_vcpus())),
         ];
+        let method = vm.spec.resize_method.as_str();
         for (state, v) in values {
-            m.vcpus.with_label_values(&[ns, name, state]).set(v);
+            m.vcpus.with_label_values(&[ns, name, method, state]).set(v);
         }
         m.set_phase(ns, name, self.g.phase);
         for reason in crate::metrics::PENDING_REASONS {

@@ -214,7 +214,6 @@ impl Worker {
         rx: watch::Receiver<Option<Arc<VirtualMachine>>>,
         adopted: Option<Box<dyn VmHandle>>,
     ) -> Self {
-        shared.metrics.register_vm(&key.namespace, &key.name);
         Worker {
             key,
             shared,
@@ -336,6 +335,12 @@ impl Worker {
     }
 
     fn seed_from(&mut self, vm: &VirtualMachine) {
+        if self.max_vcpus == 0 {
+            // The VM's series, labelled with its (immutable) resize method, once.
+            let (ns, name) = (&self.key.namespace, &self.key.name);
+            let method = vm.spec.resize_method;
+            self.shared.metrics.register_vm(ns, name, method);
+        }
         self.max_vcpus = decide::topology_of(vm).max_vcpus();
         if self.g.seeded {
             return;

@@ -227,7 +227,7 @@ impl Worker {
         };
         let finished = Utc::now();
         let seconds = begun.t0.elapsed().as_secs_f64();
-        self.record_metrics(report, seconds);
+        self.record_metrics(vm, report);
 
         // Slots whose step failed keep an honest state: a failed plug that the guest did
         // not get is Failed; a failed unplug that the guest still has stays Unplugging.

@@ -335,6 +335,7 @@ mod tests {
             acked: None,
             online: None,
             guest_cpu: None,
+            kept_offline: false,
             error,
         };
         let ok = ResizeReport {

@@ -108,17 +108,27 @@ impl Worker {
             current,
         );
         budget.hold(&self.key, current);
-        let pending = match feas {
-            Feasibility::Infeasible(msg) => Some((
+        let blocked = decide::method_blocks(&vm.spec, obs.guest_agent, current);
+        let pending = match (blocked, feas) {
+            // Looked at again with each observation: an agent that starts late unblocks it.
+            (Some(msg), _) => Some((
                 cond::REASON_INFEASIBLE,
                 EventType::Warning,
                 msg,
-                Next::Change,
+                Next::After(IDLE_OBSERVE),
             )),
-            Feasibility::Deferred(msg) => {
-                Some((cond::REASON_DEFERRED, EventType::Normal, msg, Next::Budget))
-            }
-            Feasibility::Fits => None,
+            (None, feas) => match feas {
+                Feasibility::Infeasible(msg) => Some((
+                    cond::REASON_INFEASIBLE,
+                    EventType::Warning,
+                    msg,
+                    Next::Change,
+                )),
+                Feasibility::Deferred(msg) => {
+                    Some((cond::REASON_DEFERRED, EventType::Normal, msg, Next::Budget))
+                }
+                Feasibility::Fits => None,
+            },
         };
         if let Some((reason, type_, msg, next)) = pending {
             set_condition(
@@ -419,6 +429,7 @@ pub fn vm_spec_of(
         granularity: vm.spec.granularity,
         placement: vm.spec.placement,
         boot_vcpus,
+        resize_method: vm.spec.resize_method,
         memory_mib: bytes / (1 << 20),
         arch: vm.spec.effective_arch(),
         kernel,

@@ -5,7 +5,7 @@ use super::QemuConfig;
 use crate::backend::{Accel, BackendError, VmSpec};
 use crate::launcher;
 use crate::machine::Machine;
-use corescale_api::{Arch, Granularity, MAX_VCPUS};
+use corescale_api::{Arch, Granularity, ResizeMethod, MAX_VCPUS};
 use std::path::{Path, PathBuf};
 
 /// The kernel command line the backend puts before the spec's.
@@ -81,6 +81,15 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), BackendError> {
             format!(
                 "{} hot-plugs whole cores ({} threads each): use granularity Core",
                 spec.arch, t.threads
+            ),
+        ));
+    }
+    if !Machine::of(spec.arch).cpu_hotplug() && spec.resize_method != ResizeMethod::GuestOnline {
+        return Err(invalid_spec(
+            "spec.resizeMethod",
+            format!(
+                "QEMU's {} machine cannot hot-plug CPUs: use resizeMethod GuestOnline",
+                Machine::of(spec.arch).machine_arg()
             ),
         ));
     }
@@ -185,11 +194,18 @@ pub fn qemu_argv(
         ]),
     }
     push(&["-m", &format!("{}M", spec.memory_mib)]);
+    // GuestOnline: every slot is present from boot; the kernel's `maxcpus=` (below) onlines
+    // only the first boot_vcpus, the rest stay present and offline until the agent onlines
+    // them.
+    let present = match spec.resize_method {
+        ResizeMethod::Hotplug => spec.boot_vcpus,
+        ResizeMethod::GuestOnline => t.max_vcpus(),
+    };
     push(&[
         "-smp",
         &format!(
             "{},maxcpus={},sockets={},cores={},threads={}",
-            spec.boot_vcpus,
+            present,
             t.max_vcpus(),
             t.sockets,
             t.cores,
@@ -216,11 +232,16 @@ pub fn qemu_argv(
         push(&["-initrd", &initrd.display().to_string()]);
     }
     let base = base_cmdline(m);
-    let append = if spec.cmdline.trim().is_empty() {
+    let mut append = if spec.cmdline.trim().is_empty() {
         base
     } else {
         format!("{base} {}", spec.cmdline.trim())
     };
+    // Last, so that it wins over a maxcpus= in spec.boot.cmdline (the kernel keeps the
+    // last value): the node's record of which vCPUs are offline depends on it.
+    if spec.resize_method == ResizeMethod::GuestOnline {
+        append.push_str(&format!(" maxcpus={}", spec.boot_vcpus));
+    }
     push(&["-append", &append]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     let console = m.console_args(&path(launcher::SERIAL_LOG), &path(launcher::CONSOLE_SOCK));
@@ -423,6 +444,58 @@ mod tests {
             assert!(s.contains(want), "{want:?} not in {s}");
         }
         assert!(!s.contains("isa-serial,chardev=qga0"), "{s}");
+    }
+
+    #[test]
+    fn guest_online_boots_every_slot_with_the_target_online() {
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let mut g = spec(2, 2, 2, 2);
+        g.granularity = Granularity::Core;
+        g.resize_method = ResizeMethod::GuestOnline;
+        g.cmdline = "maxcpus=8 quiet".into();
+        let s = qemu_argv(&g, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        assert!(
+            s.contains("-smp 8,maxcpus=8,sockets=2,cores=2,threads=2"),
+            "{s}"
+        );
+        assert!(
+            s.contains("-append console=ttyS0 panic=-1 maxcpus=8 quiet maxcpus=2 -"),
+            "the node's maxcpus= comes last: {s}"
+        );
+        // Hotplug keeps the kernel's own choice.
+        g.resize_method = ResizeMethod::Hotplug;
+        let s = qemu_argv(&g, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        assert!(
+            s.contains("-smp 2,maxcpus=8") && !s.contains("maxcpus=2 "),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn arm_runs_virt_with_every_slot_and_a_virtio_agent() {
+        let cfg = QemuConfig::new("/state", "/run/l.sock");
+        let mut a = spec(2, 2, 1, 1);
+        a.arch = Arch::Aarch64;
+        let e = validate_spec(&a).unwrap_err();
+        assert!(e.to_string().starts_with("spec.resizeMethod:"), "{e}");
+        a.resize_method = ResizeMethod::GuestOnline;
+        let s = qemu_argv(&a, &cfg, Path::new("q"), Path::new("/d"))
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-machine virt,gic-version=3 -accel tcg,thread=multi -cpu cortex-a72",
+            "-smp 4,maxcpus=4,sockets=2,cores=2,threads=1",
+            "-numa cpu,node-id=1,socket-id=1",
+            "-append console=ttyAMA0 panic=-1 quiet maxcpus=1",
+            "-device virtio-serial-pci,id=agent-serial -device virtserialport,bus=agent-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ] {
+            assert!(s.contains(want), "{want:?} not in {s}");
+        }
+        assert_eq!(cfg.binary_for(Arch::Aarch64), "qemu-system-aarch64");
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl QemuVm {
     ) -> Result<Option<u32>, QgaError> {
         let t = &self.spec.topology;
         let path = match self.machine.guest_cpu_id() {
+            GuestCpuId::BootOrder => return Ok(Some(logical).filter(|s| *s < t.max_vcpus())),
             GuestCpuId::ApicAndAcpi => {
                 format!("/sys/devices/system/cpu/cpu{logical}/firmware_node/path")
             }
@@ -200,6 +201,7 @@ impl QemuVm {
                     Ok(id) => self.machine.slot_of_hard_id(t, self.vsmt().await, id),
                     Err(_) => None,
                 },
+                GuestCpuId::BootOrder => None,
             }),
             Err(QgaError::Refused { desc, .. }) => {
                 tracing::debug!(vm = %self.key, logical, desc, "no ACPI path for a guest CPU");

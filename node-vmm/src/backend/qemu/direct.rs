@@ -320,6 +320,39 @@ impl DirectClient {
         Ok(t0.elapsed())
     }
 
+    /// Online (or offline) present guest CPUs the shortest way, as under GuestOnline: one
+    /// `guest-set-vcpus` for all of `logical` (done when it reports all changed, else
+    /// `guest-get-vcpus` until it lists them so). Returns the time it took.
+    pub fn set_online_many(
+        &mut self,
+        logical: &[u64],
+        online: bool,
+    ) -> Result<Duration, DirectError> {
+        let t0 = Instant::now();
+        let set: Vec<Value> = logical
+            .iter()
+            .map(|l| json!({"logical-id": l, "online": online}))
+            .collect();
+        let done = self.qga_cmd("guest-set-vcpus", json!({ "vcpus": set }))?;
+        // Every CPU changed: each sysfs write returned after the kernel did it.
+        if done.as_u64() == u64::try_from(logical.len()).ok() {
+            return Ok(t0.elapsed());
+        }
+        while !self
+            .vcpus()?
+            .into_iter()
+            .filter(|(l, _)| logical.contains(l))
+            .all(|(_, on)| on == online)
+        {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(DirectError::Protocol(format!(
+                    "the guest did not set CPUs {logical:?} online={online} within 30 s"
+                )));
+            }
+        }
+        Ok(t0.elapsed())
+    }
+
     /// Wait for a successful `ACPI_DEVICE_OST` of `source` from every slot of `slots`
     /// (events that came while a command ran are in the stream as well).
     fn wait_osts(&mut self, slots: &[String], source: i64) -> Result<(), DirectError> {

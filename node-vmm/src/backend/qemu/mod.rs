@@ -50,6 +50,15 @@
 //! CPU meanwhile. The map is kept between operations and rebuilt by `observe` whenever the
 //! guest's CPU set is not the one it was built for.
 //!
+//! # GuestOnline
+//!
+//! Under `spec.resizeMethod: GuestOnline` QEMU boots with every slot present
+//! (`-smp max,maxcpus=max`) and the kernel's `maxcpus=<boot>` onlines only the first boot
+//! vCPUs; the others are present, offline and recorded parked from the start. A resize
+//! never sends `device_add` or `device_del`: it is the parking mechanism (`park`) in both
+//! directions, one `guest-set-vcpus` per direction, confirmed by `guest-get-vcpus`. A
+//! guest without an agent cannot be resized this way (the agent reports it Infeasible).
+//!
 //! # Files
 //!
 //! This module holds [`QemuConfig`] and [`QemuBackend`] (starting, adopting, listing and
@@ -83,7 +92,7 @@ pub use vm::QemuVm;
 use crate::backend::{Accel, Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
 use crate::machine::Machine;
-use corescale_api::Arch;
+use corescale_api::{Arch, ResizeMethod};
 use persisted::{load_persisted, store_persisted, Persisted};
 use qmp::QmpClient;
 use std::os::unix::fs::DirBuilderExt;
@@ -105,6 +114,8 @@ pub struct QemuConfig {
     pub binary: String,
     /// QEMU binary for ppc64le guests.
     pub ppc64_binary: String,
+    /// QEMU binary for aarch64 guests.
+    pub aarch64_binary: String,
     /// Where the per-VM directories are (`<state>/<namespace>/<name>/`); the launcher's.
     pub state_dir: PathBuf,
     /// The launcher's socket.
@@ -133,6 +144,7 @@ impl QemuConfig {
         QemuConfig {
             binary: DEFAULT_BINARY.into(),
             ppc64_binary: crate::machine::PPC64_BINARY.into(),
+            aarch64_binary: crate::machine::AARCH64_BINARY.into(),
             state_dir: state_dir.into(),
             launcher_socket: launcher_socket.into(),
             run_as_user: None,
@@ -151,6 +163,7 @@ impl QemuConfig {
         match arch {
             Arch::X86_64 => &self.binary,
             Arch::Ppc64le => &self.ppc64_binary,
+            Arch::Aarch64 => &self.aarch64_binary,
         }
     }
 
@@ -283,10 +296,20 @@ impl QemuBackend {
             .spawn(&key.namespace, &key.name, argv, spec_json)
             .await
             .map_err(launcher_err)?;
-        let st = Persisted {
-            uid: spec.uid.clone(),
-            vcpu_threads_created: spec.boot_vcpus,
-            ..Default::default()
+        let st = match spec.resize_method {
+            ResizeMethod::Hotplug => Persisted {
+                uid: spec.uid.clone(),
+                vcpu_threads_created: spec.boot_vcpus,
+                ..Default::default()
+            },
+            // Every slot's thread exists from boot; the kernel (`maxcpus=`) left all but
+            // the first boot_vcpus offline: they start parked.
+            ResizeMethod::GuestOnline => Persisted {
+                uid: spec.uid.clone(),
+                vcpu_threads_created: spec.topology.max_vcpus(),
+                parked: (spec.boot_vcpus..spec.topology.max_vcpus()).collect(),
+                ..Default::default()
+            },
         };
         // A VMM whose state cannot be recorded (or that never answers) is not left running:
         // the next start would find it in the way.
@@ -558,6 +581,7 @@ fn test_spec(sockets: u32, cores: u32, threads: u32, boot: u32) -> VmSpec {
         granularity: Granularity::Thread,
         placement: Placement::Packed,
         boot_vcpus: boot,
+        resize_method: corescale_api::ResizeMethod::Hotplug,
         memory_mib: 256,
         arch: Arch::X86_64,
         kernel: "/img/vmlinux".into(),

@@ -4,7 +4,7 @@
 use super::cpumap::AgentView;
 use super::vm::{Ops, QemuVm};
 use crate::backend::{BackendError, Observation, SlotObservation};
-use corescale_api::VcpuState;
+use corescale_api::{ResizeMethod, VcpuState};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -90,6 +90,7 @@ impl QemuVm {
                 self.persist(&ops.st);
             }
         }
+        let guest_online = self.spec.resize_method == ResizeMethod::GuestOnline;
         let mut out = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let entry = hp.get(&s.index);
@@ -103,6 +104,9 @@ impl QemuVm {
                 (true, _) if ops.st.parked.contains(&s.index) => VcpuState::Offline,
                 (true, Some(_)) => match mapped {
                     Some((_, true)) => VcpuState::Online,
+                    // Under GuestOnline a present vCPU the guest keeps offline is one not
+                    // in use, whoever offlined it.
+                    Some((_, false)) if guest_online => VcpuState::Offline,
                     Some((_, false)) => VcpuState::Present,
                     None => VcpuState::Plugging,
                 },

@@ -9,11 +9,18 @@
 //! thread sleeps); a later plug of that slot onlines it again, in one agent round trip and
 //! with no new thread. A guest without an agent cannot offline a vCPU on request, so its
 //! unplugs remove the vCPU as under KVM. Under KVM nothing is parked.
+//!
+//! `spec.resizeMethod: GuestOnline` is this mechanism as the only one, under any
+//! accelerator: every slot is present from boot, unused ones parked, and a resize parks
+//! and unparks ([`QemuVm::guest_online_plan`]); nothing is ever removed or added.
 
 use super::resize::left;
 use super::vm::{Ops, QemuVm};
-use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
+use crate::backend::{
+    Accel, BackendError, Direction, ResizeOptions, StepReport, GUEST_ONLINE_NEEDS_AGENT,
+};
 use crate::secs;
+use corescale_api::{Plan, ResizeMethod};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,6 +36,66 @@ impl QemuVm {
             .max_vcpus()
             .saturating_sub(ops.st.vcpu_threads_created);
         self.spec.accel == Accel::Tcg && self.ready.load(Ordering::Relaxed) && left < removing
+    }
+
+    /// A resize under GuestOnline: the plan's unplugs are parked (offlined in the guest, one
+    /// agent call) and its plugs unparked (onlined, one agent call). Without an agent that
+    /// answers nothing can be done, and every step says so.
+    pub(super) async fn guest_online_plan(
+        &self,
+        ops: &mut Ops,
+        plan: &Plan,
+        opts: &ResizeOptions,
+    ) -> Vec<StepReport> {
+        debug_assert_eq!(self.spec.resize_method, ResizeMethod::GuestOnline);
+        let fail = |slots: &[u32], d: Direction, e: &BackendError| {
+            let mut steps = Self::steps(slots, d);
+            for st in &mut steps {
+                st.error = Some(e.clone());
+            }
+            steps
+        };
+        let fail_all = |e: BackendError| {
+            let mut steps = fail(&plan.unplug, Direction::Unplug, &e);
+            steps.extend(fail(&plan.plug, Direction::Plug, &e));
+            steps
+        };
+        if !self.has_agent(ops).await {
+            return fail_all(BackendError::GuestAgent(GUEST_ONLINE_NEEDS_AGENT.into()));
+        }
+        // Every slot is present: map every guest CPU to its slot first when the map does
+        // not cover the plan's slots yet (an adopted handle starts with an empty map).
+        let acted = plan.unplug.iter().chain(&plan.plug);
+        if acted.clone().any(|&s| ops.map.slot_logical(s).is_none()) {
+            let present: Vec<u32> = (0..self.spec.topology.max_vcpus()).collect();
+            let budget = self.cfg.agent_timeout.max(Duration::from_secs(5));
+            if let Err(e) = self.agent_view(ops, &present, budget).await {
+                return fail_all(Self::qga_err(e));
+            }
+            if let Some(s) = acted.clone().find(|&&s| ops.map.slot_logical(s).is_none()) {
+                return fail_all(BackendError::GuestAgent(format!(
+                    "the guest lists no CPU for vCPU slot {s}: is the guest's kernel the one booted with every slot present?"
+                )));
+            }
+        }
+        let mut steps = Vec::new();
+        if !plan.unplug.is_empty() {
+            match self.park(ops, &plan.unplug, opts).await {
+                Some(s) => steps.extend(s),
+                None => steps.extend(fail(
+                    &plan.unplug,
+                    Direction::Unplug,
+                    &BackendError::GuestAgent(format!(
+                        "the guest agent could not offline vCPU slots {:?} (guest-set-vcpus refused; see the node's log); they stay online",
+                        plan.unplug
+                    )),
+                )),
+            }
+        }
+        if !plan.plug.is_empty() {
+            steps.extend(self.unpark(ops, &plan.plug, opts).await);
+        }
+        steps
     }
 
     /// Park every slot of `unit` (a whole batch): offline each through the agent and wait until the guest
@@ -50,20 +117,24 @@ impl QemuVm {
         let t0 = Instant::now();
         let deadline = t0 + opts.unplug_timeout;
         let changes: Vec<(u32, bool)> = logical.iter().map(|&l| (l, false)).collect();
-        if let Err(e) = ops.qga.set_vcpus(&changes, left(deadline)).await {
-            tracing::warn!(vm = %self.key, error = %e, "cannot offline through the agent; removing the vCPUs instead");
-            return None;
-        }
+        let done = match ops.qga.set_vcpus(&changes, left(deadline)).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(vm = %self.key, error = %e, "cannot offline through the agent");
+                return None;
+            }
+        };
         let applied = t0.elapsed();
         let mut steps = Self::steps(unit, Direction::Unplug);
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), false, (t0, deadline))
+            .confirm_online_state(ops, (unit[0], &logical), (false, done), (t0, deadline))
             .await;
         for (st, &slot) in steps.iter_mut().zip(unit) {
             st.applied = Some(applied);
             match &confirmed {
                 Ok(at) => {
                     st.acked = Some(*at - t0);
+                    st.kept_offline = true;
                     ops.st.parked.insert(slot);
                     ops.st.plugging.remove(&slot);
                     ops.st.unplugging.remove(&slot);
@@ -105,13 +176,16 @@ impl QemuVm {
             return steps;
         };
         let changes: Vec<(u32, bool)> = logical.iter().map(|&l| (l, true)).collect();
-        if let Err(e) = ops.qga.set_vcpus(&changes, left(deadline)).await {
-            fail(&mut steps, Self::qga_err(e));
-            return steps;
-        }
+        let done = match ops.qga.set_vcpus(&changes, left(deadline)).await {
+            Ok(n) => n,
+            Err(e) => {
+                fail(&mut steps, Self::qga_err(e));
+                return steps;
+            }
+        };
         let applied = t0.elapsed();
         let confirmed = self
-            .wait_online_state(ops, (unit[0], &logical), true, (t0, deadline))
+            .confirm_online_state(ops, (unit[0], &logical), (true, done), (t0, deadline))
             .await;
         for ((st, &slot), &l) in steps.iter_mut().zip(unit).zip(&logical) {
             st.applied = Some(applied);
@@ -127,6 +201,26 @@ impl QemuVm {
         }
         self.persist(&ops.st);
         steps
+    }
+
+    /// When every CPU of `logical` was `online` (or offline), given that `guest-set-vcpus`
+    /// reported `done` of them changed. The agent writes each CPU's sysfs `online` file,
+    /// and that write returns once the kernel has brought the CPU up (or down), so all of
+    /// them done is the guest's own confirmation: no second round trip (`guest-get-vcpus`
+    /// reads every present CPU's file, which under GuestOnline is every slot). Otherwise
+    /// the agent is polled.
+    async fn confirm_online_state(
+        &self,
+        ops: &mut Ops,
+        (slot, logical): (u32, &[u32]),
+        (online, done): (bool, u32),
+        times: (Instant, Instant),
+    ) -> Result<Instant, BackendError> {
+        if usize::try_from(done).is_ok_and(|d| d == logical.len()) {
+            return Ok(Instant::now());
+        }
+        self.wait_online_state(ops, (slot, logical), online, times)
+            .await
     }
 
     /// Poll the agent until every CPU of `logical` is `online` (or offline); when it was.

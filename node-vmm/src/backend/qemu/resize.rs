@@ -3,7 +3,7 @@
 
 use super::vm::QemuVm;
 use crate::backend::{BackendError, Direction, ResizeOptions, ResizeReport, StepReport, VmSpec};
-use corescale_api::{Granularity, Plan};
+use corescale_api::{Granularity, Plan, ResizeMethod};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,7 @@ impl QemuVm {
             acked: None,
             online: None,
             guest_cpu: None,
+            kept_offline: false,
             error: None,
         }
     }
@@ -110,6 +111,11 @@ impl QemuVm {
                 return report;
             }
         };
+        if self.spec.resize_method == ResizeMethod::GuestOnline {
+            report.steps = self.guest_online_plan(&mut ops, plan, &opts).await;
+            self.log_steps(&report);
+            return report;
+        }
         let cached = ops.hp.take();
         let mut hp = match cached {
             Some(hp) => hp,
@@ -181,6 +187,11 @@ impl QemuVm {
         if report.steps.iter().all(|s| s.error.is_none()) {
             ops.hp = Some(hp);
         }
+        self.log_steps(&report);
+        report
+    }
+
+    fn log_steps(&self, report: &ResizeReport) {
         for s in &report.steps {
             tracing::info!(
                 vm = %self.key, slot = s.slot, direction = s.direction.as_str(),
@@ -189,7 +200,6 @@ impl QemuVm {
                 "resize step"
             );
         }
-        report
     }
 }
 

@@ -288,11 +288,27 @@ impl QemuVm {
     pub(super) async fn hotpluggable(
         &self,
     ) -> Result<BTreeMap<u32, HotpluggableCpu>, BackendError> {
-        let list = self
-            .qmp
-            .query_hotpluggable_cpus(self.cfg.qmp_timeout)
-            .await
-            .map_err(|e| self.qmp_err(e))?;
+        let list = if self.machine.cpu_hotplug() {
+            self.qmp
+                .query_hotpluggable_cpus(self.cfg.qmp_timeout)
+                .await
+                .map_err(|e| self.qmp_err(e))?
+        } else {
+            // A machine without CPU hot-plug (arm virt) refuses query-hotpluggable-cpus;
+            // its CPUs are all there from boot, and query-cpus-fast lists them.
+            self.qmp
+                .query_cpus_fast(self.cfg.qmp_timeout)
+                .await
+                .map_err(|e| self.qmp_err(e))?
+                .into_iter()
+                .map(|c| HotpluggableCpu {
+                    type_: String::new(),
+                    vcpus_count: 1,
+                    props: c.props,
+                    qom_path: Some(c.qom_path),
+                })
+                .collect()
+        };
         let t = &self.spec.topology;
         let per_unit = self.machine.unit_threads(t);
         let mut out = BTreeMap::new();
