@@ -229,6 +229,19 @@ mod tests {
             real_root.join("sub/k2")
         );
 
+        // Disk images resolve the same way: a symlink leaves the directory, a versioned
+        // image behind a symlink resolves to the versioned file.
+        let e = img.resolve_disk_image(2, "escape").unwrap_err();
+        assert!(
+            e.to_string().starts_with("spec.disks[2].image:")
+                && e.to_string().contains("leads outside"),
+            "{e}"
+        );
+        assert_eq!(
+            img.resolve_disk_image(0, "inside").unwrap(),
+            real_root.join("sub/k2")
+        );
+
         for (k, i, field, needle) in [
             (Some("/etc/passwd"), None, KERNEL_FIELD, "absolute path"),
             (Some("../secret"), None, KERNEL_FIELD, "contains '..'"),

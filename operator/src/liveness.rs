@@ -17,7 +17,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -57,7 +57,7 @@ impl Liveness {
             .and_then(|s| s.lease_duration_seconds)
             .and_then(|s| u64::try_from(s).ok())
             .map_or(Duration::ZERO, Duration::from_secs);
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = inner.seen.entry(l.name_any()).or_insert(Seen {
             renew: None,
             at: now,
@@ -101,7 +101,7 @@ impl Liveness {
         if !held {
             return false;
         }
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(seen) = inner.seen.get(&l.name_any()) else {
             return false;
         };

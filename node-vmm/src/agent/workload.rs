@@ -174,3 +174,35 @@ pub fn disks_left_behind(vm: &VirtualMachine, node: &str) -> Vec<String> {
     nodes.dedup();
     nodes
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_left_on_other_nodes_are_named_once() {
+        let mut vm = VirtualMachine::new(
+            "web",
+            serde_json::from_value(serde_json::json!({"cpus": 1})).unwrap(),
+        );
+        assert!(
+            disks_left_behind(&vm, "node-b").is_empty(),
+            "no status, nothing behind"
+        );
+        vm.status = Some(corescale_api::VirtualMachineStatus {
+            disks: ["root", "data"]
+                .iter()
+                .map(|n| corescale_api::DiskStatus {
+                    name: (*n).into(),
+                    node: "node-a".into(),
+                })
+                .collect(),
+            ..Default::default()
+        });
+        assert_eq!(disks_left_behind(&vm, "node-b"), ["node-a"]);
+        assert!(
+            disks_left_behind(&vm, "node-a").is_empty(),
+            "its own node keeps them"
+        );
+    }
+}

@@ -416,10 +416,10 @@ pub fn vm_spec_of(
     initrd: Option<std::path::PathBuf>,
 ) -> Result<VmSpec, BackendError> {
     let bytes = corescale_api::validate::parse_quantity(&vm.spec.memory.0).ok_or_else(|| {
-        BackendError::InvalidPlan(format!(
-            "spec.memory {:?} is not a quantity",
-            vm.spec.memory.0
-        ))
+        BackendError::InvalidSpec {
+            field: "spec.memory",
+            message: format!("{:?} is not a quantity of bytes", vm.spec.memory.0),
+        }
     })?;
     Ok(VmSpec {
         namespace: vm.namespace().unwrap_or_default(),
