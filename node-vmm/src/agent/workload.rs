@@ -131,11 +131,16 @@ pub async fn seed_of(
     }))
 }
 
-/// The VM's forwarded ports on this node: the ports the status shows from an earlier start
-/// are taken again when still free.
-pub fn ports_of(shared: &Shared, vm: &VirtualMachine) -> Result<Vec<PortForward>, BackendError> {
+/// The VM's forwarded ports on this node: the ports of the guest's last start (`last`,
+/// or else what the status shows) are taken again when still free.
+pub fn ports_of(
+    shared: &Shared,
+    vm: &VirtualMachine,
+    last: &[PortForward],
+) -> Result<Vec<PortForward>, BackendError> {
     let addr = shared.config.port_address;
-    let keep: Vec<PortForward> = vm
+    let mut keep: Vec<PortForward> = last.to_vec();
+    let from_status: Vec<PortForward> = vm
         .status
         .as_ref()
         .map(|s| {
@@ -153,6 +158,7 @@ pub fn ports_of(shared: &Shared, vm: &VirtualMachine) -> Result<Vec<PortForward>
                 .collect()
         })
         .unwrap_or_default();
+    keep.extend(from_status);
     forwards_for(&vm.spec.ports, addr, &keep)
 }
 

@@ -172,6 +172,9 @@ struct GuestState {
     last_applied: Option<serde_json::Value>,
     /// Per-vCPU CPU seconds last read, by slot.
     cpu_seen: HashMap<u32, f64>,
+    /// The forwarded ports of the guest's last start: a restart takes them again while
+    /// they are free (status may have dropped them by then).
+    ports: Vec<crate::backend::workload::PortForward>,
 }
 
 impl GuestState {
@@ -187,6 +190,7 @@ impl GuestState {
             failures: 0,
             last_applied: None,
             cpu_seen: HashMap::new(),
+            ports: Vec::new(),
         }
     }
 }

@@ -285,6 +285,7 @@ impl Worker {
                 // new guest's book.
                 let seed = std::mem::take(&mut self.g.seed);
                 self.g.vmm = Some(Vmm::new(h, seed));
+                self.g.ports.clone_from(&spec.ports);
                 self.g.phase = Phase::Starting;
                 budget.hold(&self.key, boot);
                 set_condition(
@@ -353,7 +354,7 @@ impl Worker {
     ) -> Result<VmSpec, BackendError> {
         spec.disks = workload::disks_of(&self.shared, vm)?;
         spec.seed = workload::seed_of(&self.shared, vm).await?;
-        spec.ports = workload::ports_of(&self.shared, vm)?;
+        spec.ports = workload::ports_of(&self.shared, vm, &self.g.ports)?;
         Ok(spec)
     }
 
