@@ -12,7 +12,7 @@ pub mod types;
 pub mod validate;
 pub mod workload;
 
-pub use planner::{plan, Plan, PlanError, PlanInput, SlotId, SlotView};
+pub use planner::{plan, Plan, PlanError, PlanInput, SlotId, SlotView, Unit};
 pub use types::*;
 pub use validate::{validate_spec, ValidationError};
 pub use workload::{CloudInit, Disk, DiskStatus, GuestInfo, Port, PortStatus, Protocol, SecretRef};

@@ -5,6 +5,7 @@
 //! leases. Its capacity travels in annotations on that Lease, so one object carries both
 //! "alive" and "how much room". Pure parsing here; the I/O lives in the agent and operator.
 
+use crate::types::Arch;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -43,8 +44,9 @@ pub struct NodeAnnouncement {
     pub max_vcpus_per_vm: u32,
     /// kvm or tcg.
     pub accelerator: String,
-    /// Architectures, e.g. ["x86_64"].
-    pub arches: Vec<String>,
+    /// Guest architectures it runs (one this version does not know, announced by a newer
+    /// agent, is left out when read).
+    pub arches: Vec<Arch>,
     /// Agent version.
     pub version: String,
 }
@@ -83,7 +85,14 @@ impl NodeAnnouncement {
             (ANN_HOST_CPUS.to_string(), self.host_cpus.to_string()),
             (ANN_MAX_VCPUS.to_string(), self.max_vcpus_per_vm.to_string()),
             (ANN_ACCEL.to_string(), self.accelerator.clone()),
-            (ANN_ARCHES.to_string(), self.arches.join(",")),
+            (
+                ANN_ARCHES.to_string(),
+                self.arches
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             (ANN_VERSION.to_string(), self.version.clone()),
         ])
     }
@@ -120,8 +129,7 @@ impl NodeAnnouncement {
             arches: get(ANN_ARCHES)?
                 .split(',')
                 .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
+                .filter_map(|s| s.parse().ok())
                 .collect(),
             version: ann.get(ANN_VERSION).cloned().unwrap_or_default(),
         })
@@ -140,11 +148,20 @@ mod tests {
             host_cpus: 2,
             max_vcpus_per_vm: 255,
             accelerator: "tcg".into(),
-            arches: vec!["x86_64".into()],
+            arches: vec![Arch::X86_64, Arch::Aarch64],
             version: "0.1.0".into(),
         };
         let ann = a.to_annotations();
+        assert_eq!(ann[ANN_ARCHES], "x86_64,aarch64");
         assert_eq!(NodeAnnouncement::from_lease(&lease_name("n1"), &ann), Ok(a));
+        let mut newer = ann.clone();
+        newer.insert(ANN_ARCHES.into(), "riscv64, x86_64".into());
+        let read = NodeAnnouncement::from_lease(&lease_name("n1"), &newer).unwrap();
+        assert_eq!(
+            read.arches,
+            [Arch::X86_64],
+            "an unknown architecture is left out"
+        );
         let mut bad = ann.clone();
         bad.insert(ANN_CAPACITY.into(), "lots".into());
         let e = NodeAnnouncement::from_lease("corescale-node-n1", &bad).unwrap_err();

@@ -44,6 +44,28 @@ pub enum PlanError {
         /// Slots given.
         got: usize,
     },
+    /// A slot named in a plan is not in the topology.
+    #[error("slot {slot} is outside the VM's {max} slots (spec.topology sockets*cores*threads)")]
+    SlotOutside {
+        /// The slot.
+        slot: u32,
+        /// Slots of the VM.
+        max: u32,
+    },
+    /// A slot is named twice in a plan.
+    #[error("slot {slot} appears twice in the plan")]
+    SlotTwice {
+        /// The slot.
+        slot: u32,
+    },
+    /// A plan names part of a core under Core granularity.
+    #[error("granularity Core acts on whole cores: the plan has slots {slots:?} of the core with slots {core:?}")]
+    PartOfCore {
+        /// The slots named.
+        slots: Vec<u32>,
+        /// Every slot of their core.
+        core: Vec<u32>,
+    },
     /// The topology is empty or too large.
     #[error("topology {sockets}x{cores}x{threads} must have between 1 and {max} slots")]
     BadTopology {
@@ -130,13 +152,39 @@ pub struct PlanInput<'a> {
     pub slots: &'a [SlotView],
 }
 
-/// Slots to plug and unplug, in the order to act on them.
+/// vCPU slots the VMM acts on together, ascending: one slot under Thread granularity, every
+/// thread of one core under Core (all of them; only an unplug retried after it finished for
+/// some threads of a core and not others holds fewer: the ones still unplugging).
+///
+/// Units come only from [`plan`] or [`Plan::of_slots`], which group and check them, so a
+/// backend acts on them as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit(Vec<u32>);
+
+impl Unit {
+    /// The unit's slot indexes, ascending.
+    pub fn slots(&self) -> &[u32] {
+        &self.0
+    }
+
+    /// How many vCPUs it holds.
+    pub fn len(&self) -> u32 {
+        count_u32(self.0.len())
+    }
+
+    /// Whether it holds none (never true of a unit a plan holds).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Units to plug and unplug, in the order to act on them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Slot indexes to plug, in order.
-    pub plug: Vec<u32>,
-    /// Slot indexes to unplug, in order.
-    pub unplug: Vec<u32>,
+    /// Units to plug, in order.
+    pub plug: Vec<Unit>,
+    /// Units to unplug, in order (retries of stuck unplugs first).
+    pub unplug: Vec<Unit>,
     /// vCPUs the plan cannot reach now because slots are busy (e.g. stuck Unplugging).
     pub shortfall: u32,
 }
@@ -145,6 +193,72 @@ impl Plan {
     /// Whether nothing needs doing.
     pub fn is_empty(&self) -> bool {
         self.plug.is_empty() && self.unplug.is_empty()
+    }
+
+    /// Every slot to plug, in order.
+    pub fn plug_slots(&self) -> Vec<u32> {
+        self.plug.iter().flat_map(|u| u.0.iter().copied()).collect()
+    }
+
+    /// Every slot to unplug, in order.
+    pub fn unplug_slots(&self) -> Vec<u32> {
+        self.unplug
+            .iter()
+            .flat_map(|u| u.0.iter().copied())
+            .collect()
+    }
+
+    /// A plan of explicit slots (for benchmarks, tests and tools that choose slots
+    /// themselves), grouped into units the way [`plan`] groups them: under Core
+    /// granularity consecutive slots of one core form a unit, which must hold the whole
+    /// core. Refused: a slot outside the topology, a slot named twice, part of a core.
+    pub fn of_slots(
+        topology: &Topology,
+        granularity: Granularity,
+        plug: &[u32],
+        unplug: &[u32],
+    ) -> Result<Plan, PlanError> {
+        check_topology(topology)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for &slot in unplug.iter().chain(plug) {
+            if slot >= topology.max_vcpus() {
+                return Err(PlanError::SlotOutside {
+                    slot,
+                    max: topology.max_vcpus(),
+                });
+            }
+            if !seen.insert(slot) {
+                return Err(PlanError::SlotTwice { slot });
+            }
+        }
+        let group = |slots: &[u32]| -> Result<Vec<Unit>, PlanError> {
+            let threads = unit_size(topology, granularity);
+            let mut out: Vec<Vec<u32>> = Vec::new();
+            for &s in slots {
+                match out.iter_mut().find(|u| u[0] / threads == s / threads) {
+                    Some(u) => u.push(s),
+                    None => out.push(vec![s]),
+                }
+            }
+            out.into_iter()
+                .map(|mut u| {
+                    u.sort_unstable();
+                    if u.len() != idx(threads) {
+                        let core = u[0] / threads;
+                        return Err(PlanError::PartOfCore {
+                            slots: u,
+                            core: (core * threads..(core + 1) * threads).collect(),
+                        });
+                    }
+                    Ok(Unit(u))
+                })
+                .collect()
+        };
+        Ok(Plan {
+            plug: group(plug)?,
+            unplug: group(unplug)?,
+            shortfall: 0,
+        })
     }
 }
 
@@ -236,11 +350,15 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let current = count_u32(input.slots.iter().filter(|s| s.state.is_active()).count());
 
     let mut plan = Plan::default();
-    plan.unplug.extend(
-        ids.iter()
+    // Stuck unplugs first, grouped by unit (under Core only the threads still unplugging).
+    plan.unplug.extend(units.iter().filter_map(|u| {
+        let stuck: Vec<u32> = u
+            .iter()
             .filter(|s| state(s) == VcpuState::Unplugging && s.index != 0)
-            .map(|s| s.index),
-    );
+            .map(|s| s.index)
+            .collect();
+        (!stuck.is_empty()).then_some(Unit(stuck))
+    }));
     if input.target > current {
         let need_units = (input.target - current).div_ceil(unit_u32(unit));
         let free: Vec<&[SlotId]> = units
@@ -285,9 +403,10 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             };
             taken[i] = true;
             per_socket[idx(free[i][0].socket)] += unit_u32(unit);
-            plan.plug.extend(free[i].iter().map(|s| s.index));
+            plan.plug
+                .push(Unit(free[i].iter().map(|s| s.index).collect()));
         }
-        let planned = count_u32(plan.plug.len());
+        let planned: u32 = plan.plug.iter().map(Unit::len).sum();
         plan.shortfall = (input.target - current).saturating_sub(planned);
     } else if input.target < current {
         let need_units = (current - input.target) / unit_u32(unit);
@@ -305,7 +424,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             std::cmp::Reverse((seq, u[0].index))
         });
         for u in candidates.into_iter().take(idx(need_units)) {
-            plan.unplug.extend(u.iter().map(|s| s.index));
+            plan.unplug.push(Unit(u.iter().map(|s| s.index).collect()));
         }
     }
     Ok(plan)
@@ -332,14 +451,14 @@ mod tests {
 
     /// Apply a plan the way a perfect VMM would: plugs come online, unplugs go absent.
     fn apply(slots: &mut [SlotView], plan: &Plan, seq: &mut u64) {
-        for &i in &plan.plug {
+        for i in plan.plug_slots() {
             *seq += 1;
             slots[idx(i)] = SlotView {
                 state: VcpuState::Online,
                 plugged_seq: *seq,
             };
         }
-        for &i in &plan.unplug {
+        for i in plan.unplug_slots() {
             slots[idx(i)] = SlotView::ABSENT;
         }
     }
@@ -377,7 +496,7 @@ mod tests {
         let t = topo(2, 2, 1);
         let s = booted(&t, 1);
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 3, &s)).unwrap();
-        assert_eq!(p.plug, vec![1, 2]);
+        assert_eq!(p.plug_slots(), vec![1, 2]);
         assert!(p.unplug.is_empty());
     }
 
@@ -387,7 +506,7 @@ mod tests {
         let s = booted(&t, 1);
         let p = plan(&input(t, Granularity::Thread, Placement::Spread, 5, &s)).unwrap();
         // Socket 0 has slot 0, so the first plug goes to socket 1 (slot 4), then 1, 5, 2.
-        assert_eq!(p.plug, vec![4, 1, 5, 2]);
+        assert_eq!(p.plug_slots(), vec![4, 1, 5, 2]);
     }
 
     #[test]
@@ -396,14 +515,51 @@ mod tests {
         let mut s = booted(&t, 2);
         let mut seq = 0;
         let p = plan(&input(t, Granularity::Core, Placement::Packed, 6, &s)).unwrap();
-        assert_eq!(p.plug, vec![2, 3, 4, 5]);
+        assert_eq!(p.plug_slots(), vec![2, 3, 4, 5]);
         apply(&mut s, &p, &mut seq);
         let p = plan(&input(t, Granularity::Core, Placement::Packed, 4, &s)).unwrap();
         assert_eq!(
-            p.unplug,
+            p.unplug_slots(),
             vec![4, 5],
             "the last plugged core goes first, both threads"
         );
+    }
+
+    #[test]
+    fn plans_carry_units_and_explicit_slots_are_grouped_and_checked() {
+        let t = topo(1, 3, 2);
+        let s = booted(&t, 2);
+        let p = plan(&input(t, Granularity::Core, Placement::Packed, 6, &s)).unwrap();
+        let units: Vec<&[u32]> = p.plug.iter().map(Unit::slots).collect();
+        assert_eq!(units, [&[2, 3][..], &[4, 5][..]]);
+        let p = Plan::of_slots(&t, Granularity::Thread, &[2, 3, 5], &[]).unwrap();
+        assert_eq!(p.plug.len(), 3, "one unit per slot under Thread");
+        let p = Plan::of_slots(&t, Granularity::Core, &[5, 2, 4, 3], &[]).unwrap();
+        let units: Vec<&[u32]> = p.plug.iter().map(Unit::slots).collect();
+        assert_eq!(
+            units,
+            [&[4, 5][..], &[2, 3][..]],
+            "the order of first mention"
+        );
+        let e = Plan::of_slots(&t, Granularity::Core, &[2, 3, 5], &[]).unwrap_err();
+        assert!(e.to_string().contains("whole cores"), "{e}");
+        let e = Plan::of_slots(&t, Granularity::Thread, &[6], &[]).unwrap_err();
+        assert!(e.to_string().contains("outside the VM's 6 slots"), "{e}");
+        let e = Plan::of_slots(&t, Granularity::Thread, &[2], &[2]).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn a_stuck_part_of_a_core_is_retried_as_one_unit() {
+        let t = topo(1, 2, 2);
+        let mut s = booted(&t, 4);
+        // Slot 2 went; slot 3 of the same core is still unplugging.
+        s[2] = SlotView::ABSENT;
+        s[3].state = VcpuState::Unplugging;
+        let p = plan(&input(t, Granularity::Core, Placement::Packed, 2, &s)).unwrap();
+        let units: Vec<&[u32]> = p.unplug.iter().map(Unit::slots).collect();
+        assert_eq!(units, [&[3][..]]);
+        assert!(p.plug.is_empty());
     }
 
     #[test]
@@ -412,13 +568,17 @@ mod tests {
         let mut s = booted(&t, 1);
         s[3].state = VcpuState::Offline;
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
-        assert_eq!(p.plug, vec![3], "a parked slot before a lower absent one");
+        assert_eq!(
+            p.plug_slots(),
+            vec![3],
+            "a parked slot before a lower absent one"
+        );
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 3, &s)).unwrap();
-        assert_eq!(p.plug, vec![3, 1]);
+        assert_eq!(p.plug_slots(), vec![3, 1]);
         // Offline counts for nothing: shrinking never picks it.
         s[1].state = VcpuState::Online;
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 1, &s)).unwrap();
-        assert_eq!(p.unplug, vec![1]);
+        assert_eq!(p.unplug_slots(), vec![1]);
     }
 
     #[test]
@@ -434,9 +594,9 @@ mod tests {
             plugged_seq: 2,
         };
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
-        assert_eq!(p.unplug, vec![1]);
+        assert_eq!(p.unplug_slots(), vec![1]);
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 1, &s)).unwrap();
-        assert_eq!(p.unplug, vec![1, 3]);
+        assert_eq!(p.unplug_slots(), vec![1, 3]);
     }
 
     #[test]
@@ -450,7 +610,7 @@ mod tests {
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
         assert!(p.plug.is_empty());
         assert_eq!(p.shortfall, 1);
-        assert_eq!(p.unplug, vec![1], "the stuck unplug is retried");
+        assert_eq!(p.unplug_slots(), vec![1], "the stuck unplug is retried");
     }
 
     #[test]
@@ -463,11 +623,11 @@ mod tests {
         };
         // At target: only the retry.
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 3, &s)).unwrap();
-        assert_eq!(p.unplug, vec![3]);
+        assert_eq!(p.unplug_slots(), vec![3]);
         assert!(p.plug.is_empty());
         // Shrinking further: the retry first, then the newest active slot.
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
-        assert_eq!(p.unplug, vec![3, 2]);
+        assert_eq!(p.unplug_slots(), vec![3, 2]);
     }
 
     #[test]
@@ -479,7 +639,7 @@ mod tests {
             plugged_seq: 0,
         };
         let p = plan(&input(t, Granularity::Thread, Placement::Packed, 2, &s)).unwrap();
-        assert_eq!(p.plug, vec![2]);
+        assert_eq!(p.plug_slots(), vec![2]);
     }
 
     #[test]
@@ -567,20 +727,19 @@ mod tests {
             for &target in &targets {
                 let plan = plan(&input(t, g, p, target, &s)).unwrap();
                 prop_assert_eq!(plan.shortfall, 0);
-                prop_assert!(!plan.unplug.contains(&0), "slot 0 unplugged");
+                prop_assert!(!plan.unplug_slots().contains(&0), "slot 0 unplugged");
                 prop_assert!(plan.plug.is_empty() || plan.unplug.is_empty());
-                for &i in &plan.plug {
+                for i in plan.plug_slots() {
                     prop_assert!(i < max);
                     prop_assert!(!s[idx(i)].state.is_active(), "slot {} plugged twice", i);
                 }
                 if g == Granularity::Core {
-                    for chunk in [&plan.plug, &plan.unplug] {
-                        prop_assert_eq!(chunk.len() % idx(t.threads), 0);
-                        for c in chunk.chunks(idx(t.threads)) {
-                            prop_assert_eq!(c[0] % t.threads, 0, "core split: {:?}", c);
-                            for (k, &i) in c.iter().enumerate() {
-                                prop_assert_eq!(i, c[0] + count_u32(k));
-                            }
+                    for u in plan.plug.iter().chain(&plan.unplug) {
+                        let c = u.slots();
+                        prop_assert_eq!(u.len(), t.threads, "core split: {:?}", c);
+                        prop_assert_eq!(c[0] % t.threads, 0, "core split: {:?}", c);
+                        for (k, &i) in c.iter().enumerate() {
+                            prop_assert_eq!(i, c[0] + count_u32(k));
                         }
                     }
                 }

@@ -141,11 +141,6 @@ pub struct VirtualMachineSpec {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub ports: Vec<crate::workload::Port>,
 
-    /// The VMM that runs the guest. Qemu is the only value today. Immutable.
-    #[serde(default)]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.backend is immutable").reason(Reason::FieldValueForbidden))]
-    pub backend: Backend,
-
     /// Always: keep the guest running (restart it if its VMM dies, reschedule it if its node
     /// goes away). Halted: stop the guest and keep it stopped.
     #[serde(default)]
@@ -304,16 +299,21 @@ impl std::fmt::Display for ResizeMethod {
     }
 }
 
-/// The VMM that runs the guest.
-#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Backend {
-    /// QEMU driven over QMP, with KVM where the node can, else TCG.
-    #[default]
-    Qemu,
-}
-
 /// Guest CPU architecture.
-#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    JsonSchema,
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
     /// 64-bit x86 (q35 machine, ACPI CPU hot-plug).
@@ -340,6 +340,16 @@ impl Arch {
             Arch::Ppc64le => "ppc64le",
             Arch::Aarch64 => "aarch64",
         }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an architecture this version knows"))
     }
 }
 

@@ -109,30 +109,30 @@ proptest! {
                 prop_assert!(count_ok, "a plan for {} slot states on {topology:?}", views.len());
                 let n = views.len();
                 let in_range = |i: &u32| usize::try_from(*i).is_ok_and(|i| i < n);
-                prop_assert!(p.plug.iter().all(in_range), "plug outside the topology: {p:?}");
-                prop_assert!(p.unplug.iter().all(in_range), "unplug outside the topology: {p:?}");
-                prop_assert!(!p.unplug.contains(&0), "slot 0 unplugged: {p:?} from {views:?}");
+                prop_assert!(p.plug_slots().iter().all(in_range), "plug outside the topology: {p:?}");
+                prop_assert!(p.unplug_slots().iter().all(in_range), "unplug outside the topology: {p:?}");
+                prop_assert!(!p.unplug_slots().contains(&0), "slot 0 unplugged: {p:?} from {views:?}");
                 let st = |i: u32| views[usize::try_from(i).unwrap()].state;
-                for &i in &p.plug {
+                for i in p.plug_slots() {
                     prop_assert!(
                         matches!(st(i), VcpuState::Absent | VcpuState::Failed | VcpuState::Offline),
                         "plugs slot {i} which is {:?}: {p:?}", st(i)
                     );
                 }
-                for &i in &p.unplug {
+                for i in p.unplug_slots() {
                     prop_assert!(
                         st(i).is_active() || st(i) == VcpuState::Unplugging,
                         "unplugs slot {i} which is {:?}: {p:?}", st(i)
                     );
                 }
-                let plug: HashSet<u32> = p.plug.iter().copied().collect();
-                let unplug: HashSet<u32> = p.unplug.iter().copied().collect();
-                prop_assert_eq!(plug.len(), p.plug.len(), "a slot plugged twice");
-                prop_assert_eq!(unplug.len(), p.unplug.len(), "a slot unplugged twice");
+                let plug: HashSet<u32> = p.plug_slots().iter().copied().collect();
+                let unplug: HashSet<u32> = p.unplug_slots().iter().copied().collect();
+                prop_assert_eq!(plug.len(), p.plug_slots().len(), "a slot plugged twice");
+                prop_assert_eq!(unplug.len(), p.unplug_slots().len(), "a slot unplugged twice");
                 prop_assert!(plug.is_disjoint(&unplug));
                 let active = views.iter().filter(|v| v.state.is_active()).count();
-                let removed = p.unplug.iter().filter(|&&i| st(i).is_active()).count();
-                let after = active - removed + p.plug.len();
+                let removed = p.unplug_slots().iter().filter(|&&i| st(i).is_active()).count();
+                let after = active - removed + p.plug_slots().len();
                 prop_assert!(
                     after <= usize::try_from(max).unwrap(),
                     "{after} vCPUs after the plan, above the maximum {max}"
@@ -147,7 +147,7 @@ proptest! {
                     })
                     .unwrap();
                     prop_assert!(after < target + unit, "overshoot: {after} for {target}");
-                    prop_assert!(p.unplug.iter().all(|&i| st(i) == VcpuState::Unplugging));
+                    prop_assert!(p.unplug_slots().iter().all(|&i| st(i) == VcpuState::Unplugging));
                 } else {
                     prop_assert!(p.plug.is_empty(), "plugs while at or above the target: {p:?}");
                     prop_assert!(after >= target, "shrinks below the target: {after} < {target}");
@@ -207,5 +207,5 @@ fn edge_cases_are_refused_with_the_right_error() {
     odd[0].state = VcpuState::Unplugging;
     odd[1].state = VcpuState::Unplugging;
     let p = run(t(1, 4, 1), 1, &odd).unwrap();
-    assert_eq!(p.unplug, vec![1]);
+    assert_eq!(p.unplug_slots(), vec![1]);
 }

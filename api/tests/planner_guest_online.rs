@@ -20,14 +20,14 @@ fn booted(t: &Topology, online: &[u32]) -> Vec<SlotView> {
 
 /// Apply a plan as a GuestOnline backend does: plugs come Online, unplugs go Offline.
 fn apply(slots: &mut [SlotView], p: &corescale_api::Plan, seq: &mut u64) {
-    for &i in &p.plug {
+    for i in p.plug_slots() {
         *seq += 1;
         slots[i as usize] = SlotView {
             state: VcpuState::Online,
             plugged_seq: *seq,
         };
     }
-    for &i in &p.unplug {
+    for i in p.unplug_slots() {
         slots[i as usize] = SlotView {
             state: VcpuState::Offline,
             plugged_seq: 0,
@@ -68,15 +68,15 @@ fn offline_slots_are_the_free_pool_1_4_2_3() {
     let mut s = booted(&t, &[0]);
     let mut seq = 0;
     let (g, p) = (Granularity::Thread, Placement::Packed);
-    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).plug, [1, 2, 3]);
+    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).plug_slots(), [1, 2, 3]);
     assert_eq!(
-        step(t, g, p, 2, &mut s, &mut seq).unplug,
+        step(t, g, p, 2, &mut s, &mut seq).unplug_slots(),
         [3, 2],
         "the most recently onlined first"
     );
-    assert_eq!(step(t, g, p, 3, &mut s, &mut seq).plug, [2]);
+    assert_eq!(step(t, g, p, 3, &mut s, &mut seq).plug_slots(), [2]);
     // Down to the boot vCPU, never below.
-    assert_eq!(step(t, g, p, 1, &mut s, &mut seq).unplug, [2, 1]);
+    assert_eq!(step(t, g, p, 1, &mut s, &mut seq).unplug_slots(), [2, 1]);
 }
 
 #[test]
@@ -85,9 +85,12 @@ fn core_granularity_onlines_whole_cores() {
     let mut s = booted(&t, &[0, 1]);
     let mut seq = 0;
     let (g, p) = (Granularity::Core, Placement::Packed);
-    assert_eq!(step(t, g, p, 6, &mut s, &mut seq).plug, [2, 3, 4, 5]);
-    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).unplug, [4, 5]);
-    assert_eq!(step(t, g, p, 2, &mut s, &mut seq).unplug, [2, 3]);
+    assert_eq!(
+        step(t, g, p, 6, &mut s, &mut seq).plug_slots(),
+        [2, 3, 4, 5]
+    );
+    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).unplug_slots(), [4, 5]);
+    assert_eq!(step(t, g, p, 2, &mut s, &mut seq).unplug_slots(), [2, 3]);
 }
 
 #[test]
@@ -97,12 +100,12 @@ fn spread_balances_sockets_over_offline_slots() {
     let mut seq = 0;
     let (g, p) = (Granularity::Thread, Placement::Spread);
     assert_eq!(
-        step(t, g, p, 2, &mut s, &mut seq).plug,
+        step(t, g, p, 2, &mut s, &mut seq).plug_slots(),
         [2],
         "socket 1 first"
     );
-    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).plug, [1, 3]);
-    let down = step(t, g, p, 2, &mut s, &mut seq).unplug;
+    assert_eq!(step(t, g, p, 4, &mut s, &mut seq).plug_slots(), [1, 3]);
+    let down = step(t, g, p, 2, &mut s, &mut seq).unplug_slots();
     assert_eq!(down, [3, 1]);
     let per_socket = |sock: usize| {
         s[sock * 2..sock * 2 + 2]

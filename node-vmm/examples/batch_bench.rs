@@ -111,13 +111,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let vm = backend.start_vm(&spec).await?;
     vm.wait_guest_ready(Duration::from_secs(120)).await?;
-    let plug = |slots: std::ops::Range<u32>| Plan {
-        plug: slots.collect(),
-        ..Default::default()
+    let (t, g) = (spec.topology, spec.granularity);
+    let plug = |slots: std::ops::Range<u32>| {
+        Plan::of_slots(&t, g, &slots.collect::<Vec<_>>(), &[]).expect("a plan of the VM's slots")
     };
-    let unplug = |slots: std::ops::Range<u32>| Plan {
-        unplug: slots.rev().collect(),
-        ..Default::default()
+    let unplug = |slots: std::ops::Range<u32>| {
+        Plan::of_slots(&t, g, &[], &slots.rev().collect::<Vec<_>>())
+            .expect("a plan of the VM's slots")
     };
     // Warm-up: the first online in a guest is slow.
     timed(&vm, plug(1..2)).await;

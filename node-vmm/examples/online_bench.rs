@@ -85,18 +85,19 @@ async fn timed(vm: &QemuVm, plan: Plan) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
 
+/// Single-slot units (the benchmark's VMs resize by thread).
+fn of_slots(plug: &[u32], unplug: &[u32]) -> Plan {
+    let widest = corescale_api::Topology::new(1, corescale_api::MAX_VCPUS, 1);
+    Plan::of_slots(&widest, corescale_api::Granularity::Thread, plug, unplug)
+        .expect("a plan of distinct slots")
+}
+
 fn plug(slots: std::ops::Range<u32>) -> Plan {
-    Plan {
-        plug: slots.collect(),
-        ..Default::default()
-    }
+    of_slots(&slots.collect::<Vec<_>>(), &[])
 }
 
 fn unplug(slots: std::ops::Range<u32>) -> Plan {
-    Plan {
-        unplug: slots.rev().collect(),
-        ..Default::default()
-    }
+    of_slots(&[], &slots.rev().collect::<Vec<_>>())
 }
 
 /// The backend's rounds (after a warm-up 1 -> 4 -> 1: the first online in a guest is slow).

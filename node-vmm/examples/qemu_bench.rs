@@ -78,13 +78,11 @@ async fn backend_round(vm: &QemuVm, runs: usize, settle: Duration, out: &mut Sam
         }
         r.steps.into_iter().next().expect("one step")
     };
+    let (topology, granularity) = (vm.spec().topology, vm.spec().granularity);
     for _ in 0..runs {
         let s = one(vm
             .resize(
-                &Plan {
-                    plug: vec![1],
-                    ..Default::default()
-                },
+                &Plan::of_slots(&topology, granularity, &[1], &[]).expect("slot 1 of the VM"),
                 opts,
             )
             .await);
@@ -94,10 +92,7 @@ async fn backend_round(vm: &QemuVm, runs: usize, settle: Duration, out: &mut Sam
         tokio::time::sleep(settle).await;
         let s = one(vm
             .resize(
-                &Plan {
-                    unplug: vec![1],
-                    ..Default::default()
-                },
+                &Plan::of_slots(&topology, granularity, &[], &[1]).expect("slot 1 of the VM"),
                 opts,
             )
             .await);

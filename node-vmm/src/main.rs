@@ -143,7 +143,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 host_cpus: args.sim_host_cpus,
                 max_vcpus_per_vm: corescale_api::MAX_VCPUS,
                 accel: Accel::Tcg,
-                arches: vec!["x86_64".into()],
+                arches: [(corescale_api::Arch::X86_64, Accel::Tcg)].into(),
             };
             (Arc::new(SimBackend::new(SimDelays::default(), cap)), None)
         }

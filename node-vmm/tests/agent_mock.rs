@@ -40,7 +40,7 @@ fn setup_with(
         host_cpus,
         max_vcpus_per_vm: 16,
         accel: Accel::Tcg,
-        arches: vec!["x86_64".into()],
+        arches: [(corescale_api::Arch::X86_64, Accel::Tcg)].into(),
     };
     let sim = Arc::new(SimBackend::new(fast(), cap));
     let backend: Arc<dyn Backend> = sim.clone();
@@ -249,6 +249,27 @@ async fn infeasible_target_says_why_and_touches_nothing() {
     assert!(events(&calls).iter().any(|(r, _)| r == "Infeasible"));
     let running = sim.running().await.unwrap();
     assert_eq!(running.len(), 1);
+}
+
+/// The same decision about a VM re-created under its name is published again: the new
+/// object has not heard it.
+#[tokio::test]
+async fn a_recreated_vm_hears_the_same_event_again() {
+    let (shared, _sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    // Topology fixed at placement is 1x4x1: 6 can never start.
+    d.dispatch(key("r"), Some(vm("r", "{cpus: 6}", "")));
+    let infeasible =
+        |c: &Mutex<Vec<Call>>| events(c).iter().filter(|(r, _)| r == "Infeasible").count();
+    until(&calls, "the first Infeasible", |c| infeasible(c) == 1).await;
+    d.dispatch(key("r"), Some(vm("r", "{cpus: 6}", "")));
+    let mut again = (*vm("r", "{cpus: 6}", "")).clone();
+    again.metadata.uid = Some("uid-r-2".into());
+    d.dispatch(key("r"), Some(Arc::new(again)));
+    until(&calls, "the Infeasible of the new object", |c| {
+        infeasible(c) == 2
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -46,7 +46,7 @@ async fn agent_restart_adopts_and_resizes() {
     let vm = Arc::new(vm);
     let obs = vm.observe().await.unwrap();
     let plan = tr.plan(&spec, &obs, 3).unwrap();
-    assert_eq!(plan.plug, vec![2]);
+    assert_eq!(plan.plug_slots(), vec![2]);
     let task = tokio::spawn({
         let vm = Arc::clone(&vm);
         async move { vm.resize(&plan, OPTS).await }

@@ -124,22 +124,25 @@ async fn errors_say_what_to_fix() {
     let mut tr = Tracker::default();
     let obs = verify(&vm, 1).await;
 
-    // A target above the maximum: the planner says so, and a plan naming a slot past the
-    // topology is refused by the backend.
+    // A target above the maximum: the planner says so; a plan naming a slot past the
+    // topology cannot be made for it, and one made for a wider VM is refused by QEMU's own
+    // list, with nothing done.
     let e = tr.plan(&spec, &obs, 4).unwrap_err();
     assert_eq!(e, PlanError::AboveMax { target: 4, max: 3 });
     println!("[errors] target above max: {e}");
     assert!(e.to_string().contains("spec.topology"), "{e}");
-    let r = vm.resize(&plug(&[1, 3]), OPTS).await;
-    let e = r.first_error().unwrap();
+    let e = Plan::of_slots(&spec.topology, spec.granularity, &[1, 3], &[]).unwrap_err();
     println!("[errors] plan past the topology: {e}");
+    assert_eq!(e, PlanError::SlotOutside { slot: 3, max: 3 });
+    let r = vm.resize(&plug(&[3]), OPTS).await;
+    let e = r.first_error().unwrap();
     assert!(
-        matches!(e, BackendError::InvalidPlan(m) if m.contains("slot 3 is outside the VM's 3 slots")),
+        matches!(e, BackendError::Protocol(m) if m.contains("does not list vCPU slot 3")),
         "{e:?}"
     );
     assert!(
         r.steps.iter().all(|s| s.applied.is_none()),
-        "an invalid plan does nothing"
+        "a slot the VM does not have is not plugged"
     );
     let r = vm.resize(&unplug(&[0]), OPTS).await;
     assert!(
@@ -222,7 +225,7 @@ async fn paused_guest_during_unplug() {
     let obs = vm.observe().await.unwrap();
     assert!(!obs.guest_agent, "a paused guest's agent cannot answer");
     let plan = tr.plan(&spec, &obs, 1).unwrap();
-    assert_eq!(plan.unplug, vec![1]);
+    assert_eq!(plan.unplug_slots(), vec![1]);
     let opts = ResizeOptions {
         unplug_timeout: Duration::from_secs(3),
         plug_timeout: Duration::from_secs(30),
@@ -257,7 +260,7 @@ async fn paused_guest_during_unplug() {
     assert_eq!(status["status"], "paused", "QEMU is alive and still paused");
     // The planner retries the pending unplug first.
     let retry = tr.plan(&spec, &obs, 1).unwrap();
-    assert_eq!(retry.unplug, vec![1]);
+    assert_eq!(retry.unplug_slots(), vec![1]);
 
     vm.qmp_command("cont", None).await.unwrap();
     let r = vm.resize(&retry, OPTS).await;
@@ -432,10 +435,7 @@ async fn paused_guest_during_plug() {
         unplug_timeout: Duration::from_secs(20),
         plug_timeout: Duration::from_secs(3),
     };
-    let plan = Plan {
-        plug: vec![1],
-        ..Default::default()
-    };
+    let plan = plug(&[1]);
     let t0 = Instant::now();
     let r = vm.resize(&plan, opts).await;
     let took = t0.elapsed();

@@ -146,10 +146,7 @@ async fn thread_granularity_1_4_2_3() {
         add[k] = v.clone();
     }
     vm.qmp_command("device_add", Some(add)).await.unwrap();
-    let plan = corescale_api::Plan {
-        unplug: vec![3],
-        ..Default::default()
-    };
+    let plan = unplug(&[3]);
     let r = vm.resize(&plan, OPTS).await;
     print_report("threads", "unplug of a slot plugged by hand", &r);
     assert!(r.first_error().is_none(), "{:?}", r.first_error());

@@ -176,7 +176,7 @@ mod tests {
                         host_cpus: 2,
                         max_vcpus_per_vm: 64,
                         accelerator: "tcg".into(),
-                        arches: vec!["x86_64".into()],
+                        arches: vec![corescale_api::Arch::X86_64],
                         version: "t".into(),
                     },
                     live: *l,

@@ -72,7 +72,7 @@ pub fn choose_node(
                 continue;
             }
         }
-        if !a.arches.iter().any(|x| x == arch) {
+        if !a.arches.contains(&spec.effective_arch()) {
             rejected.push(reject(format!("cannot run {arch} guests")));
             continue;
         }
@@ -124,7 +124,7 @@ mod tests {
                 host_cpus: 2,
                 max_vcpus_per_vm: 64,
                 accelerator: "tcg".into(),
-                arches: vec!["x86_64".into()],
+                arches: vec![corescale_api::Arch::X86_64],
                 version: "test".into(),
             },
             live,
@@ -188,7 +188,10 @@ mod tests {
     #[test]
     fn power_vms_go_only_to_nodes_that_run_them() {
         let mut power_node = node("p", 2, true);
-        power_node.announcement.arches.push("ppc64le".into());
+        power_node
+            .announcement
+            .arches
+            .push(corescale_api::Arch::Ppc64le);
         let nodes = [node("a", 8, true), power_node];
         let s = spec("cpus: 1\narch: ppc64le");
         assert_eq!(

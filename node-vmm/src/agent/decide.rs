@@ -75,11 +75,11 @@ pub fn feasibility(
     promised_to_others: u32,
     current: u32,
 ) -> Feasibility {
-    let arch = spec.effective_arch().as_str();
-    if !capacity.arches.iter().any(|a| a == arch) {
+    let arch = spec.effective_arch();
+    if capacity.accel_for(arch).is_none() {
         return Feasibility::Infeasible(format!(
             "this node cannot run {arch} guests (it runs {})",
-            capacity.arches.join(", ")
+            capacity.arch_names().join(", ")
         ));
     }
     if topology.max_vcpus() > capacity.max_vcpus_per_vm {
@@ -219,7 +219,7 @@ mod tests {
             host_cpus: 2,
             max_vcpus_per_vm: 8,
             accel: Accel::Tcg,
-            arches: vec!["x86_64".into()],
+            arches: [(corescale_api::Arch::X86_64, Accel::Tcg)].into(),
         }
     }
 
@@ -272,7 +272,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut both = cap();
-        both.arches.push("ppc64le".into());
+        both.arches.insert(corescale_api::Arch::Ppc64le, Accel::Tcg);
         assert_eq!(
             feasibility(&power.spec, &topology_of(&power), &both, 8, 0, 1),
             Feasibility::Fits
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(b.slots[&1].1, t1, "since moves only on change");
         let p = plan_for(&v, &b).unwrap();
         assert_eq!(
-            p.unplug,
+            p.unplug_slots(),
             vec![1, 2],
             "slot 1 came in last, so it goes first"
         );

@@ -111,14 +111,19 @@ impl Shared {
             }
             None => (Default::default(), None, None),
         };
-        let mut spec = worker::vm_spec_of(
-            vm,
-            topology,
-            boot_vcpus,
-            crate::machine::accel_for(vm.spec.effective_arch(), self.capacity.accel),
-            kernel,
-            initrd,
-        )?;
+        // The backend said which accelerator each architecture gets here.
+        let arch = vm.spec.effective_arch();
+        let accel = self
+            .capacity
+            .accel_for(arch)
+            .ok_or_else(|| BackendError::InvalidSpec {
+                field: "spec.arch",
+                message: format!(
+                    "this node cannot run {arch} guests (it runs {})",
+                    self.capacity.arch_names().join(", ")
+                ),
+            })?;
+        let mut spec = worker::vm_spec_of(vm, topology, boot_vcpus, accel, kernel, initrd)?;
         if let Some(c) = cmdline {
             spec.cmdline = c;
         }
@@ -133,7 +138,7 @@ impl Shared {
             host_cpus: self.capacity.host_cpus,
             max_vcpus_per_vm: self.capacity.max_vcpus_per_vm,
             accelerator: self.capacity.accel.as_str().to_string(),
-            arches: self.capacity.arches.clone(),
+            arches: self.capacity.arches.keys().copied().collect(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }

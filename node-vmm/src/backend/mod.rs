@@ -5,14 +5,17 @@
 //! never names QEMU: the QEMU backend (and later a built-in microVM, or the scale
 //! simulator) live behind these traits.
 
+mod error;
 pub mod qemu;
 pub mod sim;
 pub mod workload;
 
+pub use error::{BackendError, Cause};
+
 use corescale_api::{Arch, Granularity, Placement, Plan, ResizeMethod, Topology, VcpuState};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use thiserror::Error;
 
 /// Why a VM under `spec.resizeMethod: GuestOnline` whose guest agent does not answer cannot
 /// be resized (the backend's error and the agent's `Infeasible` message).
@@ -265,135 +268,6 @@ pub struct ResizeOptions {
     pub plug_timeout: Duration,
 }
 
-/// Errors of a backend, each with a message that says what to fix.
-#[derive(Debug, Clone, Error, PartialEq)]
-pub enum BackendError {
-    /// The VMM binary is not installed.
-    #[error("VMM binary {binary:?} not found: {hint}")]
-    MissingBinary {
-        /// What was looked for.
-        binary: String,
-        /// How to install it.
-        hint: String,
-    },
-    /// A boot path is missing or leaves the image directory.
-    #[error("{field}: {message}")]
-    BootPath {
-        /// The spec field (spec.boot.kernel, spec.boot.initrd).
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// The VMM refused a command.
-    #[error("QEMU refused {command} ({class}): {desc}")]
-    Qmp {
-        /// The QMP command.
-        command: String,
-        /// QMP error class.
-        class: String,
-        /// QEMU's description.
-        desc: String,
-    },
-    /// The guest did not finish an operation in time.
-    #[error("the guest did not {what} vCPU slot {slot} within {seconds} s; it stays as it is and the next attempt may retry")]
-    Timeout {
-        /// "release" or "acknowledge" etc.
-        what: &'static str,
-        /// Slot index.
-        slot: u32,
-        /// Deadline in seconds.
-        seconds: f64,
-    },
-    /// The guest agent failed or answered nonsense.
-    #[error("guest agent: {0}")]
-    GuestAgent(String),
-    /// The VMM process is gone.
-    #[error("the VMM of {0} is not running")]
-    NotRunning(String),
-    /// The launcher failed or is unreachable.
-    #[error("launcher: {0}")]
-    Launcher(String),
-    /// The VMM sent something that is not valid protocol.
-    #[error("protocol: {0}")]
-    Protocol(String),
-    /// The plan does not fit this VM (a bug in the caller, or a stale plan).
-    #[error("invalid plan: {0}")]
-    InvalidPlan(String),
-    /// The per-VM state directory is damaged.
-    #[error("state directory {path}: {message}")]
-    State {
-        /// The directory or file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The spec cannot run on this backend (the field names what to change).
-    #[error("{field}: {message}")]
-    InvalidSpec {
-        /// The spec field.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// A disk, port or cloud-init field of the spec cannot be satisfied on this node (the
-    /// field is indexed: spec.ports[1].hostPort).
-    #[error("{field}: {message}")]
-    Field {
-        /// The spec field.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The VMM process cannot create more vCPUs in its life (QEMU under TCG creates at
-    /// most maxcpus vCPU threads per process, unplugged ones included).
-    #[error("this QEMU process has created {used} of its lifetime budget of {max} vCPU threads (TCG cannot reuse an unplugged vCPU's thread), so it cannot plug {wanted} more; restart the guest (or run it under KVM) to plug again")]
-    VcpuBudget {
-        /// vCPU threads created so far (boot vCPUs included).
-        used: u32,
-        /// The budget: the VM's slot count.
-        max: u32,
-        /// vCPUs the refused step needed.
-        wanted: u32,
-    },
-    /// An I/O error.
-    #[error("{context}: {message}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The OS error.
-        message: String,
-    },
-}
-
-impl BackendError {
-    /// A bounded category for metric labels (never the message itself).
-    pub fn category(&self) -> &'static str {
-        match self {
-            BackendError::MissingBinary { .. } => "missing_binary",
-            BackendError::BootPath { .. } => "boot_path",
-            BackendError::Qmp { .. } => "vmm_refused",
-            BackendError::Timeout { .. } => "timeout",
-            BackendError::GuestAgent(_) => "guest_agent",
-            BackendError::NotRunning(_) => "not_running",
-            BackendError::Launcher(_) => "launcher",
-            BackendError::Protocol(_) => "protocol",
-            BackendError::InvalidPlan(_) => "invalid_plan",
-            BackendError::State { .. } => "state",
-            BackendError::InvalidSpec { .. } => "invalid_spec",
-            BackendError::Field { .. } => "invalid_spec",
-            BackendError::VcpuBudget { .. } => "vcpu_budget",
-            BackendError::Io { .. } => "io",
-        }
-    }
-    /// Wrap an I/O error with what was being done.
-    pub fn io(context: impl Into<String>, e: &std::io::Error) -> Self {
-        BackendError::Io {
-            context: context.into(),
-            message: e.to_string(),
-        }
-    }
-}
-
 /// Events a running guest reports by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmEvent {
@@ -416,10 +290,11 @@ pub struct NodeCapacity {
     pub host_cpus: u32,
     /// Largest VM (vCPU slots) the backend can run.
     pub max_vcpus_per_vm: u32,
-    /// Accelerator guests get.
+    /// Accelerator guests of the host's own architecture get (announced on the Lease).
     pub accel: Accel,
-    /// Guest architectures it can run (e.g. "x86_64").
-    pub arches: Vec<String>,
+    /// Guest architectures it can run, each with the accelerator its guests get: the
+    /// backend decides (QEMU: KVM only for the host's own architecture, where usable).
+    pub arches: BTreeMap<Arch, Accel>,
 }
 
 impl NodeCapacity {
@@ -432,8 +307,18 @@ impl NodeCapacity {
             host_cpus,
             max_vcpus_per_vm: corescale_api::MAX_VCPUS,
             accel: Accel::Tcg,
-            arches: vec!["x86_64".into()],
+            arches: BTreeMap::from([(Arch::X86_64, Accel::Tcg)]),
         }
+    }
+
+    /// The accelerator a guest of `arch` gets here, or `None` when the node cannot run it.
+    pub fn accel_for(&self, arch: Arch) -> Option<Accel> {
+        self.arches.get(&arch).copied()
+    }
+
+    /// The architectures, as announced ("x86_64", ...).
+    pub fn arch_names(&self) -> Vec<String> {
+        self.arches.keys().map(|a| a.as_str().to_string()).collect()
     }
 }
 
@@ -569,7 +454,7 @@ mod tests {
     fn anything_uncertain_needs_a_full_observation() {
         let before = Observation::of_states(&[Online, Absent, Online], true);
         let failed = StepReport {
-            error: Some(BackendError::Protocol("no".into())),
+            error: Some(BackendError::Protocol(Cause::msg("no"))),
             ..plugged(1, 1)
         };
         let not_online = step(1, Direction::Plug);

@@ -161,13 +161,32 @@ impl Backend for SimBackend {
 
 struct SimHandle(Arc<SimVm>);
 
+fn set_slot(vm: &SimVm, slot: u32, state: VcpuState) {
+    if let (Ok(mut s), Ok(i)) = (vm.slots.lock(), usize::try_from(slot)) {
+        if let Some(x) = s.get_mut(i) {
+            *x = state;
+        }
+    }
+}
+
+/// A vCPU the simulated VMM was told about settles by itself, like a real guest onlines a
+/// plugged vCPU or releases an ejected one: when the resize that asked is dropped midway,
+/// the slot still ends in `end` instead of staying Plugging or Unplugging.
+struct Settles<'a> {
+    vm: &'a SimVm,
+    slot: u32,
+    end: VcpuState,
+}
+
+impl Drop for Settles<'_> {
+    fn drop(&mut self) {
+        set_slot(self.vm, self.slot, self.end);
+    }
+}
+
 impl SimHandle {
     fn set(&self, slot: u32, state: VcpuState) {
-        if let (Ok(mut s), Ok(i)) = (self.0.slots.lock(), usize::try_from(slot)) {
-            if let Some(x) = s.get_mut(i) {
-                *x = state;
-            }
-        }
+        set_slot(&self.0, slot, state);
     }
 }
 
@@ -204,16 +223,21 @@ impl VmHandle for SimHandle {
         let _op = self.0.op.lock().await;
         let d = self.0.delays;
         let mut report = ResizeReport::default();
-        for &slot in &plan.plug {
+        for slot in plan.plug_slots() {
             let t0 = Instant::now();
             tokio::time::sleep(d.applied).await;
             self.set(slot, VcpuState::Plugging);
+            let settles = Settles {
+                vm: &self.0,
+                slot,
+                end: VcpuState::Online,
+            };
             let applied = t0.elapsed();
             tokio::time::sleep(d.acked).await;
             self.set(slot, VcpuState::Present);
             let acked = t0.elapsed();
             tokio::time::sleep(d.online).await;
-            self.set(slot, VcpuState::Online);
+            drop(settles); // Online
             report.steps.push(StepReport {
                 slot,
                 direction: Direction::Plug,
@@ -225,7 +249,7 @@ impl VmHandle for SimHandle {
                 error: None,
             });
         }
-        for &slot in &plan.unplug {
+        for slot in plan.unplug_slots() {
             let t0 = Instant::now();
             tokio::time::sleep(d.applied).await;
             self.set(slot, VcpuState::Unplugging);
@@ -248,14 +272,16 @@ impl VmHandle for SimHandle {
                 });
                 continue;
             }
-            tokio::time::sleep(d.acked).await;
-            self.set(
+            let settles = Settles {
+                vm: &self.0,
                 slot,
-                match self.0.spec.resize_method {
+                end: match self.0.spec.resize_method {
                     corescale_api::ResizeMethod::Hotplug => VcpuState::Absent,
                     corescale_api::ResizeMethod::GuestOnline => VcpuState::Offline,
                 },
-            );
+            };
+            tokio::time::sleep(d.acked).await;
+            drop(settles);
             report.steps.push(StepReport {
                 slot,
                 direction: Direction::Unplug,
@@ -281,5 +307,42 @@ impl VmHandle for SimHandle {
     async fn stop(&self, _grace: Duration) -> Result<(), BackendError> {
         self.0.stopped.store(true, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::qemu::test_spec;
+
+    /// A resize dropped midway (the agent's task cancelled) leaves no slot Plugging or
+    /// Unplugging: the simulated guest finishes what the VMM was told, as a real one does.
+    #[tokio::test]
+    async fn a_dropped_resize_leaves_no_slot_in_between() {
+        let delays = SimDelays {
+            boot: Duration::ZERO,
+            applied: Duration::from_millis(1),
+            acked: Duration::from_secs(30),
+            online: Duration::from_secs(30),
+        };
+        let backend = SimBackend::new(delays, NodeCapacity::host_default());
+        let vm = backend.start(&test_spec(1, 4, 1, 1)).await.unwrap();
+        let t = vm.spec().topology;
+        let g = vm.spec().granularity;
+        let states = |o: Observation| o.slots.iter().map(|s| s.state).collect::<Vec<_>>();
+        let opts = ResizeOptions {
+            unplug_timeout: Duration::from_secs(1),
+            plug_timeout: Duration::from_secs(1),
+        };
+        let plug = Plan::of_slots(&t, g, &[1], &[]).unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(100), vm.resize(&plug, opts)).await;
+        assert!(r.is_err(), "dropped while the guest acknowledges");
+        let after = states(vm.observe().await.unwrap());
+        assert_eq!(after[1], VcpuState::Online, "{after:?}");
+        let unplug = Plan::of_slots(&t, g, &[], &[1]).unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(100), vm.resize(&unplug, opts)).await;
+        assert!(r.is_err(), "dropped while the guest releases");
+        let after = states(vm.observe().await.unwrap());
+        assert_eq!(after[1], VcpuState::Absent, "{after:?}");
     }
 }

@@ -192,20 +192,21 @@ pub async fn within<T>(
     out
 }
 
+/// A plan of single-slot units (the tests' VMs resize by thread), for any slot a VM can
+/// have: a slot past a VM's own topology is the backend's to refuse.
+fn of_slots(plug: &[u32], unplug: &[u32]) -> Plan {
+    let widest = Topology::new(1, corescale_api::MAX_VCPUS, 1);
+    Plan::of_slots(&widest, Granularity::Thread, plug, unplug).expect("a plan of distinct slots")
+}
+
 /// A plan that plugs `slots`.
 pub fn plug(slots: &[u32]) -> Plan {
-    Plan {
-        plug: slots.to_vec(),
-        ..Default::default()
-    }
+    of_slots(slots, &[])
 }
 
 /// A plan that unplugs `slots`.
 pub fn unplug(slots: &[u32]) -> Plan {
-    Plan {
-        unplug: slots.to_vec(),
-        ..Default::default()
-    }
+    of_slots(&[], slots)
 }
 
 /// Plug order of slots, for the planner's "most recently plugged first" unplug choice.

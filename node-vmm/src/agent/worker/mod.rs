@@ -204,8 +204,9 @@ pub struct Worker {
     /// Whether the guest agent answered the last observation. It outlives a guest: a new
     /// guest's status says what the last one's agent did until its first observation.
     guest_agent: bool,
-    /// The last Event published, (reason, note): an identical one is not published again.
-    last_event: Option<(String, String)>,
+    /// The last Event published, (object UID, reason, note): an identical one about the
+    /// same object is not published again.
+    last_event: Option<(String, String, String)>,
     /// The VM's vCPU slots, to forget its per-vCPU series when the worker ends.
     max_vcpus: u32,
 }

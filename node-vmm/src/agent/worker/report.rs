@@ -24,8 +24,13 @@ impl Worker {
         reason: &str,
         note: String,
     ) {
-        // Repeated identical decisions (a Deferred VM re-checked) make one Event, not many.
-        let key = (reason.to_string(), note.clone());
+        // Repeated identical decisions (a Deferred VM re-checked) make one Event, not many;
+        // an object re-created under the same name is another object and hears it again.
+        let key = (
+            vm.uid().unwrap_or_default(),
+            reason.to_string(),
+            note.clone(),
+        );
         if self.last_event.as_ref() == Some(&key) {
             return;
         }
@@ -71,7 +76,14 @@ impl Worker {
     ) -> serde_json::Value {
         let facts = Facts {
             book: self.g.vmm.as_ref().map(|v| &v.book),
-            accel: self.shared.capacity.accel.as_str(),
+            // The VM's own accelerator: a guest of another architecture runs under TCG
+            // even on a KVM node.
+            accel: self
+                .g
+                .vmm
+                .as_ref()
+                .map_or(self.shared.capacity.accel, |v| v.handle.spec().accel)
+                .as_str(),
             guest_agent: self.guest_agent,
             phase: self.g.phase,
             conds: &self.g.conds,

@@ -83,10 +83,10 @@ impl Worker {
         let from = before.online();
         let to = vm.spec.cpus;
         self.shared.budget.hold(&self.key, from.max(to));
-        for &s in &plan.plug {
+        for s in plan.plug_slots() {
             self.g.overrides.insert(s, VcpuState::Plugging);
         }
-        for &s in &plan.unplug {
+        for s in plan.unplug_slots() {
             self.g.overrides.insert(s, VcpuState::Unplugging);
         }
         let vmm = self.g.vmm.as_mut().expect("resize needs a guest");

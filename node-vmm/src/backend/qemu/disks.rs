@@ -8,7 +8,7 @@
 //! name but another UID starts. Created with `qemu-img`.
 
 use crate::backend::workload::{DiskSource, DiskSpec};
-use crate::backend::{BackendError, VmKey};
+use crate::backend::{BackendError, Cause, VmKey};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -47,13 +47,13 @@ async fn qemu_img(args: &[&str]) -> Result<String, BackendError> {
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| BackendError::io(format!("running {}", bin.display()), &e))?;
+        .map_err(|e| BackendError::io(format!("running {}", bin.display()), e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(BackendError::Io {
             context: format!("qemu-img {}", args.join(" ")),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            source: Cause::msg(String::from_utf8_lossy(&out.stderr).trim()),
         })
     }
 }
@@ -67,7 +67,7 @@ async fn image_format(image: &Path, index: usize) -> Result<String, BackendError
             message: format!("{} is not a disk image QEMU can read: {e}", image.display()),
         })?;
     let v: serde_json::Value = serde_json::from_str(&info)
-        .map_err(|e| BackendError::Protocol(format!("qemu-img info: {e}")))?;
+        .map_err(|e| BackendError::Protocol(Cause::msg(format!("qemu-img info: {e}"))))?;
     match v["format"].as_str() {
         Some(f @ ("qcow2" | "raw")) => Ok(f.to_string()),
         other => Err(BackendError::Field {
@@ -98,7 +98,7 @@ fn identity(image: &Path) -> std::io::Result<serde_json::Value> {
 /// spec.disks[].image gives new VMs the new one, see `node-vmm/guest/build-disk.sh`.)
 fn check_base(index: usize, recorded: &str) -> Result<(), BackendError> {
     let was: serde_json::Value = serde_json::from_str(recorded)
-        .map_err(|e| BackendError::Protocol(format!("disk base record: {e}")))?;
+        .map_err(|e| BackendError::Protocol(Cause::msg(format!("disk base record: {e}"))))?;
     let path = PathBuf::from(was["path"].as_str().unwrap_or_default());
     let now = identity(&path).ok();
     if now.as_ref() == Some(&was) {
@@ -127,7 +127,7 @@ pub async fn prepare(
     }
     let dir = disk_dir(state, key);
     let io = |what: &str, p: &Path, e: std::io::Error| {
-        BackendError::io(format!("{what} {}", p.display()), &e)
+        BackendError::io(format!("{what} {}", p.display()), e)
     };
     let recorded = std::fs::read_to_string(dir.join(UID_FILE)).ok();
     if recorded.as_deref().is_some_and(|r| r.trim() != uid) {
@@ -195,7 +195,7 @@ pub fn remove(state: &Path, key: &VmKey) -> Result<(), BackendError> {
     let dir = disk_dir(state, key);
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(BackendError::io(format!("removing {}", dir.display()), &e))
+            Err(BackendError::io(format!("removing {}", dir.display()), e))
         }
         _ => Ok(()),
     }

@@ -89,12 +89,13 @@ pub use cpumap::{apic_id, parse_cpuinfo_apic};
 pub use persisted::BACKEND_JSON;
 pub use vm::QemuVm;
 
-use crate::backend::{Accel, Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
+use crate::backend::{Accel, Backend, BackendError, Cause, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
 use crate::machine::Machine;
 use corescale_api::{Arch, ResizeMethod};
 use persisted::{load_persisted, store_persisted, Persisted};
 use qmp::QmpClient;
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -192,7 +193,7 @@ pub struct QemuBackend {
 }
 
 fn launcher_err(e: LauncherError) -> BackendError {
-    BackendError::Launcher(e.to_string())
+    BackendError::Launcher(Cause::of(e))
 }
 
 impl QemuBackend {
@@ -210,9 +211,10 @@ impl QemuBackend {
         &self.cfg
     }
 
-    /// The guest architectures this node can run: those whose QEMU binary is installed
-    /// (guests of another architecture than the host's run under TCG).
-    pub fn arches(&self) -> Vec<String> {
+    /// The guest architectures this node can run (those whose QEMU binary is installed),
+    /// each with its accelerator: `native` (the accelerator chosen for this host) for the
+    /// host's own architecture, TCG for every other (KVM runs only the host's own).
+    pub fn arches(&self, native: Accel) -> BTreeMap<Arch, Accel> {
         Arch::ALL
             .into_iter()
             .filter(|&a| match find_binary_for(self.cfg.binary_for(a), a) {
@@ -222,7 +224,7 @@ impl QemuBackend {
                     false
                 }
             })
-            .map(|a| a.as_str().to_string())
+            .map(|a| (a, crate::machine::accel_for(a, native)))
             .collect()
     }
 
@@ -285,11 +287,11 @@ impl QemuBackend {
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)
-                .map_err(|e| BackendError::io(format!("creating {}", dir.display()), &e))?;
+                .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
             seed::write_seed(&dir.join(seed::SEED_IMAGE), seed)?;
         }
         let spec_json =
-            serde_json::to_value(spec).map_err(|e| BackendError::Protocol(e.to_string()))?;
+            serde_json::to_value(spec).map_err(|e| BackendError::Protocol(Cause::of(e)))?;
         let t0 = Instant::now();
         let proc = self
             .launcher
@@ -374,20 +376,20 @@ impl QemuBackend {
                     let exit = p
                         .exit
                         .map_or_else(|| "unknown status".to_string(), |e| e.to_string());
-                    return Err(BackendError::Launcher(format!(
+                    return Err(BackendError::Launcher(Cause::msg(format!(
                         "QEMU for {key} exited ({exit}) right after starting: {}",
                         tail(&dir.join(launcher::QEMU_LOG), 2000)
-                    )));
+                    ))));
                 }
                 None => return Err(BackendError::NotRunning(key.to_string())),
                 Some(_) => {}
             }
             if Instant::now() >= deadline {
-                return Err(BackendError::Launcher(format!(
+                return Err(BackendError::Launcher(Cause::msg(format!(
                     "QEMU for {key} did not open its QMP socket {} within {:?}: {last}",
                     sock.display(),
                     self.cfg.connect_timeout
-                )));
+                ))));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -438,7 +440,7 @@ impl QemuBackend {
             .map(Arc::new)
             .map_err(|e| BackendError::Io {
                 context: format!("adopting {key}"),
-                message: e.to_string(),
+                source: Cause::of(e),
             })?;
         // A damaged backend.json (truncated by a full disk, edited by hand) must not make a
         // running guest unmanageable: it is rebuilt like a missing one, and the log says so.
@@ -494,7 +496,7 @@ impl Backend for QemuBackend {
                 host_cpus: c.host_cpus,
                 max_vcpus_per_vm: c.max_vcpus,
                 accel: c.accel,
-                arches: self.arches(),
+                arches: self.arches(c.accel),
             },
             Err(e) => {
                 tracing::error!(error = %e, "accelerator choice failed; announcing TCG");
@@ -557,7 +559,7 @@ impl Backend for QemuBackend {
             .await?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(BackendError::io(format!("removing {}", dir.display()), &e))
+                Err(BackendError::io(format!("removing {}", dir.display()), e))
             }
             _ => Ok(()),
         }
@@ -567,7 +569,7 @@ impl Backend for QemuBackend {
 /// A spec for the unit tests of this module's files: `sockets`x`cores`x`threads` slots,
 /// `boot` of them at boot, an x86_64 TCG guest.
 #[cfg(test)]
-fn test_spec(sockets: u32, cores: u32, threads: u32, boot: u32) -> VmSpec {
+pub(crate) fn test_spec(sockets: u32, cores: u32, threads: u32, boot: u32) -> VmSpec {
     use corescale_api::{Granularity, Placement, Topology};
     VmSpec {
         namespace: "ns".into(),

@@ -17,7 +17,7 @@
 use super::resize::left;
 use super::vm::{Ops, QemuVm};
 use crate::backend::{
-    Accel, BackendError, Direction, ResizeOptions, StepReport, GUEST_ONLINE_NEEDS_AGENT,
+    Accel, BackendError, Cause, Direction, ResizeOptions, StepReport, GUEST_ONLINE_NEEDS_AGENT,
 };
 use crate::secs;
 use corescale_api::{Plan, ResizeMethod};
@@ -55,17 +55,20 @@ impl QemuVm {
             }
             steps
         };
+        let (unplug, plug) = (plan.unplug_slots(), plan.plug_slots());
         let fail_all = |e: BackendError| {
-            let mut steps = fail(&plan.unplug, Direction::Unplug, &e);
-            steps.extend(fail(&plan.plug, Direction::Plug, &e));
+            let mut steps = fail(&unplug, Direction::Unplug, &e);
+            steps.extend(fail(&plug, Direction::Plug, &e));
             steps
         };
         if !self.has_agent(ops).await {
-            return fail_all(BackendError::GuestAgent(GUEST_ONLINE_NEEDS_AGENT.into()));
+            return fail_all(BackendError::GuestAgent(Cause::msg(
+                GUEST_ONLINE_NEEDS_AGENT,
+            )));
         }
         // Every slot is present: map every guest CPU to its slot first when the map does
         // not cover the plan's slots yet (an adopted handle starts with an empty map).
-        let acted = plan.unplug.iter().chain(&plan.plug);
+        let acted = unplug.iter().chain(&plug);
         if acted.clone().any(|&s| ops.map.slot_logical(s).is_none()) {
             let present: Vec<u32> = (0..self.spec.topology.max_vcpus()).collect();
             let budget = self.cfg.agent_timeout.max(Duration::from_secs(5));
@@ -73,27 +76,27 @@ impl QemuVm {
                 return fail_all(Self::qga_err(e));
             }
             if let Some(s) = acted.clone().find(|&&s| ops.map.slot_logical(s).is_none()) {
-                return fail_all(BackendError::GuestAgent(format!(
+                return fail_all(BackendError::GuestAgent(Cause::msg(format!(
                     "the guest lists no CPU for vCPU slot {s}: is the guest's kernel the one booted with every slot present?"
-                )));
+                ))));
             }
         }
         let mut steps = Vec::new();
-        if !plan.unplug.is_empty() {
-            match self.park(ops, &plan.unplug, opts).await {
+        if !unplug.is_empty() {
+            match self.park(ops, &unplug, opts).await {
                 Some(s) => steps.extend(s),
                 None => steps.extend(fail(
-                    &plan.unplug,
+                    &unplug,
                     Direction::Unplug,
-                    &BackendError::GuestAgent(format!(
+                    &BackendError::GuestAgent(Cause::msg(format!(
                         "the guest agent could not offline vCPU slots {:?} (guest-set-vcpus refused; see the node's log); they stay online",
-                        plan.unplug
-                    )),
+                        unplug
+                    ))),
                 )),
             }
         }
-        if !plan.plug.is_empty() {
-            steps.extend(self.unpark(ops, &plan.plug, opts).await);
+        if !plug.is_empty() {
+            steps.extend(self.unpark(ops, &plug, opts).await);
         }
         steps
     }
@@ -116,11 +119,21 @@ impl QemuVm {
             .collect::<Option<Vec<u32>>>()?;
         let t0 = Instant::now();
         let deadline = t0 + opts.unplug_timeout;
+        // Recorded parked before the guest is asked: a resize dropped after the guest
+        // offlined them must not leave present, offline vCPUs that status calls Present.
+        // A slot recorded parked that the guest still has online is taken back by the
+        // next observation (which trusts the guest), so erring this way is safe.
+        ops.st.parked.extend(unit.iter().copied());
+        self.persist(&ops.st);
         let changes: Vec<(u32, bool)> = logical.iter().map(|&l| (l, false)).collect();
         let done = match ops.qga.set_vcpus(&changes, left(deadline)).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(vm = %self.key, error = %e, "cannot offline through the agent");
+                for s in unit {
+                    ops.st.parked.remove(s);
+                }
+                self.persist(&ops.st);
                 return None;
             }
         };
@@ -135,10 +148,11 @@ impl QemuVm {
                 Ok(at) => {
                     st.acked = Some(*at - t0);
                     st.kept_offline = true;
-                    ops.st.parked.insert(slot);
                     ops.st.plugging.remove(&slot);
                     ops.st.unplugging.remove(&slot);
                 }
+                // Left recorded parked: observation keeps those the guest has offline and
+                // takes back those it still has online.
                 Err(e) => st.error = Some(e.clone()),
             }
         }
@@ -169,9 +183,9 @@ impl QemuVm {
         else {
             fail(
                 &mut steps,
-                BackendError::GuestAgent(format!(
+                BackendError::GuestAgent(Cause::msg(format!(
                     "parked vCPU slots {unit:?} have no known guest CPU: observe the VM first"
-                )),
+                ))),
             );
             return steps;
         };

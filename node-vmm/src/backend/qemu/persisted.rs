@@ -55,7 +55,7 @@ pub(super) fn store_persisted(dir: &Path, st: &Persisted) -> Result<(), BackendE
         message: e.to_string(),
     })?;
     launcher::write_private(&path, &bytes)
-        .map_err(|e| BackendError::io(format!("writing {}", path.display()), &e))
+        .map_err(|e| BackendError::io(format!("writing {}", path.display()), e))
 }
 
 impl QemuVm {

@@ -6,7 +6,7 @@ use super::cpumap::parse_cpuinfo_apic;
 use super::qmp::{self, HotpluggableCpu, QmpError};
 use super::resize::left;
 use super::vm::{Ops, QemuVm};
-use crate::backend::{Accel, BackendError, Direction, ResizeOptions, StepReport};
+use crate::backend::{Accel, BackendError, Cause, Direction, ResizeOptions, StepReport};
 use crate::machine::{GuestCpuId, InsertDone};
 use crate::secs;
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,19 +73,28 @@ impl QemuVm {
         let mut groups: Vec<(u32, HotpluggableCpu, Vec<usize>)> = Vec::new();
         for (i, &slot) in unit.iter().enumerate() {
             let Some(entry) = hp.get(&slot) else {
-                steps[i].error = Some(BackendError::Protocol(format!(
+                steps[i].error = Some(BackendError::Protocol(Cause::msg(format!(
                     "QEMU does not list vCPU slot {slot} as hot-pluggable"
-                )));
+                ))));
                 continue;
             };
             let first = self.machine.slot_of_props(&t, &entry.props).unwrap_or(slot);
+            if self.slot_id(first).is_none() {
+                steps[i].error = Some(BackendError::Protocol(Cause::msg(format!(
+                    "QEMU places vCPU slot {slot} at slot {first}, outside the VM's {} slots",
+                    self.slots.len()
+                ))));
+                continue;
+            }
             match groups.iter_mut().find(|g| g.0 == first) {
                 Some(g) => g.2.push(i),
                 None => groups.push((first, entry.clone(), vec![i])),
             }
         }
         for (first, entry, idx) in groups {
-            let sid = self.slots[usize::try_from(first).unwrap_or(0)];
+            let Some(sid) = self.slot_id(first) else {
+                continue; // refused above
+            };
             let threads = u32::try_from(idx.len()).unwrap_or(u32::MAX);
             // Counted before the command: a crash in between must not hide a thread.
             ops.st.vcpu_threads_created += threads;
@@ -142,11 +151,12 @@ impl QemuVm {
             let slot = unit[i];
             if let Some(e) = hp.get_mut(&slot) {
                 let first = self.machine.slot_of_props(&t, &e.props).unwrap_or(slot);
-                e.qom_path = Some(format!(
-                    "/machine/peripheral/{}",
-                    self.machine
-                        .device_id(&self.slots[usize::try_from(first).unwrap_or(0)])
-                ));
+                if let Some(sid) = self.slot_id(first) {
+                    e.qom_path = Some(format!(
+                        "/machine/peripheral/{}",
+                        self.machine.device_id(&sid)
+                    ));
+                }
             }
         }
         match self.machine.insert_done() {
@@ -231,10 +241,10 @@ impl QemuVm {
             if ost.status == qmp::OST_STATUS_SUCCESS {
                 steps[i].acked = Some(t0.elapsed());
             } else {
-                steps[i].error = Some(BackendError::Protocol(format!(
+                steps[i].error = Some(BackendError::Protocol(Cause::msg(format!(
                     "the guest failed to add vCPU slot {} (ACPI _OST status {:#x}); does its kernel have CONFIG_ACPI_HOTPLUG_CPU?",
                     unit[i], ost.status
-                )));
+                ))));
             }
         }
         for (_, i) in waiting {
@@ -357,9 +367,9 @@ impl QemuVm {
                     .filter(|s| !found.contains_key(s))
                     .copied()
                     .collect();
-                return Err(BackendError::GuestAgent(format!(
+                return Err(BackendError::GuestAgent(Cause::msg(format!(
                     "the guest acknowledged vCPU slots {missing:?} but its agent does not list them (or their ACPI path) within the plug deadline"
-                )));
+                ))));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -30,7 +30,7 @@ pub fn meta_data(seed: &SeedData) -> String {
 /// Write the seed image for `seed` to `path` (replacing one left by an earlier start).
 pub fn write_seed(path: &Path, seed: &SeedData) -> Result<(), BackendError> {
     let io =
-        |what: &str, e: std::io::Error| BackendError::io(format!("{what} {}", path.display()), &e);
+        |what: &str, e: std::io::Error| BackendError::io(format!("{what} {}", path.display()), e);
     let files: Vec<(&str, String)> = [
         Some(("meta-data", meta_data(seed))),
         // NoCloud needs user-data to exist; an empty cloud-config changes nothing.

@@ -3,7 +3,7 @@
 
 use super::qmp::{self, EventKind, HotpluggableCpu, QmpError};
 use super::vm::{Ops, QemuVm};
-use crate::backend::{BackendError, Direction, ResizeOptions, StepReport};
+use crate::backend::{BackendError, Cause, Direction, ResizeOptions, StepReport};
 use crate::machine::EjectDone;
 use crate::secs;
 use std::collections::BTreeMap;
@@ -166,10 +166,10 @@ impl QemuVm {
                 Some((_, status)) if status == qmp::OST_STATUS_EJECT_IN_PROGRESS => {}
                 Some((key, status)) => {
                     for i in waiting.remove(&key).unwrap_or_default() {
-                        steps[i].error = Some(BackendError::Protocol(format!(
+                        steps[i].error = Some(BackendError::Protocol(Cause::msg(format!(
                             "the guest refused to eject vCPU slot {} (ACPI _OST status {status:#x}); it stays Unplugging and the next attempt retries",
                             unit[i]
-                        )));
+                        ))));
                     }
                 }
                 None if Instant::now() >= next_poll => {

@@ -8,7 +8,8 @@ use super::qga::{QgaClient, QgaError};
 use super::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use super::{launcher_err, tail, QemuConfig};
 use crate::backend::{
-    Accel, BackendError, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey, VmSpec,
+    Accel, BackendError, Cause, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey,
+    VmSpec,
 };
 use crate::launcher::{self, KillSignal, LauncherClient};
 use crate::machine::Machine;
@@ -144,6 +145,14 @@ fn task_cpu_seconds(pid: i32, tid: i64) -> Option<f64> {
 }
 
 impl QemuVm {
+    /// The topology position of `slot`, or `None` when the VM has no such slot.
+    pub(super) fn slot_id(&self, slot: u32) -> Option<SlotId> {
+        usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .copied()
+    }
+
     pub(super) fn new(
         spec: VmSpec,
         dir: PathBuf,
@@ -214,12 +223,12 @@ impl QemuVm {
                 desc,
             },
             QmpError::Closed => BackendError::NotRunning(self.key.to_string()),
-            other => BackendError::Protocol(other.to_string()),
+            other => BackendError::Protocol(Cause::of(other)),
         }
     }
 
     pub(super) fn qga_err(e: QgaError) -> BackendError {
-        BackendError::GuestAgent(e.to_string())
+        BackendError::GuestAgent(Cause::of(e))
     }
 
     /// Run a QMP command (tests and tools: `stop`, `cont`, `qom-get` ...), serialized with
@@ -274,10 +283,10 @@ impl QemuVm {
                 return Err(BackendError::NotRunning(self.key.to_string()));
             }
             if t0.elapsed() > timeout {
-                return Err(BackendError::GuestAgent(format!(
+                return Err(BackendError::GuestAgent(Cause::msg(format!(
                     "no answer within {timeout:?}; console: {}",
                     tail(&self.dir.join(launcher::SERIAL_LOG), 1500)
-                )));
+                ))));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -449,10 +458,10 @@ impl VmHandle for QemuVm {
             .map_err(launcher_err)?;
         match launcher::exit_of(&self.launcher, ns, name, Duration::from_secs(10)).await {
             Some(_) => Ok(()),
-            None => Err(BackendError::Launcher(format!(
+            None => Err(BackendError::Launcher(Cause::msg(format!(
                 "QEMU of {} (pid {}) did not exit after SIGKILL",
                 self.key, self.pid
-            ))),
+            )))),
         }
     }
 }

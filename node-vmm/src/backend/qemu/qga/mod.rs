@@ -325,7 +325,12 @@ impl QgaClient {
         let mut line = serde_json::to_vec(&Value::Object(req))
             .map_err(|e| QgaError::Protocol(format!("cannot encode {command}: {e}")))?;
         line.push(b'\n');
+        // Not synchronised while the request is on its way: a caller that drops this
+        // future mid-write leaves part of it in the agent's parser, and the next command
+        // must start with the resync's 0xFF, which makes the agent discard it.
+        self.synced = false;
         self.send(&line, command, deadline, timeout).await?;
+        self.synced = true;
         loop {
             while let Some(obj) = next_object(&mut self.buf) {
                 if obj.get("id").and_then(Value::as_u64) != Some(id) {
@@ -516,6 +521,48 @@ mod tests {
             3,
             "connect, and once more after the timeout"
         );
+    }
+
+    /// A command dropped while its request is half written (the guest reads its port
+    /// slowly) leaves the line unsynchronised, so the next command resyncs first.
+    #[tokio::test]
+    async fn a_command_dropped_mid_write_forces_a_resync() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).split(b'\n');
+            let raw = lines.next_segment().await.unwrap().unwrap();
+            let req: Value = serde_json::from_slice(&raw[1..]).unwrap();
+            let id = &req["arguments"]["id"];
+            w.write_all(format!("\u{ff}{{\"return\": {id}}}\n").as_bytes())
+                .await
+                .unwrap();
+            // Then read nothing more: the socket buffer fills up.
+            let _ = stop_rx.await;
+        });
+        let mut c = QgaClient::new(&path);
+        c.sync(Duration::from_secs(5), Duration::from_millis(500))
+            .await
+            .unwrap();
+        assert!(c.is_synced());
+        let big = serde_json::json!({ "pad": "x".repeat(8 << 20) });
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(200),
+            c.execute_value("guest-ping", Some(big), Duration::from_secs(30)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the write cannot finish: nobody reads");
+        assert!(
+            !c.is_synced(),
+            "a half-written request must make the next command resync"
+        );
+        let _ = stop_tx.send(());
+        server.await.unwrap();
     }
 
     #[test]
