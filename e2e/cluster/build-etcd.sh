@@ -47,26 +47,11 @@ if [[ $force -eq 0 && -x "$bin_dir/etcd" ]]; then
 	exit 0
 fi
 
-GO="${GO:-}"
-if [[ -z "$GO" ]]; then
-	if command -v go >/dev/null 2>&1; then
-		GO="$(command -v go)"
-	elif [[ -x /usr/local/go/bin/go ]]; then
-		GO=/usr/local/go/bin/go
-	else
-		echo "build-etcd.sh: no Go toolchain found; install Go >= 1.26 (go on PATH or /usr/local/go/bin/go)" >&2
-		exit 1
-	fi
-fi
-
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
+# shellcheck source=e2e/cluster/go-env.sh
+source "$here/go-env.sh"
 # -buildvcs=false: the wrapper module sits inside the corescale git tree, whose
 # VCS state is irrelevant to these binaries (and unreadable in some CI clones).
-export GOFLAGS="-mod=mod -buildvcs=false ${GOFLAGS:-}"
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
-mkdir -p "$GOMODCACHE" "$GOCACHE" "$bin_dir"
+go_env build-etcd.sh 1.26 "-mod=mod -buildvcs=false ${GOFLAGS:-}"
 
 cd "$module_dir"
 start=$(date +%s)

@@ -17,6 +17,7 @@ set -euo pipefail
 # so no toolchain is downloaded.
 KEDA_VERSION=v2.21.0
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${CORESCALE_CACHE:-$HOME/.cache/corescale}"
 bin_dir="$cache/keda/$KEDA_VERSION/bin"
 force=0
@@ -41,24 +42,9 @@ if [[ $force -eq 0 && -x "$bin_dir/keda" && -x "$bin_dir/keda-adapter" ]]; then
 	exit 0
 fi
 
-GO="${GO:-}"
-if [[ -z "$GO" ]]; then
-	if command -v go >/dev/null 2>&1; then
-		GO="$(command -v go)"
-	elif [[ -x /usr/local/go/bin/go ]]; then
-		GO=/usr/local/go/bin/go
-	else
-		echo "build-keda.sh: no Go toolchain found; install Go >= 1.26 (go on PATH or /usr/local/go/bin/go)" >&2
-		exit 1
-	fi
-fi
-
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
-export GOFLAGS="-mod=readonly -buildvcs=false"
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
-mkdir -p "$GOMODCACHE" "$GOCACHE" "$bin_dir"
+# shellcheck source=e2e/cluster/go-env.sh
+source "$here/go-env.sh"
+go_env build-keda.sh 1.26 "-mod=readonly -buildvcs=false"
 
 start=$(date +%s)
 # An empty scratch module lets `go mod download` fetch KEDA's module (with its go.sum).

@@ -63,28 +63,13 @@ if [[ $force -eq 0 ]] && have_all; then
 	exit 0
 fi
 
-GO="${GO:-}"
-if [[ -z "$GO" ]]; then
-	if command -v go >/dev/null 2>&1; then
-		GO="$(command -v go)"
-	elif [[ -x /usr/local/go/bin/go ]]; then
-		GO=/usr/local/go/bin/go
-	else
-		echo "build-kube.sh: no Go toolchain found; install Go >= 1.25 (go on PATH or /usr/local/go/bin/go)" >&2
-		exit 1
-	fi
-fi
-
-export GOMODCACHE="$cache/go/mod"
-export GOCACHE="$cache/go/build"
+# shellcheck source=e2e/cluster/go-env.sh
+source "$here/go-env.sh"
 # -buildvcs=false: the wrapper module sits inside the corescale git tree, whose
 # VCS state is irrelevant to these binaries (and unreadable in some CI clones).
-export GOFLAGS="-mod=mod -buildvcs=false ${GOFLAGS:-}"
-export CGO_ENABLED=0
-# The wrapper module's go line (1.25) is older than any toolchain we use: never
-# let `go` try to download a different toolchain.
-export GOTOOLCHAIN=local
-mkdir -p "$GOMODCACHE" "$GOCACHE" "$bin_dir"
+# GOTOOLCHAIN=local (go_env): the wrapper module's go line (1.25) is older than any
+# toolchain we use; never let `go` try to download a different one.
+go_env build-kube.sh 1.25 "-mod=mod -buildvcs=false ${GOFLAGS:-}"
 
 # Same flags as upstream's static builds (hack/lib/golang.sh, hack/lib/version.sh):
 # without gitVersion, /version reports v0.0.0-master.
