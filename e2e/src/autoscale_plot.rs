@@ -61,17 +61,9 @@ pub fn plot(out: &Path, samples: &[Sample]) -> Result<()> {
         ("spec.cpus (HPA via /scale)", desired, BLUE),
         ("online vCPUs (guest)", online, RGBColor(0, 140, 0)),
     ] {
-        chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        crate::plot::line(&mut chart, label, pts, color)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    crate::plot::legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(())
 }

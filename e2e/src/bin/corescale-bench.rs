@@ -538,17 +538,9 @@ fn plot_latency(out: &std::path::Path, m: &mut HashMap<String, Vec<f64>>) -> Res
                 (p * 100.0, y)
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        corescale_e2e::plot::line(&mut chart, label, pts, color)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    corescale_e2e::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     println!("  plot written to {}", out.display());
     Ok(())

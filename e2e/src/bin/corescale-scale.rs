@@ -604,21 +604,13 @@ fn plot(out: &Path, results: &[Value]) -> Result<()> {
             .draw()?;
         for (label, p, color) in series {
             let pts: Vec<(f64, f64)> = results.iter().map(|r| (f(r, &["vms"]), f(r, p))).collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            corescale_e2e::plot::line(&mut chart, label, pts.clone(), color)?;
             chart.draw_series(
                 pts.iter()
                     .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        corescale_e2e::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present()?;
     println!("plot written to {}", out.display());
