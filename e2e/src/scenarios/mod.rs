@@ -11,6 +11,7 @@ mod chart;
 mod control_plane;
 pub mod cycles;
 mod example;
+mod foreign_arch;
 mod granularity;
 mod guest_faults;
 mod guest_ssh;
