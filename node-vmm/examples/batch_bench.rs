@@ -15,13 +15,13 @@
 //! budget runs short) and both clients' threads fit: this measures hot-plug, not onlining
 //! parked vCPUs. Not measured here: the path through the API server.
 
+mod common;
+
 use clap::Parser;
-use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_api::{Arch, Plan, ResizeMethod};
 use corescale_node_vmm::backend::qemu::direct::DirectClient;
-use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
-use corescale_node_vmm::backend::{Accel, ResizeOptions, VmHandle, VmSpec};
-use corescale_node_vmm::images::ImageDir;
-use corescale_node_vmm::launcher::Launcher;
+use corescale_node_vmm::backend::qemu::QemuVm;
+use corescale_node_vmm::backend::{ResizeOptions, VmHandle};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -71,44 +71,9 @@ async fn main() -> anyhow::Result<()> {
     // Each round creates 8 vCPU threads per client; both clients' stay within 128 slots.
     let rounds = args.rounds.clamp(1, 7);
     let settle = Duration::from_millis(args.settle_ms);
-    let images = ImageDir::new(ImageDir::default_root());
-    let boot = images
-        .resolve(None, Arch::X86_64)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tmp = tempfile::Builder::new()
-        .prefix("corescale-batch-bench.")
-        .tempdir()?;
-    let socket = tmp.path().join("launcher.sock");
-    let state = tmp.path().join("vms");
-    let l = Launcher::bind(&socket, &state, Duration::from_secs(5)).await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(l.serve(async move {
-        let _ = stop_rx.await;
-    }));
-    let backend = QemuBackend::new(QemuConfig::new(&state, &socket));
-    let spec = VmSpec {
-        namespace: "bench".into(),
-        name: "batch".into(),
-        uid: "batch".into(),
-        topology: Topology {
-            sockets: 1,
-            cores: 128,
-            threads: 1,
-        },
-        granularity: Granularity::Thread,
-        placement: Placement::Packed,
-        boot_vcpus: 1,
-        resize_method: corescale_api::ResizeMethod::Hotplug,
-        memory_mib: 512,
-        arch: Arch::X86_64,
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
-        cmdline: String::new(),
-        accel: Accel::Tcg,
-        disks: Vec::new(),
-        seed: None,
-        ports: Vec::new(),
-    };
+    let lab = common::Lab::start("corescale-batch-bench.", Arch::X86_64).await?;
+    let backend = &lab.backend;
+    let spec = lab.spec("batch", Arch::X86_64, 128, ResizeMethod::Hotplug);
     let vm = backend.start_vm(&spec).await?;
     vm.wait_guest_ready(Duration::from_secs(120)).await?;
     let (t, g) = (spec.topology, spec.granularity);
@@ -214,7 +179,6 @@ async fn main() -> anyhow::Result<()> {
     let vm = backend.adopt_vm(&spec).await?;
     vm.stop(Duration::from_secs(5)).await?;
     drop(vm);
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+    lab.stop().await;
     Ok(())
 }

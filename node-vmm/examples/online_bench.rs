@@ -21,13 +21,13 @@
 //!
 //! Figures, not assertions: the results are in docs/benchmarks.md.
 
+mod common;
+
 use clap::Parser;
-use corescale_api::{Arch, Granularity, Placement, Plan, ResizeMethod, Topology};
+use corescale_api::{Arch, Plan, ResizeMethod};
 use corescale_node_vmm::backend::qemu::direct::DirectClient;
-use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
-use corescale_node_vmm::backend::{Accel, Backend, ResizeOptions, VmHandle, VmSpec};
-use corescale_node_vmm::images::ImageDir;
-use corescale_node_vmm::launcher::Launcher;
+use corescale_node_vmm::backend::qemu::QemuVm;
+use corescale_node_vmm::backend::{Backend, ResizeOptions, VmHandle, VmSpec};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -205,32 +205,13 @@ fn thread_cpu(pid: i32) -> BTreeMap<(i32, String), f64> {
 struct Bench {
     arch: Arch,
     slots: u32,
-    backend: QemuBackend,
-    kernel: std::path::PathBuf,
-    initrd: Option<std::path::PathBuf>,
+    lab: common::Lab,
 }
 
 impl Bench {
     fn spec(&self, method: ResizeMethod) -> VmSpec {
-        VmSpec {
-            namespace: "bench".into(),
-            name: format!("online-{}", method.as_str().to_lowercase()),
-            uid: method.as_str().into(),
-            topology: Topology::new(1, self.slots, 1),
-            granularity: Granularity::Thread,
-            placement: Placement::Packed,
-            boot_vcpus: 1,
-            resize_method: method,
-            arch: self.arch,
-            memory_mib: if self.arch == Arch::X86_64 { 512 } else { 1024 },
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline: String::new(),
-            accel: Accel::Tcg,
-            disks: Vec::new(),
-            seed: None,
-            ports: Vec::new(),
-        }
+        let name = format!("online-{}", method.as_str().to_lowercase());
+        self.lab.spec(&name, self.arch, self.slots, method)
     }
 
     /// Backend then direct client on one fresh guest of `method`.
@@ -241,7 +222,7 @@ impl Bench {
     ) -> anyhow::Result<(Medians, Option<Medians>)> {
         let settle = Duration::from_millis(args.settle_ms);
         let spec = self.spec(method);
-        let vm = self.backend.start_vm(&spec).await?;
+        let vm = self.lab.backend.start_vm(&spec).await?;
         vm.wait_guest_ready(Duration::from_secs(120)).await?;
         vm.observe().await?;
         let b = backend_rounds(&vm, args.rounds, settle).await;
@@ -257,9 +238,9 @@ impl Bench {
         } else {
             None
         };
-        let vm = self.backend.adopt_vm(&spec).await?;
+        let vm = self.lab.backend.adopt_vm(&spec).await?;
         vm.stop(Duration::from_secs(5)).await?;
-        self.backend.cleanup(&spec.key()).await?;
+        self.lab.backend.cleanup(&spec.key()).await?;
         Ok((b, d))
     }
 
@@ -267,7 +248,7 @@ impl Bench {
     /// use and the rest never online; under Hotplug slots 1-3 plugged and removed again.
     async fn idle_cost(&self, method: ResizeMethod, seconds: u64) -> anyhow::Result<()> {
         let spec = self.spec(method);
-        let vm = self.backend.start_vm(&spec).await?;
+        let vm = self.lab.backend.start_vm(&spec).await?;
         vm.wait_guest_ready(Duration::from_secs(120)).await?;
         vm.observe().await?;
         timed(&vm, plug(1..4)).await;
@@ -316,7 +297,7 @@ impl Bench {
             "  sum: offline after use ({n_used} threads) {offline_used:.2} s, never online ({n_never} threads) {offline_never:.2} s, non-vCPU threads {other:.2} s"
         );
         vm.stop(Duration::from_secs(5)).await?;
-        self.backend.cleanup(&spec.key()).await?;
+        self.lab.backend.cleanup(&spec.key()).await?;
         Ok(())
     }
 }
@@ -363,26 +344,10 @@ async fn main() -> anyhow::Result<()> {
         arch != Arch::Aarch64 || !methods.contains(&ResizeMethod::Hotplug),
         "--arch aarch64: QEMU's virt machine cannot hot-plug CPUs; use --methods GuestOnline"
     );
-    let images = ImageDir::new(ImageDir::default_root());
-    let boot = images
-        .resolve(None, arch)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tmp = tempfile::Builder::new()
-        .prefix("corescale-online-bench.")
-        .tempdir()?;
-    let socket = tmp.path().join("launcher.sock");
-    let state = tmp.path().join("vms");
-    let l = Launcher::bind(&socket, &state, Duration::from_secs(5)).await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(l.serve(async move {
-        let _ = stop_rx.await;
-    }));
     let bench = Bench {
         arch,
         slots: args.slots,
-        backend: QemuBackend::new(QemuConfig::new(&state, &socket)),
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
+        lab: common::Lab::start("corescale-online-bench.", arch).await?,
     };
     println!(
         "online_bench: {arch} TCG guests, 1 socket x {} slots, {} rounds, median ms",
@@ -417,7 +382,6 @@ async fn main() -> anyhow::Result<()> {
             bench.idle_cost(method, args.idle_seconds).await?;
         }
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+    bench.lab.stop().await;
     Ok(())
 }

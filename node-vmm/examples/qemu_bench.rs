@@ -18,13 +18,13 @@
 //! agent reports the new CPU online); unplug: `applied` (offline through the agent, then
 //! device_del returned), `acked` (final eject ACPI_DEVICE_OST).
 
+mod common;
+
 use clap::Parser;
-use corescale_api::{Arch, Granularity, Placement, Plan, Topology};
+use corescale_api::{Arch, Plan, ResizeMethod};
 use corescale_node_vmm::backend::qemu::direct::DirectClient;
-use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig, QemuVm};
-use corescale_node_vmm::backend::{Accel, ResizeOptions, StepReport, VmHandle, VmSpec};
-use corescale_node_vmm::images::ImageDir;
-use corescale_node_vmm::launcher::Launcher;
+use corescale_node_vmm::backend::qemu::QemuVm;
+use corescale_node_vmm::backend::{ResizeOptions, StepReport, VmHandle};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -138,46 +138,10 @@ async fn main() -> anyhow::Result<()> {
         .try_init();
     let runs = args.runs.max(1);
     let rounds = args.rounds.unwrap_or(runs).clamp(1, runs);
-    let images = ImageDir::new(ImageDir::default_root());
-    let boot = images
-        .resolve(None, Arch::X86_64)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cores = u32::try_from(2 * runs + 8).unwrap_or(255).min(255);
-    let tmp = tempfile::Builder::new()
-        .prefix("corescale-bench.")
-        .tempdir()?;
-    let socket = tmp.path().join("launcher.sock");
-    let state = tmp.path().join("vms");
-    let l = Launcher::bind(&socket, &state, Duration::from_secs(5)).await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(l.serve(async move {
-        let _ = stop_rx.await;
-    }));
-    let cfg = QemuConfig::new(&state, &socket);
-    let backend = QemuBackend::new(cfg);
-    let spec = VmSpec {
-        namespace: "bench".into(),
-        name: "latency".into(),
-        uid: "bench".into(),
-        topology: Topology {
-            sockets: 1,
-            cores,
-            threads: 1,
-        },
-        granularity: Granularity::Thread,
-        placement: Placement::Packed,
-        boot_vcpus: 1,
-        resize_method: corescale_api::ResizeMethod::Hotplug,
-        memory_mib: 512,
-        arch: Arch::X86_64,
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
-        cmdline: String::new(),
-        accel: Accel::Tcg,
-        disks: Vec::new(),
-        seed: None,
-        ports: Vec::new(),
-    };
+    let lab = common::Lab::start("corescale-bench.", Arch::X86_64).await?;
+    let backend = &lab.backend;
+    let spec = lab.spec("latency", Arch::X86_64, cores, ResizeMethod::Hotplug);
     let t0 = Instant::now();
     let mut vm = backend.start_vm(&spec).await?;
     let boot_time = vm.wait_guest_ready(Duration::from_secs(120)).await?;
@@ -224,8 +188,8 @@ async fn main() -> anyhow::Result<()> {
         println!("vCPU threads created by the backend in this QEMU: {used} of {max} (the direct client's are not counted)");
     }
     vm.stop(Duration::from_secs(10)).await?;
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    drop(vm);
+    lab.stop().await;
 
     println!("\n{runs} plug + {runs} unplug cycles per client, ms from the start of the operation");
     println!(
