@@ -6,6 +6,7 @@
 pub mod conditions;
 pub mod names;
 pub mod node;
+pub mod plan;
 pub mod planner;
 pub mod status;
 pub mod types;

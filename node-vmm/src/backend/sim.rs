@@ -31,7 +31,9 @@ pub struct SimDelays {
 
 impl Default for SimDelays {
     fn default() -> Self {
-        // Close to what QEMU/TCG measured: device_add 2 ms, visible 47 ms, online ~0.5 s.
+        // About a single plug under QEMU/TCG since plugs are batched: device_add returns
+        // in ~2 ms, the guest acknowledges at ~47 ms and the whole 1 -> 2 is ~90-100 ms
+        // (batch_bench, docs/benchmarks.md).
         SimDelays {
             boot: Duration::from_millis(50),
             applied: Duration::from_millis(2),
