@@ -21,9 +21,10 @@ check-generated: generate ## Fail when generated files differ from the committed
 	@git diff --exit-code -- crds charts/corescale/crds || { echo "generated files drifted: run 'make generate' and commit" >&2; exit 1; }
 	@test -z "$$(git status --porcelain -- crds charts/corescale/crds)" || { echo "untracked generated files: run 'make generate' and commit" >&2; exit 1; }
 
-lint: ## rustfmt and clippy (warnings are errors)
+lint: ## rustfmt, clippy (warnings are errors), no module import circles
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/check-module-cycles.py
 
 guest: guest-disk ## Build (or reuse) the test guest images (x86_64, ppc64le, aarch64) and the Debian disk image from Debian packages
 	bash node-vmm/guest/build.sh --arch x86_64 && bash node-vmm/guest/build.sh --arch ppc64le && bash node-vmm/guest/build.sh --arch aarch64

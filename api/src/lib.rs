@@ -9,6 +9,7 @@ pub mod node;
 pub mod plan;
 pub mod planner;
 pub mod status;
+pub mod topology;
 pub mod types;
 pub mod validate;
 pub mod workload;

@@ -1,6 +1,5 @@
 //! What a resize plan is: units of vCPU slots to plug and unplug, and why none can be made.
 
-use crate::planner::{check_topology, count_u32, idx, unit_size};
 use crate::types::{Granularity, Topology};
 use thiserror::Error;
 
@@ -188,6 +187,35 @@ impl Plan {
             shortfall: 0,
         })
     }
+}
+
+/// vCPUs in one plug unit: 1 for Thread granularity, threads per core for Core.
+pub fn unit_size(topology: &Topology, granularity: Granularity) -> u32 {
+    match granularity {
+        Granularity::Thread => 1,
+        Granularity::Core => topology.threads,
+    }
+}
+
+pub(crate) fn check_topology(t: &Topology) -> Result<(), PlanError> {
+    let max = crate::types::MAX_VCPUS;
+    let n = t.max_vcpus();
+    if t.sockets == 0 || t.cores == 0 || t.threads == 0 || n > max {
+        return Err(PlanError::BadTopology {
+            sockets: t.sockets,
+            cores: t.cores,
+            threads: t.threads,
+            max,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn idx(v: u32) -> usize {
+    usize::try_from(v).expect("u32 fits in usize on supported targets")
+}
+pub(crate) fn count_u32(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

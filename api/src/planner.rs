@@ -6,7 +6,8 @@
 //! Slots are numbered the way QEMU numbers x86 CPUs:
 //! `index = ((socket * cores) + core) * threads + thread`, so `-smp N` boots slots `0..N`.
 
-pub use crate::plan::{Plan, PlanError, Unit};
+use crate::plan::{check_topology, count_u32, idx};
+pub use crate::plan::{unit_size, Plan, PlanError, Unit};
 use crate::types::{Granularity, Placement, Topology, VcpuState};
 
 /// Where a slot sits in the topology.
@@ -81,14 +82,6 @@ pub struct PlanInput<'a> {
     pub slots: &'a [SlotView],
 }
 
-/// vCPUs in one plug unit: 1 for Thread granularity, threads per core for Core.
-pub fn unit_size(topology: &Topology, granularity: Granularity) -> u32 {
-    match granularity {
-        Granularity::Thread => 1,
-        Granularity::Core => topology.threads,
-    }
-}
-
 /// Smallest possible target: the unit holding slot 0.
 pub fn min_target(topology: &Topology, granularity: Granularity) -> u32 {
     unit_size(topology, granularity)
@@ -113,20 +106,6 @@ pub fn check_target(
         return Err(PlanError::NotWholeCores {
             target,
             threads: topology.threads,
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_topology(t: &Topology) -> Result<(), PlanError> {
-    let max = crate::types::MAX_VCPUS;
-    let n = t.max_vcpus();
-    if t.sockets == 0 || t.cores == 0 || t.threads == 0 || n > max {
-        return Err(PlanError::BadTopology {
-            sockets: t.sockets,
-            cores: t.cores,
-            threads: t.threads,
-            max,
         });
     }
     Ok(())
@@ -250,12 +229,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     Ok(plan)
 }
 
-pub(crate) fn idx(v: u32) -> usize {
-    usize::try_from(v).expect("u32 fits in usize on supported targets")
-}
-pub(crate) fn count_u32(v: usize) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
 fn unit_u32(v: usize) -> u32 {
     count_u32(v).max(1)
 }

@@ -5,6 +5,8 @@
 //! HPA writes `spec.cpus` through /scale, and the agent plugs or unplugs vCPUs. The guest's
 //! own /proc/stat shows the new vCPUs doing the work.
 
+pub mod plot;
+
 use crate::console::{busy_jiffies, Console};
 use crate::{node_of, online, prom_value, Stack};
 use anyhow::{bail, ensure, Context as _, Result};
@@ -399,7 +401,7 @@ pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
         s.dir.join("autoscale.json"),
         serde_json::to_vec_pretty(&timings)?,
     )?;
-    crate::autoscale_plot::plot(&s.dir.join("autoscale.png"), &run.samples)?;
+    plot::plot(&s.dir.join("autoscale.png"), &run.samples)?;
     teardown(s, ns).await?;
     Ok(format!(
         "KEDA/HPA: load 1 loop -> 2 vCPUs written {up1_written:.0} s / online {up1_online:.0} s; \

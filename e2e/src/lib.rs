@@ -4,7 +4,6 @@
 
 pub mod autoscale;
 pub mod autoscale_bench;
-pub mod autoscale_plot;
 pub mod console;
 pub mod plot;
 pub mod scenarios;

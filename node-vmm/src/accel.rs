@@ -7,12 +7,31 @@
 //! `vmx`/`svm` CPU flag and no `kvm_intel`/`kvm_amd` module) and TCG is chosen instead.
 //! `CORESCALE_ACCEL=tcg|kvm` (or the node's configuration) overrides the choice.
 
-use crate::backend::Accel;
 use corescale_api::MAX_VCPUS;
 use kvm_ioctls::Kvm;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
+
+/// Hardware accelerator for a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation (tests, and hosts whose KVM cannot run the guest).
+    Tcg,
+}
+
+impl Accel {
+    /// The name used in QEMU's `-accel` and in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
 
 /// Environment variable that forces the accelerator.
 pub const ACCEL_ENV: &str = "CORESCALE_ACCEL";

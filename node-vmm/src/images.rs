@@ -2,14 +2,35 @@
 //!
 //! `spec.boot.kernel` and `spec.boot.initrd` are paths relative to the node's image
 //! directory. A path that is absolute, contains `..`, or reaches outside the directory
-//! through a symlink is refused with [`BackendError::BootPath`] naming the field; so is a
+//! through a symlink is refused with [`ImageError::BootPath`] naming the field; so is a
 //! file that does not exist. Empty fields take the node's defaults for the guest's
 //! architecture: `<arch>/vmlinux` and `<arch>/initramfs.cpio.gz` (for example
 //! `ppc64le/vmlinux`), what `node-vmm/guest/build.sh --arch <arch>` writes.
 
-use crate::backend::BackendError;
 use corescale_api::{Arch, Boot};
 use std::path::{Component, Path, PathBuf};
+use thiserror::Error;
+
+/// A boot file or disk image this node cannot use, naming the spec field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ImageError {
+    /// `spec.boot.kernel`, `spec.boot.initrd` or `spec.boot.cmdline` cannot be used.
+    #[error("{field}: {message}")]
+    BootPath {
+        /// The spec field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// `spec.disks[index].image` cannot be used.
+    #[error("spec.disks[{index}].image: {message}")]
+    DiskImage {
+        /// The disk's index in spec.disks.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
 
 /// Default kernel file name inside an architecture's subdirectory.
 pub const DEFAULT_KERNEL: &str = "vmlinux";
@@ -69,7 +90,7 @@ impl ImageDir {
 
     /// Resolve `spec.boot` for a guest of `arch` (absent or empty fields take that
     /// architecture's defaults).
-    pub fn resolve(&self, boot: Option<&Boot>, arch: Arch) -> Result<BootFiles, BackendError> {
+    pub fn resolve(&self, boot: Option<&Boot>, arch: Arch) -> Result<BootFiles, ImageError> {
         let default_kernel = format!("{arch}/{DEFAULT_KERNEL}");
         let default_initrd = format!("{arch}/{DEFAULT_INITRD}");
         fn field(v: Option<&Option<String>>) -> Option<&str> {
@@ -86,7 +107,7 @@ impl ImageDir {
         };
         let cmdline = boot.and_then(|b| b.cmdline.clone()).unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE {
-            return Err(BackendError::BootPath {
+            return Err(ImageError::BootPath {
                 field: CMDLINE_FIELD,
                 message: format!(
                     "is {} bytes long; at most {MAX_CMDLINE} are allowed",
@@ -95,7 +116,7 @@ impl ImageDir {
             });
         }
         if cmdline.chars().any(|c| c.is_control()) {
-            return Err(BackendError::BootPath {
+            return Err(ImageError::BootPath {
                 field: CMDLINE_FIELD,
                 message:
                     "contains control characters (newlines, NUL...); use spaces between options"
@@ -110,17 +131,15 @@ impl ImageDir {
     }
 
     /// Resolve one relative path inside the directory.
-    pub fn resolve_file(&self, field: &'static str, rel: &str) -> Result<PathBuf, BackendError> {
+    pub fn resolve_file(&self, field: &'static str, rel: &str) -> Result<PathBuf, ImageError> {
         self.resolve_in(rel)
-            .map_err(|message| BackendError::BootPath { field, message })
+            .map_err(|message| ImageError::BootPath { field, message })
     }
 
     /// Resolve a disk image, spec.disks[`index`].image.
-    pub fn resolve_disk_image(&self, index: usize, rel: &str) -> Result<PathBuf, BackendError> {
-        self.resolve_in(rel).map_err(|message| BackendError::Field {
-            field: format!("spec.disks[{index}].image"),
-            message,
-        })
+    pub fn resolve_disk_image(&self, index: usize, rel: &str) -> Result<PathBuf, ImageError> {
+        self.resolve_in(rel)
+            .map_err(|message| ImageError::DiskImage { index, message })
     }
 
     fn resolve_in(&self, rel: &str) -> Result<PathBuf, String> {
@@ -259,7 +278,7 @@ mod tests {
         ] {
             let e = img.resolve(Some(&boot(k, i)), Arch::X86_64).unwrap_err();
             match &e {
-                BackendError::BootPath { field: f, message } => {
+                ImageError::BootPath { field: f, message } => {
                     assert_eq!(*f, field, "{e}");
                     assert!(message.contains(needle), "{e}");
                 }
@@ -271,7 +290,7 @@ mod tests {
         long.cmdline = Some("x".repeat(MAX_CMDLINE + 1));
         assert!(matches!(
             img.resolve(Some(&long), Arch::X86_64),
-            Err(BackendError::BootPath {
+            Err(ImageError::BootPath {
                 field: CMDLINE_FIELD,
                 ..
             })

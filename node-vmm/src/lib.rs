@@ -8,7 +8,6 @@ pub mod backend;
 pub mod console;
 pub mod images;
 pub mod launcher;
-pub mod machine;
 pub mod metrics;
 
 /// A duration in seconds rounded to the millisecond, as the errors of the protocol clients

@@ -10,7 +10,7 @@ use corescale_node_vmm::backend::qemu::QemuBackend;
 use corescale_node_vmm::backend::{
     Backend, BackendError, Direction, ResizeOptions, VmEvent, VmHandle,
 };
-use corescale_node_vmm::images::{ImageDir, KERNEL_FIELD};
+use corescale_node_vmm::images::{ImageDir, ImageError, KERNEL_FIELD};
 use corescale_node_vmm::launcher::{self, LauncherClient, VmRecord};
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ async fn errors_say_what_to_fix() {
     assert!(
         matches!(
             e,
-            BackendError::BootPath {
+            ImageError::BootPath {
                 field: KERNEL_FIELD,
                 ..
             }

@@ -201,6 +201,20 @@ impl BackendError {
     }
 }
 
+impl From<crate::images::ImageError> for BackendError {
+    fn from(e: crate::images::ImageError) -> Self {
+        match e {
+            crate::images::ImageError::BootPath { field, message } => {
+                BackendError::BootPath { field, message }
+            }
+            crate::images::ImageError::DiskImage { index, message } => BackendError::Field {
+                field: format!("spec.disks[{index}].image"),
+                message,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod qemu;
 pub mod sim;
 pub mod workload;
 
+pub use crate::accel::Accel;
 pub use error::{BackendError, Cause};
 
 use corescale_api::{Arch, Granularity, Placement, Plan, ResizeMethod, Topology, VcpuState};
@@ -33,26 +34,6 @@ pub struct VmKey {
 impl std::fmt::Display for VmKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Hardware accelerator for a guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// Hardware virtualization through /dev/kvm.
-    Kvm,
-    /// QEMU's software emulation (tests, and hosts whose KVM cannot run the guest).
-    Tcg,
-}
-
-impl Accel {
-    /// The name used in QEMU's `-accel` and in status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
     }
 }
 

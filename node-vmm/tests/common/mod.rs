@@ -38,7 +38,7 @@ pub fn prerequisites() -> (PathBuf, PathBuf) {
 
 /// The guest image and QEMU of an architecture, or a panic that says what to run.
 pub fn prerequisites_for(arch: Arch) -> (PathBuf, PathBuf) {
-    let m = corescale_node_vmm::machine::Machine::of(arch);
+    let m = corescale_node_vmm::backend::qemu::machine::Machine::of(arch);
     if let Err(e) = corescale_node_vmm::backend::qemu::find_binary_for(m.default_binary(), arch) {
         panic!("these tests boot real {arch} guests: {e}");
     }

@@ -2,9 +2,9 @@
 //! and every argument (machine, accelerator, topology, NUMA, boot, sockets, sandbox).
 
 use super::QemuConfig;
+use crate::backend::qemu::machine::Machine;
 use crate::backend::{Accel, BackendError, VmSpec};
 use crate::launcher;
-use crate::machine::Machine;
 use corescale_api::{Arch, Granularity, ResizeMethod, MAX_VCPUS};
 use std::path::{Path, PathBuf};
 

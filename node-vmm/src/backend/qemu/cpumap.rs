@@ -4,7 +4,7 @@
 
 use super::qga::{slot_from_acpi_path, GuestLogicalProcessor, QgaClient, QgaError};
 use super::vm::{Ops, QemuVm};
-use crate::machine::GuestCpuId;
+use crate::backend::qemu::machine::GuestCpuId;
 use corescale_api::{SlotId, Topology};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -144,7 +144,7 @@ impl QemuVm {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(50));
-            let present = crate::machine::parse_cpulist(
+            let present = crate::backend::qemu::machine::parse_cpulist(
                 &qga.read_text("/sys/devices/system/cpu/present", left)
                     .await?,
             );
@@ -258,8 +258,8 @@ impl QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::qemu::machine::Machine;
     use crate::backend::qemu::qmp::CpuProps;
-    use crate::machine::Machine;
     use corescale_api::planner::slots as topology_slots;
     use corescale_api::Arch;
 

@@ -1,7 +1,7 @@
 //! The QEMU backend: guests run in QEMU processes owned by the launcher, driven over QMP,
 //! with the guest agent on a second port. What follows describes x86_64 (`q35`); what
 //! differs for ppc64le (`pseries`: whole-core units, DEVICE_DELETED, hard CPU ids,
-//! virtio-serial agent) is in [`crate::machine`], the only place that knows architectures.
+//! virtio-serial agent) is in [`crate::backend::qemu::machine`], the only place that knows architectures.
 //!
 //! # Command line
 //!
@@ -69,6 +69,7 @@
 //! (`park`).
 
 pub mod direct;
+pub mod machine;
 pub mod qga;
 pub mod qmp;
 
@@ -89,9 +90,9 @@ pub use cpumap::{apic_id, parse_cpuinfo_apic};
 pub use persisted::BACKEND_JSON;
 pub use vm::QemuVm;
 
+use crate::backend::qemu::machine::Machine;
 use crate::backend::{Accel, Backend, BackendError, Cause, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::launcher::{self, KillSignal, LauncherClient, LauncherError};
-use crate::machine::Machine;
 use corescale_api::{Arch, ResizeMethod};
 use persisted::{load_persisted, store_persisted, Persisted};
 use qmp::QmpClient;
@@ -102,9 +103,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The x86_64 QEMU binary looked up in `PATH` by default.
-pub const DEFAULT_BINARY: &str = crate::machine::X86_64_BINARY;
+pub const DEFAULT_BINARY: &str = crate::backend::qemu::machine::X86_64_BINARY;
 /// x86_64 CPU model under TCG (see the module documentation).
-pub const TCG_CPU_MODEL: &str = crate::machine::X86_64_TCG_CPU_MODEL;
+pub const TCG_CPU_MODEL: &str = crate::backend::qemu::machine::X86_64_TCG_CPU_MODEL;
 /// CPU model under KVM.
 pub const KVM_CPU_MODEL: &str = "host";
 
@@ -144,8 +145,8 @@ impl QemuConfig {
     pub fn new(state_dir: impl Into<PathBuf>, launcher_socket: impl Into<PathBuf>) -> Self {
         QemuConfig {
             binary: DEFAULT_BINARY.into(),
-            ppc64_binary: crate::machine::PPC64_BINARY.into(),
-            aarch64_binary: crate::machine::AARCH64_BINARY.into(),
+            ppc64_binary: crate::backend::qemu::machine::PPC64_BINARY.into(),
+            aarch64_binary: crate::backend::qemu::machine::AARCH64_BINARY.into(),
             state_dir: state_dir.into(),
             launcher_socket: launcher_socket.into(),
             run_as_user: None,
@@ -224,7 +225,7 @@ impl QemuBackend {
                     false
                 }
             })
-            .map(|a| (a, crate::machine::accel_for(a, native)))
+            .map(|a| (a, crate::backend::qemu::machine::accel_for(a, native)))
             .collect()
     }
 

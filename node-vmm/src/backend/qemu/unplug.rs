@@ -3,8 +3,8 @@
 
 use super::qmp::{self, EventKind, HotpluggableCpu, QmpError};
 use super::vm::{Ops, QemuVm};
+use crate::backend::qemu::machine::EjectDone;
 use crate::backend::{BackendError, Cause, Direction, ResizeOptions, StepReport};
-use crate::machine::EjectDone;
 use crate::secs;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

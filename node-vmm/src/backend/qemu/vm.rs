@@ -7,12 +7,12 @@ use super::persisted::Persisted;
 use super::qga::{QgaClient, QgaError};
 use super::qmp::{self, EventKind, HotpluggableCpu, QmpClient, QmpError};
 use super::{launcher_err, tail, QemuConfig};
+use crate::backend::qemu::machine::Machine;
 use crate::backend::{
     Accel, BackendError, Cause, Observation, ResizeOptions, ResizeReport, VmEvent, VmHandle, VmKey,
     VmSpec,
 };
 use crate::launcher::{self, KillSignal, LauncherClient};
-use crate::machine::Machine;
 use corescale_api::planner::slots as topology_slots;
 use corescale_api::{Plan, SlotId};
 use std::collections::{BTreeMap, HashMap};

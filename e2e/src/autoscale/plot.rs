@@ -1,7 +1,7 @@
 //! The `autoscale` scenario's picture: busy cores in the guest, `spec.cpus` (what the
 //! autoscaler asked) and online vCPUs over time, with the busy loops shaded in.
 
-use crate::autoscale::{Sample, TARGET};
+use super::{Sample, TARGET};
 use anyhow::Result;
 use std::path::Path;
 
