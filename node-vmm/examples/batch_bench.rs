@@ -133,21 +133,11 @@ async fn main() -> anyhow::Result<()> {
         for round in 0..rounds {
             for (k, n) in [1usize, 7].into_iter().enumerate() {
                 std::thread::sleep(settle);
-                let plugs: Vec<(serde_json::Value, String, u32)> = (0..n)
-                    .map(|i| {
-                        let slot = u32::try_from(i + 1).unwrap_or(0);
-                        (entries[i].clone(), format!("bd-{round}-{n}-{slot}"), slot)
-                    })
-                    .collect();
-                let (logical, took) = d.plug_online_many(&plugs)?;
-                out[2 * k].push(took.as_secs_f64() * 1e3);
-                std::thread::sleep(settle);
-                let unplugs: Vec<(String, u64, u32)> = plugs
-                    .iter()
-                    .zip(&logical)
-                    .map(|((_, id, slot), l)| (id.clone(), *l, *slot))
-                    .collect();
-                out[2 * k + 1].push(d.unplug_many(&unplugs)?.as_secs_f64() * 1e3);
+                let tag = format!("bd-{round}-{n}");
+                let (up, down) =
+                    common::direct_plug_unplug(&mut d, &entries[..n], 1, &tag, settle)?;
+                out[2 * k].push(up);
+                out[2 * k + 1].push(down);
             }
         }
         Ok(out)

@@ -2,7 +2,11 @@
 //! directory, and the spec of a benchmark guest (TCG, one socket of single-thread slots,
 //! one vCPU at boot).
 
+// Each benchmark uses part of this module.
+#![allow(dead_code)]
+
 use corescale_api::{Arch, Granularity, Placement, ResizeMethod, Topology};
+use corescale_node_vmm::backend::qemu::direct::DirectClient;
 use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig};
 use corescale_node_vmm::backend::{Accel, VmSpec};
 use corescale_node_vmm::images::ImageDir;
@@ -78,4 +82,30 @@ impl Lab {
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(15), self.server).await;
     }
+}
+
+/// The direct client plugs and onlines `entries[..n]` (QEMU's hot-pluggable CPU entries
+/// of slots `first_slot..`) in one batch, waits `settle`, then offlines and unplugs them
+/// in one batch; the two times in ms. Device ids are `<tag>-<slot>`.
+pub fn direct_plug_unplug(
+    d: &mut DirectClient,
+    entries: &[serde_json::Value],
+    first_slot: u32,
+    tag: &str,
+    settle: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let plugs: Vec<(serde_json::Value, String, u32)> = entries
+        .iter()
+        .zip(first_slot..)
+        .map(|(e, slot)| (e.clone(), format!("{tag}-{slot}"), slot))
+        .collect();
+    let (logical, took) = d.plug_online_many(&plugs)?;
+    std::thread::sleep(settle);
+    let unplugs: Vec<(String, u64, u32)> = plugs
+        .iter()
+        .zip(&logical)
+        .map(|((_, id, slot), l)| (id.clone(), *l, *slot))
+        .collect();
+    let gone = d.unplug_many(&unplugs)?;
+    Ok((took.as_secs_f64() * 1e3, gone.as_secs_f64() * 1e3))
 }
