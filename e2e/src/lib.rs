@@ -6,6 +6,7 @@ pub mod autoscale;
 pub mod autoscale_bench;
 pub mod autoscale_plot;
 pub mod console;
+pub mod node;
 pub mod scenarios;
 
 use anyhow::{anyhow, bail, Context as _, Result};
