@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 /// release upgrade would move them to new ones).
 const UPGRADE_TAG_SUFFIX: &str = "-upgrade";
 
+/// The image reference `helm-upgrade` moves a component to.
+pub(super) fn upgraded(image: &str) -> String {
+    format!("{image}{UPGRADE_TAG_SUFFIX}")
+}
+
 /// `helm-upgrade`: new image tags for both components with README's
 /// `helm upgrade --wait=legacy` under the default `updateStrategy: OnDelete`.
 pub(super) async fn upgrade(c: &Ctx) -> Result<String> {
@@ -22,8 +27,8 @@ pub(super) async fn upgrade(c: &Ctx) -> Result<String> {
         .into_iter()
         .map(|p| p.uid)
         .collect();
-    let op_new = format!("{}{UPGRADE_TAG_SUFFIX}", c.operator_image);
-    let nv_new = format!("{}{UPGRADE_TAG_SUFFIX}", c.node_vmm_image);
+    let op_new = upgraded(&c.operator_image);
+    let nv_new = upgraded(&c.node_vmm_image);
     host::tag_image(&c.containerd, &c.operator_image, &op_new)?;
     host::tag_image(&c.containerd, &c.node_vmm_image, &nv_new)?;
     let tag = |r: &str| {

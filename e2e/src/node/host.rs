@@ -142,17 +142,29 @@ pub fn count_cpu_list(list: &str) -> Option<u32> {
 pub async fn guest_online_cpus(ns: &str, name: &str) -> Result<u32> {
     let sock = vm_dir(ns, name).join(crate::node::CONSOLE_SOCK);
     let mut c = Console::attach(&sock, Duration::from_secs(10)).await?;
-    let out = c
-        .run(
-            "cat /sys/devices/system/cpu/online",
-            Duration::from_secs(30),
-        )
-        .await?;
-    // Kernel messages may share the console: the CPU list is the last line that is one.
-    out.lines()
-        .rev()
-        .find_map(count_cpu_list)
-        .with_context(|| format!("no CPU list in the guest's answer {out:?}"))
+    // A guest that just booted may still be starting its console shell, which then loses
+    // the start of what is typed: ask again (three tries of 10 s).
+    let mut last = None;
+    for _ in 0..3 {
+        match c
+            .run(
+                "cat /sys/devices/system/cpu/online",
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            // Kernel messages may share the console: the CPU list is the last line that is one.
+            Ok(out) => {
+                return out
+                    .lines()
+                    .rev()
+                    .find_map(count_cpu_list)
+                    .with_context(|| format!("no CPU list in the guest's answer {out:?}"))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("three tries")).context("the guest's console shell did not answer")
 }
 
 /// Send a signal to a container's task through containerd (namespace k8s.io), as a crash

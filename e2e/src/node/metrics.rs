@@ -5,6 +5,7 @@
 use super::{Ctx, RELEASE, SLOTS, VM, VM_NS};
 use crate::scenarios::metric_sum;
 use anyhow::{ensure, Context as _, Result};
+use std::time::{Duration, Instant};
 
 /// The value of an unlabelled sample (`name value`).
 fn plain(text: &str, metric: &str) -> Option<f64> {
@@ -24,8 +25,23 @@ pub(super) async fn metrics(c: &Ctx) -> Result<String> {
     let online = st.cpus.context("no status.cpus")?;
     let desired = vm.spec.cpus;
 
-    let agent = super::pods::scrape_service(c, &format!("{RELEASE}-node-vmm"), 1).await?;
-    let text = &agent[0];
+    // The busy time is read while the VM is idle (every few seconds): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let t = super::pods::scrape_service(c, &format!("{RELEASE}-node-vmm"), 1)
+            .await?
+            .swap_remove(0);
+        let busy = metric_sum(
+            &t,
+            "corescale_vm_vcpu_busy_seconds_total",
+            &[format!("name=\"{VM}\"")],
+        );
+        if busy.is_some_and(|b| b > 0.0) || Instant::now() >= deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let text = &text;
     let of_vm = |extra: &[&str]| -> Vec<String> {
         let mut v = vec![format!("namespace=\"{VM_NS}\""), format!("name=\"{VM}\"")];
         v.extend(extra.iter().map(|s| (*s).to_string()));
@@ -79,10 +95,21 @@ pub(super) async fn metrics(c: &Ctx) -> Result<String> {
         timed >= 3.0,
         "plug latency histogram counts {timed} plugs, expected >= 3"
     );
+    // CPU time of the vCPU threads, which run in the launcher container: the agent must
+    // see them (the busy-cores series autoscaling runs on).
     let busy = metric_sum(text, "corescale_vm_vcpu_busy_seconds_total", &of_vm(&[]));
     ensure!(
         busy.is_some_and(|b| b > 0.0),
-        "corescale_vm_vcpu_busy_seconds_total is {busy:?}"
+        "corescale_vm_vcpu_busy_seconds_total is {busy:?} after 30 s: the agent cannot read the vCPU threads' CPU time"
+    );
+    let slot0 = metric_sum(
+        text,
+        "corescale_vcpu_cpu_seconds_total",
+        &of_vm(&["vcpu=\"0\""]),
+    );
+    ensure!(
+        slot0.is_some_and(|b| b > 0.0),
+        "corescale_vcpu_cpu_seconds_total{{vcpu=\"0\"}} is {slot0:?}"
     );
     ensure!(
         metric_sum(
@@ -93,8 +120,19 @@ pub(super) async fn metrics(c: &Ctx) -> Result<String> {
         "no corescale_build_info{{component=\"node-vmm\"}} 1"
     );
 
-    let op = super::pods::scrape_service(c, &format!("{RELEASE}-operator"), 1).await?;
-    let text = &op[0];
+    // The operator recounts VMs by phase every 5 s: wait for the Running VM to show.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let t = super::pods::scrape_service(c, &format!("{RELEASE}-operator"), 1)
+            .await?
+            .swap_remove(0);
+        let running = metric_sum(&t, "corescale_operator_vms", &["phase=\"Running\"".into()]);
+        if running.is_some_and(|r| r >= 1.0) || Instant::now() >= deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let text = &text;
     ensure!(
         plain(text, "corescale_operator_leader") == Some(1.0),
         "the operator pod does not lead: corescale_operator_leader {:?}",
@@ -107,10 +145,11 @@ pub(super) async fn metrics(c: &Ctx) -> Result<String> {
     );
     ensure!(
         running.is_some_and(|r| r >= 1.0),
-        "corescale_operator_vms{{phase=\"Running\"}} is {running:?}"
+        "corescale_operator_vms{{phase=\"Running\"}} is {running:?} after 30 s"
     );
     Ok(format!(
-        "node-vmm pod: online {online}, desired {desired}, max {SLOTS}, {plugs} plugs + {unplugs} unplugs; operator pod leads, {} VM Running",
+        "node-vmm pod: online {online}, desired {desired}, max {SLOTS}, {plugs} plugs + {unplugs} unplugs, {:.2} busy vCPU s; operator pod leads, {} VM Running",
+        busy.unwrap_or(0.0),
         running.unwrap_or(0.0)
     ))
 }

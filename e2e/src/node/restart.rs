@@ -18,6 +18,7 @@ pub(super) async fn agent_restart(c: &Ctx) -> Result<String> {
     let launcher = pod.container("launcher")?.clone();
     let qemu = host::one_qemu(VM_NS, VM)?;
     let cpus = c.spec_cpus().await?;
+    let started_before = started_events(c)?.len();
 
     let t0 = Instant::now();
     host::kill_container(&c.containerd, &agent.id, "SIGKILL")?;
@@ -73,13 +74,19 @@ pub(super) async fn agent_restart(c: &Ctx) -> Result<String> {
         host::one_qemu(VM_NS, VM)? == qemu,
         "the QEMU process changed while resizing after the restart"
     );
+    let started = started_events(c)?;
+    ensure!(
+        started.len() == started_before,
+        "the guest was started again: Started events {started:?}"
+    );
     Ok(format!(
         "agent Ready again in {secs:.1} s, VM Running throughout, QEMU pid {} kept, re-adopted; then {cpus} -> {to} in {resize:.1} s",
         qemu.pid
     ))
 }
 
-/// `pod-delete`: `kubectl delete pod` of the node's node-vmm pod, without draining first.
+/// `pod-delete`: `kubectl delete pod` of the node's node-vmm pod, without draining first,
+/// after `helm-upgrade` changed its template (how an OnDelete upgrade reaches a node).
 /// README: the guests are stopped; the new pod boots the VMs still placed there.
 pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
     let s = &c.stack;
@@ -89,6 +96,11 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
     let started_before = started_events(c)?;
 
     let t0 = Instant::now();
+    let since = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+    )?;
     let (ok, _, err) = s.kubectl(&[
         "delete",
         "pod",
@@ -113,7 +125,30 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
     )
     .await?;
     let pod_ready = t0.elapsed().as_secs_f64();
-    let vm = s.wait_online(VM_NS, VM, cpus, BOOT).await?;
+    // It is made from the template helm-upgrade left for it.
+    let want_image = super::helm::upgraded(&c.node_vmm_image);
+    ensure!(
+        new_pod.containers.iter().all(|x| x.image == want_image),
+        "the new pod does not run the upgraded template's image {want_image}: {:?}",
+        new_pod.containers
+    );
+    // Status still shows the stopped guest Ready until the new agent writes: wait for
+    // Ready to turn True again after the deletion (it is False while the guest boots).
+    let vm = s
+        .wait_vm(
+            VM_NS,
+            VM,
+            &format!("Ready again (after the deletion) with {cpus} vCPUs online"),
+            BOOT,
+            |v| {
+                crate::online(v) == cpus
+                    && v.status.as_ref().is_some_and(|st| st.cpus == Some(cpus))
+                    && crate::condition(v, "Ready").is_some_and(|c| {
+                        c.status == "True" && c.last_transition_time.0.as_second() >= since
+                    })
+            },
+        )
+        .await?;
     let running = t0.elapsed().as_secs_f64();
     let new_qemu = host::one_qemu(VM_NS, VM)?;
     ensure!(new_qemu != qemu, "the guest kept its QEMU process {qemu:?}");
@@ -133,17 +168,17 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
         c.node
     );
     Ok(format!(
-        "guest stopped after {stopped:.1} s, new pod {} Ready at {pod_ready:.1} s, VM Running with {cpus} vCPUs (new QEMU pid {}) at {running:.1} s",
+        "guest stopped after {stopped:.1} s, new pod {} Ready at {pod_ready:.1} s, VM Ready again with {cpus} vCPUs (new QEMU pid {}) at {running:.1} s",
         new_pod.name, new_qemu.pid
     ))
 }
 
-/// The notes of the VM's `Started` Events, oldest first.
+/// The notes of the VM's `Started` and `VmmRestarted` Events, oldest first.
 fn started_events(c: &Ctx) -> Result<Vec<String>> {
     Ok(c.stack
         .events(VM_NS, VM)?
         .into_iter()
-        .filter(|(r, _)| r == "Started")
+        .filter(|(r, _)| r == "Started" || r == "VmmRestarted")
         .map(|(_, n)| n)
         .collect())
 }
