@@ -44,6 +44,7 @@ stop() { # name [grace seconds]
 }
 
 kbin=""
+# shellcheck disable=SC1091
 [[ -f "$dir/cluster/env" ]] && kbin="$(. "$dir/cluster/env" && echo "$CORESCALE_KUBE_BIN_DIR")"
 sock="$dir/containerd/containerd.sock"
 

@@ -10,9 +10,14 @@
 #                  names overridden to the local tags (pullPolicy Never: nothing is pulled),
 #                  KVM off (guests run under TCG here), without README's ServiceMonitor and
 #                  PrometheusRule (no Prometheus Operator CRDs here)
-#   5. vm          a 1-vCPU VM with 4 slots Running with 1 vCPU online in its status
-#   6. scale       `kubectl scale --replicas=2`: 2 vCPUs online
-#   7. teardown    VM deleted, `helm uninstall`, e2e/node/down.sh
+#   5. scenarios  corescale-node-e2e (e2e/src/node/, one assertion each, in this order):
+#                 scale (1 -> 3 -> 1 -> 2, status and the guest's own /sys agree), metrics
+#                 (scraped from the pods behind the chart's Services), agent-restart (the
+#                 agent container SIGKILLed: same QEMU, re-adopted), helm-upgrade
+#                 (--wait=legacy, OnDelete: node-vmm pod and guest untouched), pod-delete
+#                 (guest stopped, booted again by the new pod), helm-uninstall (what is
+#                 gone and what remains, as README says)
+#   6. teardown   what the scenarios left (VM, release), e2e/node/down.sh
 # Prints the time of each stage. Needs root and the packages of scripts/install-deps.sh.
 # Starts from a clean node (DIR e2e/.run/node purged: containerd's store too) and purges
 # it again on success; caches (binaries, podman's store, cargo's) stay in CORESCALE_CACHE.
@@ -75,6 +80,7 @@ teardown() {
 	if [[ $rc -ne 0 && -f "$dir/env" ]]; then
 		log "diagnostics (exit $rc):"
 		(
+			# shellcheck disable=SC1091
 			source "$dir/env"
 			kubectl get nodes,pods -A -o wide
 			kubectl get cvm -A -o wide
@@ -96,9 +102,13 @@ teardown() {
 	begin teardown
 	if [[ -f "$dir/env" ]]; then
 		(
+			# shellcheck disable=SC1091
 			source "$dir/env"
-			kubectl -n "$vm_ns" delete cvm "$vm" --ignore-not-found --timeout=60s
-			[[ -z "$helm" ]] || "$helm" uninstall corescale -n "$ns" --wait --timeout 2m
+			# Scenario helm-uninstall ends with neither; a failure before it leaves both.
+			if [[ -n "$helm" ]] && "$helm" status corescale -n "$ns" >/dev/null 2>&1; then
+				kubectl -n "$vm_ns" delete cvm "$vm" --ignore-not-found --timeout=60s
+				"$helm" uninstall corescale -n "$ns" --wait --timeout 2m
+			fi
 		) >&2 2>&1 || log "VM delete / helm uninstall failed; tearing the node down anyway"
 	fi
 	if [[ $rc -eq 0 ]]; then "$here/down.sh" --dir "$dir" --purge; else "$here/down.sh" --dir "$dir"; fi
@@ -113,6 +123,8 @@ begin binaries
 "$repo/e2e/cluster/build-kube.sh" --node >/dev/null
 "$repo/e2e/cluster/build-etcd.sh" >/dev/null
 helm="$("$repo/e2e/cluster/install-helm.sh" | tail -n1)"
+(cd "$repo" && cargo build -q -p corescale-e2e --bin corescale-node-e2e)
+scenarios_bin="${CARGO_TARGET_DIR:-$repo/target}/debug/corescale-node-e2e"
 end
 
 # --- 2. node -------------------------------------------------------------------------------
@@ -151,38 +163,9 @@ leases="$(kubectl -n "$ns" get leases -l corescale.dev/node-agent=true -o name |
 [[ "$leases" -ge 1 ]] || die "no node-agent Lease in $ns after helm install --wait"
 end
 
-# --- 5. a VM -------------------------------------------------------------------------------
-wait_online() { # n timeout
-	local deadline=$(($(date +%s) + $2)) phase cpus
-	while :; do
-		phase="$(kubectl -n "$vm_ns" get cvm "$vm" -o jsonpath='{.status.phase}')"
-		cpus="$(kubectl -n "$vm_ns" get cvm "$vm" -o jsonpath='{.status.cpus}')"
-		[[ "$phase" == Running && "$cpus" == "$1" ]] && return 0
-		[[ "$phase" != Failed ]] || die "VM $vm Failed: $(kubectl -n "$vm_ns" get cvm "$vm" -o jsonpath='{.status.conditions}')"
-		[[ $(date +%s) -lt $deadline ]] || die "VM $vm not Running with $1 vCPUs online after $2 s (phase '$phase', online '$cpus')"
-		sleep 0.5
-	done
-}
-begin vm
-kubectl -n "$vm_ns" apply -f - <<EOF
-apiVersion: corescale.dev/v1alpha1
-kind: VirtualMachine
-metadata:
-  name: $vm
-spec:
-  cpus: 1
-  topology: {sockets: 1, cores: 4, threads: 1}
-EOF
-wait_online 1 300
-kubectl -n "$vm_ns" get cvm "$vm" -o wide
-end
-
-# --- 6. scale ------------------------------------------------------------------------------
-begin scale
-kubectl -n "$vm_ns" scale cvm/"$vm" --replicas=2
-wait_online 2 180
-kubectl -n "$vm_ns" get cvm "$vm" -o wide
-vcpus="$(kubectl -n "$vm_ns" get cvm "$vm" -o jsonpath='{range .status.vcpus[*]}{.index}={.state} {end}')"
-log "vCPUs: $vcpus"
-[[ "$(grep -o '=Online' <<<"$vcpus" | wc -l)" -eq 2 ]] || die "status.vcpus does not show 2 Online: $vcpus"
+# --- 5. the scenarios ----------------------------------------------------------------------
+begin scenarios
+CORESCALE_STACK_DIR="$dir" CORESCALE_HELM="$helm" \
+	CORESCALE_OPERATOR_IMAGE="$operator_ref" CORESCALE_NODE_VMM_IMAGE="$node_vmm_ref" \
+	"$scenarios_bin"
 end

@@ -60,7 +60,6 @@ mkdir -p "$dir/run" "$dir/logs" "$dir/pki"
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 
-started=()
 on_exit() {
 	local rc=$?
 	if [[ $rc -ne 0 ]]; then
@@ -76,7 +75,6 @@ start() { # name binary args...
 	setsid "$@" </dev/null >>"$dir/logs/$name.log" 2>&1 &
 	echo "$!" >"$dir/run/$name.pid"
 	echo "$1" >"$dir/run/$name.exe"
-	last_pid=$!
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 wait_until() { # what pid-name command...
@@ -111,7 +109,7 @@ restore_sysctls() {
 	local kv k v f
 	while IFS= read -r kv; do
 		k="${kv%%=*}" v="${kv#*=}" f="/proc/sys/${k//.//}"
-		[[ -f "$f" && "$(cat "$f")" != "$v" ]] && echo "$v" >"$f" 2>/dev/null || true
+		if [[ -f "$f" && "$(cat "$f")" != "$v" ]]; then echo "$v" >"$f" 2>/dev/null || true; fi
 	done <"$dir/sysctl.saved"
 }
 # The chart's hostPath state dir: removed by down.sh only if this run created it.

@@ -5,6 +5,7 @@
 pub mod autoscale;
 pub mod autoscale_bench;
 pub mod console;
+pub mod node;
 pub mod plot;
 pub mod scenarios;
 

@@ -178,8 +178,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     };
     let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
     health.set_ready(true);
-    // In its container the agent is PID 1, and the kernel ignores a signal PID 1 has no
-    // handler for: without this, SIGTERM (pod deletion, liveness restart) did nothing and
+    // In a container of its own PID namespace the agent is PID 1 (the chart's pod shares
+    // one namespace, where the pause process is), and the kernel ignores a signal PID 1
+    // has no handler for: without this, SIGTERM (pod deletion, liveness restart) did nothing and
     // the kubelet killed the agent only after terminationGracePeriodSeconds, while it kept
     // restarting the guests the launcher was stopping. The agent holds nothing a new one
     // cannot rebuild, so it just exits; the guests stay with the launcher.

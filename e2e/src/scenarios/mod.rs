@@ -22,6 +22,8 @@ mod storm;
 mod support;
 mod workload;
 
+pub(crate) use support::{metric_sum, resized_events};
+
 use crate::Stack;
 use anyhow::Result;
 use futures::future::LocalBoxFuture;

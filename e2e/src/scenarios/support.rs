@@ -10,7 +10,7 @@ pub(super) fn manifest(s: &Stack, rel: &str) -> Result<String> {
     std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
 }
 
-pub(super) fn resized_events(ev: &[(String, String)]) -> Vec<String> {
+pub(crate) fn resized_events(ev: &[(String, String)]) -> Vec<String> {
     ev.iter()
         .filter(|(r, _)| r == "Resized")
         .map(|(_, n)| n.clone())
@@ -61,7 +61,7 @@ pub(super) fn agent_metrics(s: &Stack, node: &str) -> Result<String> {
 
 /// The sum of `metric`'s samples whose labels include all `pairs` (text format), or None
 /// if there is none.
-pub(super) fn metric_sum(text: &str, metric: &str, pairs: &[String]) -> Option<f64> {
+pub(crate) fn metric_sum(text: &str, metric: &str, pairs: &[String]) -> Option<f64> {
     let prefix = format!("{metric}{{");
     let mut sum = None;
     for l in text.lines().filter(|l| l.starts_with(&prefix)) {
