@@ -44,7 +44,7 @@ bench: guest ## Benchmarks (print figures; not pass/fail)
 demo: deps guest ## Bring up a local cluster, apply the example VM and scale it
 	bash e2e/demo.sh
 
-ci: deps check-generated lint chart-check test e2e ## Everything CI runs
+ci: deps check-generated lint chart-check test e2e node-e2e ## Everything CI runs (the real-node stage last: it must not run beside the e2e stack)
 
 clean:
 	$(CARGO) clean
@@ -74,5 +74,5 @@ node-up: node-deps ## A real kubelet node (containerd, kubelet, kube-scheduler, 
 node-down: ## Stop node-up's node and remove what it created
 	bash e2e/node/down.sh
 
-node-e2e: node-deps ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, then the node scenarios (scale, metrics, agent restart, helm upgrade, pod delete, uninstall); torn down (not part of ci)
+node-e2e: node-deps ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, then the node scenarios (scale, metrics, agent restart, helm upgrade, pod delete, uninstall); torn down (the last stage of make ci)
 	bash e2e/node/e2e.sh
