@@ -7,6 +7,7 @@ pub mod autoscale_bench;
 pub mod console;
 pub mod node;
 pub mod plot;
+pub mod procs;
 pub mod scenarios;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -314,35 +315,11 @@ impl Stack {
     /// QEMU processes whose command line mentions this VM's state directory.
     pub fn qemu_processes(&self, ns: &str, name: &str) -> Vec<i32> {
         let needle = format!("/vms/{ns}/{name}/");
-        let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return out;
-        };
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("State:") && l.contains('Z'))
-            });
-            if cmd
-                .split(' ')
-                .next()
-                .and_then(|a| a.rsplit('/').next())
-                .is_some_and(|b| b.starts_with("qemu-system"))
-                && cmd.contains(&needle)
-                && cmd.contains(self.dir.to_string_lossy().as_ref())
-                && !zombie
-            {
-                out.push(pid);
-            }
-        }
-        out
+        let dir = self.dir.to_string_lossy();
+        procs::qemu_pids(&[&needle, dir.as_ref()])
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
     }
 
     /// Run a PromQL instant query; returns the result vector.

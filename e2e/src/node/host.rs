@@ -28,52 +28,14 @@ pub fn vm_dir(ns: &str, name: &str) -> PathBuf {
     PathBuf::from(STATE_DIR).join(ns).join(name)
 }
 
-/// Field 22 (starttime) and the state of a `/proc/<pid>/stat` line; the command name (field
-/// 2) may hold spaces and parentheses, so fields are counted after its last `)`.
-fn stat_fields(stat: &str) -> Option<(char, u64)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): field n is f[n - 3].
-    let state = f.first()?.chars().next()?;
-    Some((state, f.get(19)?.parse().ok()?))
-}
-
 /// The live (not zombie) QEMU processes of this host whose command line names the VM's
 /// state directory under [`STATE_DIR`].
 pub fn qemu_of(ns: &str, name: &str) -> Vec<Qemu> {
     let needle = format!("{}/", vm_dir(ns, name).display());
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let is_qemu = cmd
-            .split(' ')
-            .next()
-            .and_then(|a| a.rsplit('/').next())
-            .is_some_and(|b| b.starts_with("qemu-system"));
-        if !is_qemu || !cmd.contains(&needle) {
-            continue;
-        }
-        let Some((state, start_ticks)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .as_deref()
-            .and_then(stat_fields)
-        else {
-            continue;
-        };
-        if state != 'Z' {
-            out.push(Qemu { pid, start_ticks });
-        }
-    }
-    out
+    crate::procs::qemu_pids(&[&needle])
+        .into_iter()
+        .map(|(pid, start_ticks)| Qemu { pid, start_ticks })
+        .collect()
 }
 
 /// The one QEMU process of the VM on this host.
@@ -218,12 +180,5 @@ mod tests {
         assert_eq!(count_cpu_list("[   3.1] CPU1 has been hot-added"), None);
         assert_eq!(count_cpu_list(""), None);
         assert_eq!(count_cpu_list("3-1"), None);
-    }
-
-    #[test]
-    fn stat_fields_skip_a_command_name_with_spaces() {
-        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 9 0 123456 1000 10";
-        assert_eq!(stat_fields(stat), Some(('S', 123_456)));
-        assert_eq!(stat_fields("garbage"), None);
     }
 }
