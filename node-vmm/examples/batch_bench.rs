@@ -76,26 +76,17 @@ async fn main() -> anyhow::Result<()> {
     let spec = lab.spec("batch", Arch::X86_64, 128, ResizeMethod::Hotplug);
     let vm = backend.start_vm(&spec).await?;
     vm.wait_guest_ready(Duration::from_secs(120)).await?;
-    let (t, g) = (spec.topology, spec.granularity);
-    let plug = |slots: std::ops::Range<u32>| {
-        Plan::of_slots(&t, g, &slots.collect::<Vec<_>>(), &[]).expect("a plan of the VM's slots")
-    };
-    let unplug = |slots: std::ops::Range<u32>| {
-        Plan::of_slots(&t, g, &[], &slots.rev().collect::<Vec<_>>())
-            .expect("a plan of the VM's slots")
-    };
-    // Warm-up: the first online in a guest is slow.
-    timed(&vm, plug(1..2)).await;
+    timed(&vm, common::plug(&spec, 1..2)).await;
     tokio::time::sleep(settle).await;
-    timed(&vm, unplug(1..2)).await;
+    timed(&vm, common::unplug(&spec, 1..2)).await;
     let (mut up2, mut down2, mut up8, mut down8) = (vec![], vec![], vec![], vec![]);
     let mut phases = Vec::new();
     for _ in 0..rounds {
         for (plan, out) in [
-            (plug(1..2), &mut up2),
-            (unplug(1..2), &mut down2),
-            (plug(1..8), &mut up8),
-            (unplug(1..8), &mut down8),
+            (common::plug(&spec, 1..2), &mut up2),
+            (common::unplug(&spec, 1..2), &mut down2),
+            (common::plug(&spec, 1..8), &mut up8),
+            (common::unplug(&spec, 1..8), &mut down8),
         ] {
             tokio::time::sleep(settle).await;
             let (wall, p) = timed(&vm, plan).await;

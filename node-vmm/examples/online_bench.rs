@@ -85,31 +85,21 @@ async fn timed(vm: &QemuVm, plan: Plan) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
 
-/// Single-slot units (the benchmark's VMs resize by thread).
-fn of_slots(plug: &[u32], unplug: &[u32]) -> Plan {
-    let widest = corescale_api::Topology::new(1, corescale_api::MAX_VCPUS, 1);
-    Plan::of_slots(&widest, corescale_api::Granularity::Thread, plug, unplug)
-        .expect("a plan of distinct slots")
-}
-
-fn plug(slots: std::ops::Range<u32>) -> Plan {
-    of_slots(&slots.collect::<Vec<_>>(), &[])
-}
-
-fn unplug(slots: std::ops::Range<u32>) -> Plan {
-    of_slots(&[], &slots.rev().collect::<Vec<_>>())
-}
-
 /// The backend's rounds (after a warm-up 1 -> 4 -> 1: the first online in a guest is slow).
 async fn backend_rounds(vm: &QemuVm, rounds: usize, settle: Duration) -> Medians {
-    timed(vm, plug(1..4)).await;
+    timed(vm, common::plug(vm.spec(), 1..4)).await;
     tokio::time::sleep(settle).await;
-    timed(vm, unplug(1..4)).await;
+    timed(vm, common::unplug(vm.spec(), 1..4)).await;
     let mut out: [Vec<f64>; 4] = Default::default();
     for _ in 0..rounds {
-        for (k, plan) in [plug(1..2), unplug(1..2), plug(1..4), unplug(1..4)]
-            .into_iter()
-            .enumerate()
+        for (k, plan) in [
+            common::plug(vm.spec(), 1..2),
+            common::unplug(vm.spec(), 1..2),
+            common::plug(vm.spec(), 1..4),
+            common::unplug(vm.spec(), 1..4),
+        ]
+        .into_iter()
+        .enumerate()
         {
             tokio::time::sleep(settle).await;
             out[k].push(timed(vm, plan).await);
@@ -241,8 +231,8 @@ impl Bench {
         let vm = self.lab.backend.start_vm(&spec).await?;
         vm.wait_guest_ready(Duration::from_secs(120)).await?;
         vm.observe().await?;
-        timed(&vm, plug(1..4)).await;
-        timed(&vm, unplug(1..4)).await;
+        timed(&vm, common::plug(vm.spec(), 1..4)).await;
+        timed(&vm, common::unplug(vm.spec(), 1..4)).await;
         let online = vm.observe().await?.online();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pid = vm.pid();

@@ -5,7 +5,7 @@
 // Each benchmark uses part of this module.
 #![allow(dead_code)]
 
-use corescale_api::{Arch, Granularity, Placement, ResizeMethod, Topology};
+use corescale_api::{Arch, Granularity, Placement, Plan, ResizeMethod, Topology};
 use corescale_node_vmm::backend::qemu::direct::DirectClient;
 use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig};
 use corescale_node_vmm::backend::{Accel, VmSpec};
@@ -108,4 +108,26 @@ pub fn direct_plug_unplug(
         .collect();
     let gone = d.unplug_many(&unplugs)?;
     Ok((took.as_secs_f64() * 1e3, gone.as_secs_f64() * 1e3))
+}
+
+/// A plan that plugs `slots` of the VM of `spec` (its own topology and granularity).
+pub fn plug(spec: &VmSpec, slots: std::ops::Range<u32>) -> Plan {
+    Plan::of_slots(
+        &spec.topology,
+        spec.granularity,
+        &slots.collect::<Vec<_>>(),
+        &[],
+    )
+    .expect("a plan of the VM's slots")
+}
+
+/// A plan that unplugs `slots` of the VM of `spec`, highest first.
+pub fn unplug(spec: &VmSpec, slots: std::ops::Range<u32>) -> Plan {
+    Plan::of_slots(
+        &spec.topology,
+        spec.granularity,
+        &[],
+        &slots.rev().collect::<Vec<_>>(),
+    )
+    .expect("a plan of the VM's slots")
 }

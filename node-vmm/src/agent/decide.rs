@@ -76,11 +76,8 @@ pub fn feasibility(
     current: u32,
 ) -> Feasibility {
     let arch = spec.effective_arch();
-    if capacity.accel_for(arch).is_none() {
-        return Feasibility::Infeasible(format!(
-            "this node cannot run {arch} guests (it runs {})",
-            capacity.arch_names().join(", ")
-        ));
+    if let Err(why) = capacity.accel_for(arch) {
+        return Feasibility::Infeasible(why);
     }
     if topology.max_vcpus() > capacity.max_vcpus_per_vm {
         return Feasibility::Infeasible(format!(

@@ -116,12 +116,9 @@ impl Shared {
         let accel = self
             .capacity
             .accel_for(arch)
-            .ok_or_else(|| BackendError::InvalidSpec {
+            .map_err(|message| BackendError::InvalidSpec {
                 field: "spec.arch",
-                message: format!(
-                    "this node cannot run {arch} guests (it runs {})",
-                    self.capacity.arch_names().join(", ")
-                ),
+                message,
             })?;
         let mut spec = worker::vm_spec_of(vm, topology, boot_vcpus, accel, kernel, initrd)?;
         if let Some(c) = cmdline {

@@ -292,14 +292,15 @@ impl NodeCapacity {
         }
     }
 
-    /// The accelerator a guest of `arch` gets here, or `None` when the node cannot run it.
-    pub fn accel_for(&self, arch: Arch) -> Option<Accel> {
-        self.arches.get(&arch).copied()
-    }
-
-    /// The architectures, as announced ("x86_64", ...).
-    pub fn arch_names(&self) -> Vec<String> {
-        self.arches.keys().map(|a| a.as_str().to_string()).collect()
+    /// The accelerator a guest of `arch` gets here, or why the node cannot run it.
+    pub fn accel_for(&self, arch: Arch) -> Result<Accel, String> {
+        self.arches.get(&arch).copied().ok_or_else(|| {
+            let runs: Vec<&str> = self.arches.keys().map(|a| a.as_str()).collect();
+            format!(
+                "this node cannot run {arch} guests (it runs {})",
+                runs.join(", ")
+            )
+        })
     }
 }
 
