@@ -6,6 +6,7 @@
 //!   survive the agent's restarts and upgrades.
 
 use clap::{Parser, Subcommand};
+use corescale_node_vmm::agent::launcher_size::{LauncherSizer, Sizing, SizingFlags};
 use corescale_node_vmm::agent::{self, Config};
 use corescale_node_vmm::backend::qemu::{QemuBackend, QemuConfig};
 use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
@@ -109,6 +110,38 @@ struct AgentArgs {
     /// default: the listen address.
     #[arg(long, env = "CORESCALE_PORT_ADVERTISE_ADDRESS")]
     port_advertise_address: Option<String>,
+    /// The launcher container's `resources` with no guest (JSON, as in a pod spec). Given,
+    /// the agent resizes its own pod's launcher container to its guests (in-place pod
+    /// resize, Kubernetes 1.33+): requests and limits grow before a boot or a plug and
+    /// shrink after an unplug or a stop. Needs --pod-name.
+    #[arg(long, env = "CORESCALE_LAUNCHER_RESOURCES")]
+    launcher_resources: Option<String>,
+    /// This agent's pod (the downward API's metadata.name), in --system-namespace.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// The container QEMU runs in.
+    #[arg(long, env = "CORESCALE_LAUNCHER_CONTAINER", default_value = "launcher")]
+    launcher_container: String,
+    /// CPU request per vCPU held (default: 1/overcommit of a CPU).
+    #[arg(long, env = "CORESCALE_LAUNCHER_CPU_REQUEST_PER_VCPU")]
+    launcher_cpu_request_per_vcpu: Option<String>,
+    /// CPU limit per vCPU held (added to the base limit; no limit when the base has none).
+    #[arg(
+        long,
+        env = "CORESCALE_LAUNCHER_CPU_LIMIT_PER_VCPU",
+        default_value = "1"
+    )]
+    launcher_cpu_limit_per_vcpu: String,
+    /// Memory per VM beside its spec.memory (QEMU's own).
+    #[arg(
+        long,
+        env = "CORESCALE_LAUNCHER_MEMORY_PER_VM",
+        default_value = "256Mi"
+    )]
+    launcher_memory_per_vm: String,
+    /// Seconds the kubelet may take to apply a grow before the boot or plug is deferred.
+    #[arg(long, default_value_t = 30)]
+    launcher_resize_timeout_seconds: u64,
     /// Simulator only: host CPUs to announce.
     #[arg(long, default_value_t = 64)]
     sim_host_cpus: u32,
@@ -165,8 +198,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let capacity = backend.capacity();
     tracing::info!(?capacity, "node capacity");
     let client = kube::Client::try_default().await?;
+    let sizer = launcher_sizer(&args, &client)?;
     let config = Config {
-        system_namespace: args.system_namespace,
+        system_namespace: args.system_namespace.clone(),
         lease_duration: Duration::from_secs(args.lease_seconds),
         overcommit: args.overcommit,
         plug_timeout: Duration::from_secs(args.plug_timeout_seconds),
@@ -176,7 +210,15 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         port_address: args.port_address,
         port_advertise: args.port_advertise_address.filter(|a| !a.is_empty()),
     };
-    let shared = agent::shared(client, args.node_name, backend, images, metrics, config);
+    let shared = agent::shared(
+        client,
+        args.node_name,
+        backend,
+        images,
+        metrics,
+        config,
+        sizer,
+    );
     health.set_ready(true);
     // In a container of its own PID namespace the agent is PID 1 (the chart's pod shares
     // one namespace, where the pause process is), and the kernel ignores a signal PID 1
@@ -196,4 +238,36 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The launcher container's sizer, when --launcher-resources is given.
+fn launcher_sizer(
+    args: &AgentArgs,
+    client: &kube::Client,
+) -> anyhow::Result<Option<Arc<LauncherSizer>>> {
+    let Some(base) = args
+        .launcher_resources
+        .clone()
+        .filter(|b| !b.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let Some(pod) = args.pod_name.clone().filter(|p| !p.is_empty()) else {
+        anyhow::bail!("--launcher-resources needs --pod-name (POD_NAME): the pod to resize");
+    };
+    let flags = SizingFlags {
+        base,
+        cpu_request_per_vcpu: args.launcher_cpu_request_per_vcpu.clone(),
+        cpu_limit_per_vcpu: args.launcher_cpu_limit_per_vcpu.clone(),
+        memory_per_vm: args.launcher_memory_per_vm.clone(),
+    };
+    let sizing = Sizing::from_flags(&flags, args.overcommit)?;
+    tracing::info!(%pod, container = %args.launcher_container, ?sizing, "the launcher container follows its guests");
+    Ok(Some(Arc::new(LauncherSizer::new(
+        kube::Api::namespaced(client.clone(), &args.system_namespace),
+        pod,
+        args.launcher_container.clone(),
+        sizing,
+        Duration::from_secs(args.launcher_resize_timeout_seconds),
+    ))))
 }

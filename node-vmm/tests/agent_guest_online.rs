@@ -43,6 +43,7 @@ fn agent(env: &Env) -> (Arc<Shared>, Calls) {
         Some(ImageDir::new(ImageDir::default_root())),
         Metrics::new().unwrap(),
         config,
+        None,
     );
     (shared, calls)
 }

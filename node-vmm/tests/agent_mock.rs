@@ -62,6 +62,7 @@ fn setup_with(
         None,
         Metrics::new().unwrap(),
         config,
+        None,
     );
     (shared, sim, calls)
 }

@@ -47,6 +47,7 @@ fn agent(env: &Env, extra_args: Vec<String>) -> (Arc<Shared>, Calls) {
         Some(ImageDir::new(ImageDir::default_root())),
         Metrics::new().unwrap(),
         config,
+        None,
     );
     (shared, calls)
 }

@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod decide;
+pub mod launcher_size;
 pub mod requester;
 pub mod worker;
 pub mod workload;
@@ -26,11 +27,16 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::Reporter;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use launcher_size::{Answer, Claim, LauncherSizer};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
+
+/// How long after start the launcher container is written to the guests found, whether
+/// or not a hold changed.
+const ADOPTION_SETTLES: Duration = Duration::from_secs(30);
 
 /// Settings of the agent.
 #[derive(Debug, Clone)]
@@ -80,6 +86,8 @@ pub struct Shared {
     pub recorder: Recorder,
     /// The node's vCPU budget.
     pub budget: Budget,
+    /// Sizes the launcher container to the guests (None outside a pod, or when off).
+    pub sizer: Option<Arc<LauncherSizer>>,
     /// Settings.
     pub config: Config,
 }
@@ -94,6 +102,40 @@ impl Shared {
             b as u32
         } else {
             capacity.host_cpus.max(1)
+        }
+    }
+
+    /// What `vm` holds at `vcpus` vCPUs.
+    fn claim(vm: &VirtualMachine, vcpus: u32) -> Claim {
+        Claim {
+            vcpus,
+            memory: corescale_api::validate::parse_quantity(&vm.spec.memory.0).unwrap_or(0),
+        }
+    }
+
+    /// Record that `vm` holds `vcpus` vCPUs now, in the node's budget and the launcher
+    /// container (a shrink there is written in the background).
+    pub fn hold(&self, key: &VmKey, vm: &VirtualMachine, vcpus: u32) {
+        self.budget.hold(key, vcpus);
+        if let Some(s) = &self.sizer {
+            s.hold(key, Self::claim(vm, vcpus));
+        }
+    }
+
+    /// `key` holds nothing on this node any more.
+    pub fn release(&self, key: &VmKey) {
+        self.budget.release(key);
+        if let Some(s) = &self.sizer {
+            s.release(key);
+        }
+    }
+
+    /// Give the launcher container room for `vm` at `vcpus` vCPUs before it boots or
+    /// plugs, and wait for the kubelet; [`Answer::Applied`] when there is no sizer.
+    pub async fn grow(&self, key: &VmKey, vm: &VirtualMachine, vcpus: u32) -> Answer {
+        match &self.sizer {
+            Some(s) => s.grow(key, Self::claim(vm, vcpus)).await,
+            None => Answer::Applied,
         }
     }
 
@@ -264,6 +306,16 @@ pub async fn adopt_running(backend: &dyn Backend) -> HashMap<VmKey, Box<dyn VmHa
 /// Run the agent until the process ends.
 pub async fn run_agent(shared: Arc<Shared>) -> anyhow::Result<()> {
     tokio::spawn(announce(shared.clone()));
+    if let Some(sizer) = shared.sizer.clone() {
+        tokio::spawn(async move {
+            // Once the guests found at start have been observed (their holds are written
+            // as they come), the pod is written to them even if none changed: the agent
+            // before this one may have left it sized for guests that are gone.
+            tokio::time::sleep(ADOPTION_SETTLES).await;
+            sizer.poke();
+            sizer.run().await;
+        });
+    }
     let adopted = adopt_running(shared.backend.as_ref()).await;
     let mut dispatcher = Dispatcher::new(shared.clone(), adopted);
     let vms: Api<VirtualMachine> = Api::all(shared.client.clone());
@@ -318,6 +370,7 @@ pub fn shared(
     images: Option<ImageDir>,
     metrics: Metrics,
     config: Config,
+    sizer: Option<Arc<LauncherSizer>>,
 ) -> Arc<Shared> {
     let capacity = backend.capacity();
     let budget = Budget::new(Shared::budget_of(&capacity, config.overcommit));
@@ -337,6 +390,7 @@ pub fn shared(
         metrics,
         recorder,
         budget,
+        sizer,
         config,
     })
 }

@@ -277,7 +277,7 @@ impl Worker {
                 break;
             }
         }
-        self.shared.budget.release(&self.key);
+        self.shared.release(&self.key);
         self.forget_metrics();
         tracing::info!("worker done");
     }
@@ -438,7 +438,7 @@ impl Worker {
         if let Err(e) = self.shared.backend.cleanup(&self.key).await {
             tracing::warn!(error = %e, "cleanup failed");
         }
-        self.shared.budget.release(&self.key);
+        self.shared.release(&self.key);
     }
 
     /// The VM is gone from this node (deleted, moved, re-created): its node-local disks go.

@@ -5,6 +5,7 @@
 //! `Resized` or `ResizeFailed` Event).
 
 use super::status::{self, active, stuck_slots};
+use super::step::{kubelet_refusal, KUBELET_RETRY};
 use super::{Next, Step, Worker, MANAGER};
 use crate::agent::decide::{self, Want};
 use crate::agent::requester;
@@ -49,6 +50,13 @@ impl Worker {
         (before, seen): (&Observation, Instant),
         plan: Plan,
     ) -> Step {
+        // The launcher container grows for the new vCPUs before they are plugged.
+        if vm.spec.cpus > before.online() {
+            let answer = self.shared.grow(&self.key, vm, vm.spec.cpus).await;
+            if let Some((reason, msg)) = kubelet_refusal(answer) {
+                return self.refused_by_kubelet(vm, before, reason, msg).await;
+            }
+        }
         let begun = self.begin(vm, before, &plan);
         // The status while in progress (slots Plugging/Unplugging, lastResize InProgress).
         let body = self.status_body(vm, Some(before));
@@ -75,6 +83,36 @@ impl Worker {
         }
     }
 
+    /// A grow the kubelet refused: `ResizePending` with its message, the guest untouched;
+    /// tried again after [`KUBELET_RETRY`] when Deferred, on a spec change when Infeasible.
+    async fn refused_by_kubelet(
+        &mut self,
+        vm: &VirtualMachine,
+        before: &Observation,
+        reason: &'static str,
+        msg: String,
+    ) -> Step {
+        let now = Utc::now();
+        let generation = vm.meta().generation;
+        set_condition(
+            &mut self.g.conds,
+            cond::RESIZE_PENDING,
+            true,
+            reason,
+            msg.clone(),
+            generation,
+            now,
+        );
+        self.set_ready(vm, before, now);
+        self.event(vm, EventType::Warning, reason, msg).await;
+        let next = if reason == cond::REASON_DEFERRED {
+            Next::After(KUBELET_RETRY)
+        } else {
+            Next::Change
+        };
+        Step::observed(next, before.clone())
+    }
+
     /// Mark the slots of `plan` Plugging or Unplugging and the resize in progress.
     fn begin(&mut self, vm: &VirtualMachine, before: &Observation, plan: &Plan) -> Begun {
         let started = Utc::now();
@@ -82,7 +120,7 @@ impl Worker {
         let generation = vm.meta().generation;
         let from = before.online();
         let to = vm.spec.cpus;
-        self.shared.budget.hold(&self.key, from.max(to));
+        self.shared.hold(&self.key, vm, from.max(to));
         for s in plan.plug_slots() {
             self.g.overrides.insert(s, VcpuState::Plugging);
         }
@@ -253,9 +291,7 @@ impl Worker {
         });
         self.absorb(&after, after_seen, finished);
         let online = after.online();
-        self.shared
-            .budget
-            .hold(&self.key, online.max(active(&after)));
+        self.shared.hold(&self.key, vm, online.max(active(&after)));
         let last = status::resize_finished(&begun.last_resize, finished, seconds, report, online);
         let (succeeded, message) = (
             last.result == corescale_api::ResizeResult::Succeeded,

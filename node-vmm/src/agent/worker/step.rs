@@ -4,6 +4,7 @@
 use super::status::{self, active, stuck_slots};
 use super::{Next, Step, Vmm, Worker};
 use crate::agent::decide::{self, Feasibility};
+use crate::agent::launcher_size::Answer;
 use crate::agent::workload;
 use crate::backend::{BackendError, Observation, VmSpec};
 use chrono::{DateTime, Utc};
@@ -12,6 +13,21 @@ use corescale_api::{planner, Phase, VirtualMachine};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use std::time::{Duration, Instant};
+
+/// How soon a boot or resize the kubelet deferred is tried again (no event tells the agent
+/// that the node has room now).
+pub(super) const KUBELET_RETRY: Duration = Duration::from_secs(5);
+
+/// The ResizePending reason and message for a launcher-container grow the kubelet refused.
+pub(super) fn kubelet_refusal(answer: Answer) -> Option<(&'static str, String)> {
+    let said =
+        |m: String| format!("the kubelet cannot give the launcher container room for this VM: {m}");
+    match answer {
+        Answer::Applied => None,
+        Answer::Infeasible(m) => Some((cond::REASON_INFEASIBLE, said(m))),
+        Answer::Deferred(m) => Some((cond::REASON_DEFERRED, said(m))),
+    }
+}
 
 /// How often an idle running VM is observed again (drift, per-vCPU CPU time).
 const IDLE_OBSERVE: Duration = Duration::from_secs(5);
@@ -107,7 +123,7 @@ impl Worker {
             budget.held_by_others(&self.key),
             current,
         );
-        budget.hold(&self.key, current);
+        self.shared.hold(&self.key, vm, current);
         let blocked = decide::method_blocks(&vm.spec, obs.guest_agent, current);
         let pending = match (blocked, feas) {
             // Looked at again with each observation: an agent that starts late unblocks it.
@@ -239,35 +255,8 @@ impl Worker {
             (Feasibility::Fits, Ok(_)) => None,
         };
         if let Some((reason, msg)) = reason_msg {
-            set_condition(
-                &mut self.g.conds,
-                cond::RESIZE_PENDING,
-                true,
-                reason,
-                msg.clone(),
-                generation,
-                now,
-            );
-            set_condition(
-                &mut self.g.conds,
-                cond::RUNNING,
-                false,
-                reason,
-                msg.clone(),
-                generation,
-                now,
-            );
-            self.g.phase = if reason == cond::REASON_INFEASIBLE {
-                Phase::Failed
-            } else {
-                Phase::Scheduled
-            };
-            self.event(vm, EventType::Warning, reason, msg).await;
-            return Step::report(if reason == cond::REASON_DEFERRED {
-                Next::Budget
-            } else {
-                Next::Change
-            });
+            // Budget freed by another VM may make room.
+            return self.not_started(vm, reason, msg, Next::Budget).await;
         }
         let boot = boot.unwrap_or(1);
         let spec = match self.shared.vm_spec(vm, topology, boot) {
@@ -278,6 +267,12 @@ impl Worker {
             Ok(s) => s,
             Err(e) => return self.start_failed(vm, e).await,
         };
+        // The launcher container grows for the guest before it boots.
+        if let Some((reason, msg)) = kubelet_refusal(self.shared.grow(&self.key, vm, boot).await) {
+            return self
+                .not_started(vm, reason, msg, Next::After(KUBELET_RETRY))
+                .await;
+        }
         let restarted = self.g.failures > 0;
         match self.shared.backend.start(&spec).await {
             Ok(h) => {
@@ -287,7 +282,7 @@ impl Worker {
                 self.g.vmm = Some(Vmm::new(h, seed));
                 self.g.ports.clone_from(&spec.ports);
                 self.g.phase = Phase::Starting;
-                budget.hold(&self.key, boot);
+                self.shared.hold(&self.key, vm, boot);
                 set_condition(
                     &mut self.g.conds,
                     cond::RUNNING,
@@ -342,8 +337,45 @@ impl Worker {
                 // Running (as a quick resize is).
                 Step::quiet(Next::Now)
             }
-            Err(e) => self.start_failed(vm, e).await,
+            Err(e) => {
+                self.shared.release(&self.key);
+                self.start_failed(vm, e).await
+            }
         }
+    }
+
+    /// The guest is not started: `ResizePending` and `Running` False with `reason`, the
+    /// Event, then wait for `next` (Deferred) or a spec change (Infeasible).
+    async fn not_started(
+        &mut self,
+        vm: &VirtualMachine,
+        reason: &'static str,
+        msg: String,
+        next: Next,
+    ) -> Step {
+        let (now, generation) = (Utc::now(), vm.meta().generation);
+        for (c, status) in [(cond::RESIZE_PENDING, true), (cond::RUNNING, false)] {
+            set_condition(
+                &mut self.g.conds,
+                c,
+                status,
+                reason,
+                msg.clone(),
+                generation,
+                now,
+            );
+        }
+        self.g.phase = if reason == cond::REASON_INFEASIBLE {
+            Phase::Failed
+        } else {
+            Phase::Scheduled
+        };
+        self.event(vm, EventType::Warning, reason, msg).await;
+        Step::report(if reason == cond::REASON_DEFERRED {
+            next
+        } else {
+            Next::Change
+        })
     }
 
     /// The spec's disks, cloud-init seed and ports, resolved on this node.
