@@ -57,6 +57,7 @@ valid_sets=(
 	"servicemonitor-rules|--set metrics.serviceMonitor.enabled=true --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack --set dashboards.namespace=monitoring"
 	"podmonitor-overrides|--set metrics.podMonitor.enabled=true --set prometheusRule.enabled=true --set prometheusRule.disabled={CorescaleOperatorDown} --set prometheusRule.for.CorescaleResizeStuck=30m --set prometheusRule.alertLabels.team=virt"
 	"no-leader-election|--set operator.leaderElection.enabled=false --set rbac.aggregateToDefaultRoles=false --set dashboards.enabled=false"
+	"follow-off|--set nodeVmm.launcher.followGuests.enabled=false --set nodeVmm.launcher.resources.limits.memory=8Gi"
 	"other-release|--set fullnameOverride=cs --set operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 )
 for entry in "${valid_sets[@]}"; do
@@ -149,6 +150,8 @@ expect = [
     (agent_cr, "corescale.dev", "virtualmachines/status", {"get", "patch"}),
     (agent_cr, "events.k8s.io", "events", {"create", "patch"}),
     (agent_r, "coordination.k8s.io", "leases", {"get", "create", "update"}),
+    (agent_r, "", "pods", {"get"}),
+    (agent_r, "", "pods/resize", {"patch"}),
     (op_cr, "corescale.dev", "virtualmachines", {"get", "list", "watch", "patch"}),
     (op_cr, "corescale.dev", "virtualmachines/status", {"get", "patch"}),
     (op_cr, "", "nodes", {"get", "list", "watch"}),
@@ -161,7 +164,8 @@ for role, g, res, v in expect:
         fail(f"{W}: {role.get('kind')} {role.get('metadata', {}).get('name')}: verbs on {g or 'core'}/{res} are {sorted(got)}, want {sorted(v)}")
 allowed = {
     "corescale-node-vmm": {("corescale.dev", "virtualmachines"), ("corescale.dev", "virtualmachines/status"),
-                           ("events.k8s.io", "events"), ("coordination.k8s.io", "leases")},
+                           ("events.k8s.io", "events"), ("coordination.k8s.io", "leases"),
+                           ("", "pods"), ("", "pods/resize")},
     "corescale-operator": {("corescale.dev", "virtualmachines"), ("corescale.dev", "virtualmachines/status"),
                            ("", "nodes"), ("events.k8s.io", "events"), ("coordination.k8s.io", "leases")},
 }
@@ -255,6 +259,26 @@ if ds:
             fail(f"{W}: agent has no {p}")
     if "cpu" in agent.get("resources", {}).get("limits", {}):
         fail(f"{W}: the agent must have no CPU limit (it announces the CPUs it may use as node capacity)")
+    # The launcher container follows its guests: resized in place, never restarted, from
+    # the base its values give (without the KVM device, which the agent never touches).
+    if launcher.get("resizePolicy") != [{"resourceName": "cpu", "restartPolicy": "NotRequired"},
+                                        {"resourceName": "memory", "restartPolicy": "NotRequired"}]:
+        fail(f"{W}: the launcher's resizePolicy must be NotRequired for cpu and memory (a restart stops every guest)")
+    if envs.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        fail(f"{W}: agent POD_NAME must come from the downward API metadata.name (the pod it resizes)")
+    base = json.loads(envs.get("CORESCALE_LAUNCHER_RESOURCES", {}).get("value") or "null")
+    if base != {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1"}}:
+        fail(f"{W}: CORESCALE_LAUNCHER_RESOURCES is {base}, want the launcher's resources from values.yaml")
+    if "--launcher-resize-timeout-seconds=30" not in agent.get("args", []):
+        fail(f"{W}: the agent is not given launcher.followGuests.timeoutSeconds")
+    vap = one(d, "ValidatingAdmissionPolicy", "corescale-node-vmm-launcher-resize", W)
+    if vap:
+        rules = vap["spec"]["matchConstraints"]["resourceRules"]
+        if rules != [{"apiGroups": [""], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["pods/resize"], "scope": "Namespaced"}]:
+            fail(f"{W}: the launcher-resize policy must match UPDATE of pods/resize, not {rules}")
+        if not any("object.spec.nodeName == variables.node" in v["expression"] for v in vap["spec"]["validations"]):
+            fail(f"{W}: the launcher-resize policy does not hold an agent to its own node's pod")
+    one(d, "ValidatingAdmissionPolicyBinding", "corescale-node-vmm-launcher-resize", W)
     sock = {e["name"]: e.get("value") for e in launcher.get("env", [])}.get("CORESCALE_LAUNCHER_SOCKET")
     if sock != {k: e.get("value") for k, e in envs.items()}.get("CORESCALE_LAUNCHER_SOCKET"):
         fail(f"{W}: agent and launcher disagree on the launcher socket")
@@ -343,6 +367,20 @@ r = one(v, "Role", "corescale-operator", "no-leader-election")
 if r and verbs(r, "coordination.k8s.io", "leases") != {"list", "watch"}:
     fail("no-leader-election: the operator still may write Leases")
 
+v = load("follow-off")
+r = one(v, "Role", "corescale-node-vmm", "follow-off")
+if r and (verbs(r, "", "pods") or verbs(r, "", "pods/resize")):
+    fail("follow-off: the agent may still read or resize pods")
+if find(v, "ValidatingAdmissionPolicy", "corescale-node-vmm-launcher-resize"):
+    fail("follow-off: the launcher-resize policy is still rendered")
+ds = one(v, "DaemonSet", "corescale-node-vmm", "follow-off")
+if ds:
+    cs = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+    if any(e["name"].startswith("CORESCALE_LAUNCHER_RESOURCES") for e in cs["agent"].get("env", [])):
+        fail("follow-off: the agent still resizes the launcher container")
+    if cs["launcher"]["resources"]["limits"].get("memory") != "8Gi":
+        fail("follow-off: launcher.resources not applied")
+
 v = load("other-release")
 names = sorted({x["metadata"]["name"] for x in v if x["kind"] in rbac_kinds})
 if names != ["cs-edit", "cs-node-vmm", "cs-operator", "cs-view"]:
@@ -367,6 +405,8 @@ invalid_sets=(
 	"/nodeVmm/runAsUser|--set nodeVmm.runAsUser=0"
 	"/nodeVmm/stateDir|--set nodeVmm.stateDir=var/lib/corescale"
 	"/nodeVmm/agent/overcommit|--set nodeVmm.agent.overcommit=0"
+	"/nodeVmm/launcher/followGuests/cpuLimitPerVcpu|--set-string nodeVmm.launcher.followGuests.cpuLimitPerVcpu=1Gi"
+	"/nodeVmm/launcher/followGuests/memoryPerVm|--set nodeVmm.launcher.followGuests.memoryPerVm=lots"
 	"/nodeVmm/agent/leaseSeconds|--set-string nodeVmm.agent.leaseSeconds=twenty"
 	"/operator/replicas|--set operator.replicas=-1"
 	"/operator/resources/limits/memory|--set operator.resources.limits.memory=lots"
