@@ -11,7 +11,10 @@
 #                  KVM off (guests run under TCG here), without README's ServiceMonitor and
 #                  PrometheusRule (no Prometheus Operator CRDs here)
 #   5. scenarios  corescale-node-e2e (e2e/src/node/, one assertion each, in this order):
-#                 scale (1 -> 3 -> 1 -> 2, status and the guest's own /sys agree), metrics
+#                 scale (1 -> 3 -> 1 -> 2, status and the guest's own /sys agree),
+#                 launcher-resources (the launcher container's requests, limits and cgroup
+#                 CPU quota follow the VM 1 -> 4 -> 2; kubelet Deferred and Infeasible
+#                 become the VM's ResizePending), metrics
 #                 (scraped from the pods behind the chart's Services), agent-restart (the
 #                 agent container SIGKILLed: same QEMU, re-adopted), helm-upgrade
 #                 (--wait=legacy, OnDelete: node-vmm pod and guest untouched), pod-delete
@@ -22,17 +25,27 @@
 # Starts from a clean node (DIR e2e/.run/node purged: containerd's store too) and purges
 # it again on success; caches (binaries, podman's store, cargo's) stay in CORESCALE_CACHE.
 #
-# Usage: e2e.sh [--keep]   (--keep: leave the node and release up for a look; stop it
-#                           with e2e/node/down.sh)
+# Usage: e2e.sh [--keep] [--only NAME[,NAME]]
+#   --keep   leave the node and release up for a look; stop it with e2e/node/down.sh
+#   --only   run only these scenarios (each starts from where the one before it ended, so
+#            keep the ones a scenario needs: `--only scale,launcher-resources`)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 dir="$repo/e2e/.run/node"
 keep=0
-for a in "$@"; do
+only=()
+while [[ $# -gt 0 ]]; do
+	a="$1"
+	shift
 	case "$a" in
 	--keep) keep=1 ;;
+	--only)
+		[[ $# -gt 0 ]] || { echo "node-e2e: --only needs NAME[,NAME]" >&2; exit 2; }
+		only=(--only "$1")
+		shift
+		;;
 	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	*) echo "node-e2e: unknown argument '$a'" >&2; exit 2 ;;
 	esac
@@ -167,5 +180,5 @@ end
 begin scenarios
 CORESCALE_STACK_DIR="$dir" CORESCALE_HELM="$helm" \
 	CORESCALE_OPERATOR_IMAGE="$operator_ref" CORESCALE_NODE_VMM_IMAGE="$node_vmm_ref" \
-	"$scenarios_bin"
+	"$scenarios_bin" "${only[@]}"
 end

@@ -10,6 +10,7 @@
 
 mod helm;
 pub mod host;
+mod launcher;
 mod metrics;
 pub mod pods;
 mod restart;
@@ -160,6 +161,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: |c| Box::pin(scale::scale(c)),
     },
     Scenario {
+        name: "launcher-resources",
+        what: "the launcher container's requests, limits and cgroup CPU quota follow the VM 1 -> 4 -> 2 (in-place pod resize); a grow the kubelet defers (a pod took the CPU) or finds infeasible (memory) is the VM's ResizePending with its message, the guest untouched",
+        run: |c| Box::pin(launcher::launcher_resources_follow(c)),
+    },
+    Scenario {
         name: "metrics",
         what: "/metrics scraped from the pods behind the chart's Services: the VM's vCPU gauges match its status, resize counters, the operator leads",
         run: |c| Box::pin(metrics::metrics(c)),
@@ -197,6 +203,7 @@ mod tests {
             names,
             [
                 "scale",
+                "launcher-resources",
                 "metrics",
                 "agent-restart",
                 "helm-upgrade",

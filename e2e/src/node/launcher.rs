@@ -1,0 +1,499 @@
+//! Scenario `launcher-resources`: the launcher container's resources follow its guests.
+//!
+//! The VM's QEMU runs in the launcher container's cgroup; as the VM goes 1 -> 4 -> 2
+//! vCPUs, the pod's `status.containerStatuses[launcher].resources` and the cgroup's own
+//! CPU quota on the node follow (the chart's `nodeVmm.launcher.followGuests`). Then the
+//! kubelet says no twice: a pod that takes the node's free CPU makes a grow `Deferred`
+//! (the VM's `ResizePending`, the guest untouched, resumed once the pod is gone), and a VM
+//! whose memory the node cannot hold is `Infeasible` before it boots.
+
+use super::pods::{node_vmm_pod, PodView};
+use super::{host, Ctx, RELEASE, RELEASE_NS, VM, VM_NS};
+use crate::condition;
+use anyhow::{bail, ensure, Context as _, Result};
+use corescale_api::validate::parse_quantity;
+use corescale_node_vmm::agent::launcher_size::parse_cpu_millis;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long the kubelet may take to show a resize in the pod and the cgroup.
+const APPLIED: Duration = Duration::from_secs(60);
+/// The pod that takes the node's free CPU.
+const FILLER: &str = "node-e2e-cpu-filler";
+/// The node's sandbox image (e2e/node/up.sh), the one image a plain pod can run there.
+const PAUSE: &str = "localhost/corescale/pause:3.10";
+/// The VM the node has no memory for.
+const HUGE: &str = "node-e2e-huge";
+
+/// What the launcher container should have, from the release's values.
+struct Expected {
+    cpu_request: u64,
+    cpu_limit: u64,
+    memory_request: u64,
+    per_vcpu_request: u64,
+    per_vcpu_limit: u64,
+    per_vm_memory: u64,
+}
+
+impl Expected {
+    /// From `helm get values --all`: the launcher's base resources, followGuests and the
+    /// overcommit ratio (the default CPU request per vCPU is 1/overcommit).
+    // The overcommit ratio is a positive value of the chart's schema (> 0): 1000 / it,
+    // rounded up, is a whole number of millicores.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn from_release(c: &Ctx) -> Result<Self> {
+        let v: Value = serde_json::from_str(&c.helm(&[
+            "get", "values", RELEASE, "-n", RELEASE_NS, "--all", "-o", "json",
+        ])?)?;
+        let l = &v["nodeVmm"]["launcher"];
+        let f = &l["followGuests"];
+        ensure!(
+            f["enabled"] == true,
+            "the release runs with followGuests off"
+        );
+        let cpu = |x: &Value, what: &str| {
+            x.as_str()
+                .and_then(parse_cpu_millis)
+                .with_context(|| format!("{what} {x} is not a CPU quantity"))
+        };
+        let overcommit = v["nodeVmm"]["agent"]["overcommit"]
+            .as_f64()
+            .context("no nodeVmm.agent.overcommit")?;
+        let per_vcpu_request = match f["cpuRequestPerVcpu"].as_str() {
+            Some("") | None => (1000.0 / overcommit).ceil() as u64,
+            Some(_) => cpu(&f["cpuRequestPerVcpu"], "cpuRequestPerVcpu")?,
+        };
+        let mem = |x: &Value, what: &str| {
+            x.as_str()
+                .and_then(parse_quantity)
+                .with_context(|| format!("{what} {x} is not a memory quantity"))
+        };
+        Ok(Expected {
+            cpu_request: cpu(&l["resources"]["requests"]["cpu"], "requests.cpu")?,
+            cpu_limit: cpu(&l["resources"]["limits"]["cpu"], "limits.cpu")?,
+            memory_request: mem(&l["resources"]["requests"]["memory"], "requests.memory")?,
+            per_vcpu_request,
+            per_vcpu_limit: cpu(&f["cpuLimitPerVcpu"], "cpuLimitPerVcpu")?,
+            per_vm_memory: mem(&f["memoryPerVm"], "memoryPerVm")?,
+        })
+    }
+
+    /// (CPU request, CPU limit, memory request) with one VM of `memory` at `vcpus`.
+    fn at(&self, vcpus: u64, memory: u64) -> (u64, u64, u64) {
+        (
+            self.cpu_request + vcpus * self.per_vcpu_request,
+            self.cpu_limit + vcpus * self.per_vcpu_limit,
+            self.memory_request + memory + self.per_vm_memory,
+        )
+    }
+}
+
+/// The cgroup v1 `cpu` directory (or the v2 directory) a process is in, from
+/// `/proc/<pid>/cgroup`.
+fn cpu_cgroup(pid: i32) -> Result<(PathBuf, bool)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
+        if let (Some(ctrls), Some(path)) = (ctrls, path) {
+            if ctrls.split(',').any(|c| c == "cpu") {
+                let base = if ctrls == "cpu" { "cpu" } else { ctrls };
+                return Ok((PathBuf::from(format!("/sys/fs/cgroup/{base}{path}")), false));
+            }
+        }
+    }
+    let v2 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cpu controller in /proc/<pid>/cgroup")?;
+    Ok((PathBuf::from(format!("/sys/fs/cgroup{v2}")), true))
+}
+
+/// The CPU quota of a cgroup directory in millicores (None: unlimited).
+fn quota_millis(dir: &Path, v2: bool) -> Result<Option<u64>> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
+    };
+    let (quota, period) = if v2 {
+        let max = read("cpu.max")?;
+        let mut it = max.split_whitespace();
+        (
+            it.next().unwrap_or("max").to_string(),
+            it.next().unwrap_or("100000").to_string(),
+        )
+    } else {
+        (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?)
+    };
+    let (quota, period) = (quota.trim(), period.trim());
+    if quota == "max" || quota.starts_with('-') {
+        return Ok(None);
+    }
+    let q: u64 = quota.parse()?;
+    let p: u64 = period.parse()?;
+    Ok(Some(q * 1000 / p.max(1)))
+}
+
+/// The launcher container's resources as the kubelet reports them: (CPU request, CPU
+/// limit, memory request), and the spec's.
+async fn launcher_resources(c: &Ctx, pod: &str) -> Result<((u64, u64, u64), (u64, u64, u64))> {
+    let api: Api<Pod> = Api::namespaced(c.stack.client.clone(), RELEASE_NS);
+    let p = api.get(pod).await?;
+    let figures =
+        |r: Option<&k8s_openapi::api::core::v1::ResourceRequirements>| -> (u64, u64, u64) {
+            let q = |m: Option<
+                &std::collections::BTreeMap<
+                    String,
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+                >,
+            >,
+                     k: &str| {
+                m.and_then(|m| m.get(k))
+                    .map(|q| q.0.clone())
+                    .unwrap_or_default()
+            };
+            let (req, lim) = (
+                r.and_then(|r| r.requests.as_ref()),
+                r.and_then(|r| r.limits.as_ref()),
+            );
+            (
+                parse_cpu_millis(&q(req, "cpu")).unwrap_or(0),
+                parse_cpu_millis(&q(lim, "cpu")).unwrap_or(0),
+                parse_quantity(&q(req, "memory")).unwrap_or(0),
+            )
+        };
+    let status = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "launcher"))
+        .and_then(|c| c.resources.as_ref());
+    let spec = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "launcher"))
+        .and_then(|c| c.resources.as_ref());
+    Ok((figures(status), figures(spec)))
+}
+
+/// Close enough: the runtime reports CPU back from shares and quota, which round.
+fn near(a: u64, b: u64) -> bool {
+    a.abs_diff(b) <= 10
+}
+
+/// Wait until the pod's status and the cgroup's quota show `want`; returns the quota.
+async fn wait_applied(
+    c: &Ctx,
+    pod: &str,
+    cg: &(PathBuf, bool),
+    want: (u64, u64, u64),
+) -> Result<u64> {
+    let deadline = Instant::now() + APPLIED;
+    loop {
+        let (status, _) = launcher_resources(c, pod).await?;
+        let quota = quota_millis(&cg.0, cg.1)?;
+        if near(status.0, want.0)
+            && near(status.1, want.1)
+            && status.2 == want.2
+            && quota.is_some_and(|q| near(q, want.1))
+        {
+            return Ok(quota.unwrap_or(0));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "launcher container not at (cpu request, cpu limit, memory request) {want:?} within {} s: \
+                 the pod's status says {status:?}, the cgroup's quota {quota:?} millicores ({})",
+                APPLIED.as_secs(),
+                cg.0.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// CPU the node has left for a new pod: allocatable minus what its pods request.
+async fn free_cpu(c: &Ctx) -> Result<u64> {
+    let node: Node = Api::<Node>::all(c.stack.client.clone())
+        .get(&c.node)
+        .await?;
+    let alloc = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get("cpu"))
+        .and_then(|q| parse_cpu_millis(&q.0))
+        .context("the node has no allocatable cpu")?;
+    let pods: Api<Pod> = Api::all(c.stack.client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={}", c.node));
+    let mut used = 0;
+    for p in pods.list(&lp).await? {
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            continue;
+        }
+        let Some(spec) = p.spec else { continue };
+        let cpu = |c: &k8s_openapi::api::core::v1::Container| {
+            c.resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("cpu"))
+                .and_then(|q| parse_cpu_millis(&q.0))
+                .unwrap_or(0)
+        };
+        let run: u64 = spec.containers.iter().map(cpu).sum();
+        let init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(cpu)
+            .max()
+            .unwrap_or(0);
+        used += run.max(init);
+    }
+    Ok(alloc.saturating_sub(used))
+}
+
+/// A pause pod on the node requesting `cpu` millicores.
+async fn start_filler(c: &Ctx, cpu: u64) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), VM_NS);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": FILLER},
+        "spec": {
+            "nodeName": c.node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "pause", "image": PAUSE, "imagePullPolicy": "Never",
+                "resources": {"requests": {"cpu": format!("{cpu}m")}}}]
+        }
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = pods.get(FILLER).await?;
+        let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+        if phase == "Running" {
+            return Ok(());
+        }
+        ensure!(
+            phase != "Failed",
+            "the filler pod failed (the kubelet refused {cpu}m?)"
+        );
+        if Instant::now() >= deadline {
+            bail!("the filler pod is {phase:?}, not Running, after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn delete_filler(c: &Ctx) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), VM_NS);
+    let _ = pods
+        .delete(FILLER, &DeleteParams::default().grace_period(0))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pods.get_opt(FILLER).await?.is_some() {
+        ensure!(
+            Instant::now() < deadline,
+            "the filler pod is still there after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// Wait until the VM's `ResizePending` is True with `reason`; returns its message.
+async fn wait_pending(c: &Ctx, name: &str, reason: &str) -> Result<String> {
+    let vm = c
+        .stack
+        .wait_vm(
+            VM_NS,
+            name,
+            &format!("ResizePending {reason}"),
+            Duration::from_secs(90),
+            |v| {
+                condition(v, "ResizePending")
+                    .is_some_and(|x| x.status == "True" && x.reason == reason)
+            },
+        )
+        .await?;
+    let msg = condition(&vm, "ResizePending")
+        .map(|x| x.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        msg.starts_with("the kubelet cannot give the launcher container room for this VM: "),
+        "ResizePending {reason} does not carry the kubelet's answer: {msg:?}"
+    );
+    Ok(msg)
+}
+
+/// A client with the token the agent of `pod` holds: bound to that pod, so it names the
+/// pod's node (what the admission policy compares).
+async fn as_agent_of(c: &Ctx, pod: &PodView) -> Result<kube::Client> {
+    let (ok, token, err) = c.stack.kubectl(&[
+        "create",
+        "token",
+        &format!("{RELEASE}-node-vmm"),
+        "-n",
+        RELEASE_NS,
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        &pod.name,
+        "--bound-object-uid",
+        &pod.uid,
+        "--duration",
+        "10m",
+    ])?;
+    ensure!(ok, "kubectl create token: {err}");
+    let kc = kube::config::Kubeconfig::read_from(c.stack.var("KUBECONFIG")?)?;
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    cfg.auth_info = kube::config::AuthInfo {
+        token: Some(token.trim().to_string().into()),
+        ..Default::default()
+    };
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The agent's own token may resize its pod's launcher container and nothing else of it
+/// (checked with server-side dry runs: admission runs, nothing changes).
+async fn only_the_launcher(c: &Ctx, pod: &PodView) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(as_agent_of(c, pod).await?, RELEASE_NS);
+    let (_, spec) = launcher_resources(c, &pod.name).await?;
+    let dry = PatchParams::default().dry_run();
+    let resize = |container: &str, cpu: String| {
+        Patch::Strategic(serde_json::json!({"spec": {"containers": [
+            {"name": container, "resources": {"requests": {"cpu": cpu}}}]}}))
+    };
+    pods.patch_subresource(
+        "resize",
+        &pod.name,
+        &dry,
+        &resize("launcher", format!("{}m", spec.0 + 1)),
+    )
+    .await
+    .context("the agent's own token may not resize its launcher container")?;
+    let refused = pods
+        .patch_subresource("resize", &pod.name, &dry, &resize("agent", "77m".into()))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(
+        refused.contains("may resize only the launcher container"),
+        "the agent's token resized its own agent container (or was refused for another reason: {refused:?})"
+    );
+    Ok(())
+}
+
+/// Run it.
+pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
+    let s = &c.stack;
+    let want = Expected::from_release(c)?;
+    let pod = node_vmm_pod(c).await?;
+    let launcher = pod.container("launcher")?.clone();
+    let qemu = host::one_qemu(VM_NS, VM)?;
+    let cg = cpu_cgroup(qemu.pid)?;
+    let suffix = format!("/pod{}/{}", pod.uid, launcher.id);
+    ensure!(
+        cg.0.display().to_string().ends_with(&suffix),
+        "QEMU (pid {}) runs in cgroup {}, not in the launcher container's (…{suffix})",
+        qemu.pid,
+        cg.0.display()
+    );
+    only_the_launcher(c, &pod).await?;
+    let vm = s.vms(VM_NS).get(VM).await?;
+    let memory = parse_quantity(&vm.spec.memory.0).context("spec.memory")?;
+
+    let mut steps = Vec::new();
+    for n in [1u32, 4, 2] {
+        c.scale_and_check(n)
+            .await
+            .with_context(|| format!("scaling to {n}"))?;
+        let at = want.at(n.into(), memory);
+        let quota = wait_applied(c, &pod.name, &cg, at)
+            .await
+            .with_context(|| format!("at {n} vCPUs"))?;
+        steps.push(format!(
+            "{n} vCPUs: request {}m, limit {}m (cgroup quota {quota}m)",
+            at.0, at.1
+        ));
+    }
+
+    // Deferred: another pod takes the node's free CPU, so growing 2 -> 3 waits.
+    let free = free_cpu(c).await?;
+    start_filler(c, free).await?;
+    let t0 = Instant::now();
+    let (ok, _, err) = s.kubectl(&["scale", "-n", VM_NS, &format!("cvm/{VM}"), "--replicas=3"])?;
+    ensure!(ok, "kubectl scale --replicas=3: {err}");
+    let deferred = wait_pending(c, VM, "Deferred").await;
+    let checked = async {
+        let msg = deferred?;
+        c.guest_sees(2).await.context("the guest changed while its resize was deferred")?;
+        let (status, spec) = launcher_resources(c, &pod.name).await?;
+        let at2 = want.at(2, memory);
+        ensure!(
+            near(status.1, at2.1) && near(spec.0, at2.0),
+            "a deferred grow left the launcher at status {status:?} / spec {spec:?}, not at 2 vCPUs' {at2:?}"
+        );
+        Ok::<_, anyhow::Error>(msg)
+    }
+    .await;
+    delete_filler(c).await?;
+    let deferred_msg = checked?;
+    s.wait_online(VM_NS, VM, 3, Duration::from_secs(120))
+        .await
+        .context("the deferred resize did not go on once the filler pod was gone")?;
+    c.guest_sees(3).await?;
+    wait_applied(c, &pod.name, &cg, want.at(3, memory)).await?;
+    let resumed = t0.elapsed().as_secs_f64();
+
+    // Infeasible: a VM with more memory than the node has never boots.
+    let node: Node = Api::<Node>::all(s.client.clone()).get(&c.node).await?;
+    let node_mem = node
+        .status
+        .and_then(|st| st.allocatable)
+        .and_then(|a| a.get("memory").and_then(|q| parse_quantity(&q.0)))
+        .context("the node has no allocatable memory")?;
+    let huge_mi = node_mem / (1 << 20) + 1024;
+    let yaml = format!(
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {HUGE}\n\
+         spec:\n  cpus: 1\n  memory: {huge_mi}Mi\n  topology: {{sockets: 1, cores: 2, threads: 1}}\n"
+    );
+    let (ok, _, err) = s.kubectl_with(&["apply", "-n", VM_NS, "-f", "-"], Some(&yaml))?;
+    ensure!(ok, "kubectl apply {HUGE}: {err}");
+    let infeasible = wait_pending(c, HUGE, "Infeasible").await;
+    let no_qemu = host::qemu_of(VM_NS, HUGE).is_empty();
+    let (_, spec) = launcher_resources(c, &pod.name).await?;
+    s.delete(VM_NS, HUGE).await?;
+    s.wait_gone(VM_NS, HUGE, Duration::from_secs(60)).await?;
+    let infeasible_msg = infeasible?;
+    ensure!(
+        infeasible_msg.contains("memory"),
+        "Infeasible without naming memory: {infeasible_msg}"
+    );
+    ensure!(
+        no_qemu,
+        "{HUGE} got a QEMU process although the kubelet refused its memory"
+    );
+    let at3 = want.at(3, memory);
+    ensure!(
+        near(spec.0, at3.0) && spec.2 == at3.2,
+        "the refused VM left the launcher's spec at {spec:?}, not at {at3:?}"
+    );
+    ensure!(
+        host::one_qemu(VM_NS, VM)? == qemu,
+        "the VM's QEMU process changed (was {qemu:?})"
+    );
+    Ok(format!(
+        "the agent's token resizes only its launcher container; {}; with a filler pod 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
+         a {huge_mi}Mi VM was Infeasible ({infeasible_msg:?}); one QEMU throughout",
+        steps.join(", ")
+    ))
+}
