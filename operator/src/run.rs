@@ -19,6 +19,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The annotation `kubectl apply` (client-side) keeps the whole applied object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// corescale operator: places VirtualMachines on nodes and owns their lifecycle.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -190,6 +193,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let load = load.clone();
             watcher(vms.clone(), watcher::Config::default())
                 .default_backoff()
+                // The store keeps every VM of the cluster; nothing here reads who wrote
+                // which field or what `kubectl apply` last sent, which are most of a
+                // small object's bytes (operator RSS at 10,000 VMs: the scale benchmark).
+                .modify(|vm| {
+                    vm.managed_fields_mut().clear();
+                    vm.annotations_mut().remove(LAST_APPLIED);
+                })
                 .reflect(vm_writer)
                 .inspect_ok(move |event| load.lock().observe(event))
                 .applied_objects()
