@@ -209,6 +209,8 @@ pub struct Worker {
     last_event: Option<(String, String, String)>,
     /// The VM's vCPU slots, to forget its per-vCPU series when the worker ends.
     max_vcpus: u32,
+    /// The per-VM gauges as last set (set again only when they change).
+    exported: std::sync::Mutex<Option<metrics::Gauges>>,
 }
 
 impl Worker {
@@ -227,6 +229,7 @@ impl Worker {
             guest_agent: false,
             last_event: None,
             max_vcpus: 0,
+            exported: std::sync::Mutex::new(None),
         }
     }
 
