@@ -444,3 +444,54 @@ async fn guests_without_an_object_are_stopped_after_the_first_list() {
     }
     panic!("the orphan guest is still running");
 }
+
+/// A change of the object in nothing the worker acts on (its own status write coming back
+/// through the watch) does not cut a backoff short: the failed resize is not retried
+/// before its time, however often the status changes.
+#[tokio::test]
+async fn its_own_status_coming_back_does_not_cut_a_backoff_short() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    let spec = "{cpus: 2, unplugTimeoutSeconds: 1}";
+    d.dispatch(key("e"), Some(vm("e", spec, "")));
+    until(&calls, "running", |c| {
+        last_status_has(c, "e", |s| s["cpus"] == 2)
+    })
+    .await;
+    sim.vm(&key("e"))
+        .unwrap()
+        .refuse_unplug
+        .store(true, Ordering::SeqCst);
+    let target = "{cpus: 1, unplugTimeoutSeconds: 1}";
+    d.dispatch(key("e"), Some(vm("e", target, "")));
+    let failed = |c: &Mutex<Vec<Call>>| {
+        events(c)
+            .iter()
+            .filter(|(r, _)| r == "ResizeFailed")
+            .count()
+    };
+    until(&calls, "the first failure", |c| failed(c) == 1).await;
+    // The next attempt is due 2 s later (backoff after one failure). Status-only changes
+    // arrive meanwhile, as the watch would bring the agent's own writes back.
+    for i in 0..15 {
+        let mut echo = (*vm("e", target, "")).clone();
+        echo.metadata.resource_version = Some(format!("{}", 100 + i));
+        echo.status.as_mut().unwrap().phase = Some(corescale_api::Phase::Running);
+        echo.status.as_mut().unwrap().cpus = Some(2);
+        d.dispatch(key("e"), Some(Arc::new(echo)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        failed(&calls),
+        1,
+        "a status change retried the resize before its backoff"
+    );
+    // The backoff still ends: the retry comes by itself.
+    until_within(
+        &calls,
+        "the retry after the backoff",
+        Duration::from_secs(6),
+        |c| failed(c) == 2,
+    )
+    .await;
+}

@@ -1,6 +1,6 @@
 //! Scenario `launcher-resources`: the launcher container's resources follow its guests.
 //!
-//! The VM's QEMU runs in the launcher container's cgroup; as the VM goes 1 -> 4 -> 2
+//! A VM's QEMU runs in the launcher container's cgroup; as the VM goes 1 -> 4 -> 2
 //! vCPUs, the pod's `status.containerStatuses[launcher].resources` and the cgroup's own
 //! CPU quota on the node follow (the chart's `nodeVmm.launcher.followGuests`). Then the
 //! kubelet says no twice: a pod that takes the node's free CPU makes a grow `Deferred`
@@ -25,6 +25,8 @@ const APPLIED: Duration = Duration::from_secs(60);
 const FILLER: &str = "node-e2e-cpu-filler";
 /// The node's sandbox image (e2e/node/up.sh), the one image a plain pod can run there.
 const PAUSE: &str = "localhost/corescale/pause:3.10";
+/// The scenario's own VM, resized 1 -> 4 -> 2 -> 3.
+const OWN: &str = "node-e2e-res";
 /// The VM the node has no memory for.
 const HUGE: &str = "node-e2e-huge";
 
@@ -81,12 +83,13 @@ impl Expected {
         })
     }
 
-    /// (CPU request, CPU limit, memory request) with one VM of `memory` at `vcpus`.
-    fn at(&self, vcpus: u64, memory: u64) -> (u64, u64, u64) {
+    /// (CPU request, CPU limit, memory request) with `vms` VMs holding `vcpus` vCPUs and
+    /// `memory` bytes in all.
+    fn at(&self, vcpus: u64, memory: u64, vms: u64) -> (u64, u64, u64) {
         (
             self.cpu_request + vcpus * self.per_vcpu_request,
             self.cpu_limit + vcpus * self.per_vcpu_limit,
-            self.memory_request + memory + self.per_vm_memory,
+            self.memory_request + memory + vms * self.per_vm_memory,
         )
     }
 }
@@ -392,13 +395,51 @@ async fn only_the_launcher(c: &Ctx, pod: &PodView) -> Result<()> {
     Ok(())
 }
 
-/// Run it.
+/// Scale `name` with `kubectl scale` and wait until the agent reports `n` online.
+async fn scale_to(c: &Ctx, name: &str, n: u32) -> Result<()> {
+    let (ok, _, err) = c.stack.kubectl(&[
+        "scale",
+        "-n",
+        VM_NS,
+        &format!("cvm/{name}"),
+        &format!("--replicas={n}"),
+    ])?;
+    ensure!(ok, "kubectl scale {name} --replicas={n}: {err}");
+    c.stack
+        .wait_online(VM_NS, name, n, Duration::from_secs(120))
+        .await?;
+    let seen = host::guest_online_cpus(VM_NS, name).await?;
+    ensure!(
+        seen == n,
+        "{name}: status says {n} online, the guest counts {seen}"
+    );
+    Ok(())
+}
+
+/// Run it. A VM of its own ([`OWN`]) is resized: under TCG one QEMU process creates at
+/// most `maxcpus` vCPU threads in its life, and the shared VM spent its budget in `scale`.
+/// The shared VM stays as it is, its share counted in every figure.
 pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     let s = &c.stack;
     let want = Expected::from_release(c)?;
     let pod = node_vmm_pod(c).await?;
     let launcher = pod.container("launcher")?.clone();
-    let qemu = host::one_qemu(VM_NS, VM)?;
+    let shared_vm = s.vms(VM_NS).get(VM).await?;
+    let other = (
+        u64::from(shared_vm.spec.cpus),
+        parse_quantity(&shared_vm.spec.memory.0).context("spec.memory")?,
+    );
+    let yaml = format!(
+        "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {OWN}\n\
+         spec:\n  cpus: 1\n  topology: {{sockets: 1, cores: 6, threads: 1}}\n"
+    );
+    let (ok, _, err) = s.kubectl_with(&["apply", "-n", VM_NS, "-f", "-"], Some(&yaml))?;
+    ensure!(ok, "kubectl apply {OWN}: {err}");
+    let vm = s.wait_online(VM_NS, OWN, 1, super::BOOT).await?;
+    let memory = parse_quantity(&vm.spec.memory.0).context("spec.memory")?;
+    // (CPU request, CPU limit, memory request) with the own VM at `n` beside the shared one.
+    let at = |n: u64| want.at(other.0 + n, other.1 + memory, 2);
+    let qemu = host::one_qemu(VM_NS, OWN)?;
     let cg = cpu_cgroup(qemu.pid)?;
     let suffix = format!("/pod{}/{}", pod.uid, launcher.id);
     ensure!(
@@ -408,21 +449,21 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         cg.0.display()
     );
     only_the_launcher(c, &pod).await?;
-    let vm = s.vms(VM_NS).get(VM).await?;
-    let memory = parse_quantity(&vm.spec.memory.0).context("spec.memory")?;
 
     let mut steps = Vec::new();
     for n in [1u32, 4, 2] {
-        c.scale_and_check(n)
-            .await
-            .with_context(|| format!("scaling to {n}"))?;
-        let at = want.at(n.into(), memory);
-        let quota = wait_applied(c, &pod.name, &cg, at)
+        if n != 1 {
+            scale_to(c, OWN, n)
+                .await
+                .with_context(|| format!("scaling {OWN} to {n}"))?;
+        }
+        let want = at(n.into());
+        let quota = wait_applied(c, &pod.name, &cg, want)
             .await
             .with_context(|| format!("at {n} vCPUs"))?;
         steps.push(format!(
             "{n} vCPUs: request {}m, limit {}m (cgroup quota {quota}m)",
-            at.0, at.1
+            want.0, want.1
         ));
     }
 
@@ -430,14 +471,15 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     let free = free_cpu(c).await?;
     start_filler(c, free).await?;
     let t0 = Instant::now();
-    let (ok, _, err) = s.kubectl(&["scale", "-n", VM_NS, &format!("cvm/{VM}"), "--replicas=3"])?;
+    let (ok, _, err) = s.kubectl(&["scale", "-n", VM_NS, &format!("cvm/{OWN}"), "--replicas=3"])?;
     ensure!(ok, "kubectl scale --replicas=3: {err}");
-    let deferred = wait_pending(c, VM, "Deferred").await;
+    let deferred = wait_pending(c, OWN, "Deferred").await;
     let checked = async {
         let msg = deferred?;
-        c.guest_sees(2).await.context("the guest changed while its resize was deferred")?;
+        let seen = host::guest_online_cpus(VM_NS, OWN).await?;
+        ensure!(seen == 2, "the guest went to {seen} CPUs while its resize was deferred");
         let (status, spec) = launcher_resources(c, &pod.name).await?;
-        let at2 = want.at(2, memory);
+        let at2 = at(2);
         ensure!(
             near(status.1, at2.1) && near(spec.0, at2.0),
             "a deferred grow left the launcher at status {status:?} / spec {spec:?}, not at 2 vCPUs' {at2:?}"
@@ -447,11 +489,10 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     .await;
     delete_filler(c).await?;
     let deferred_msg = checked?;
-    s.wait_online(VM_NS, VM, 3, Duration::from_secs(120))
+    s.wait_online(VM_NS, OWN, 3, Duration::from_secs(120))
         .await
         .context("the deferred resize did not go on once the filler pod was gone")?;
-    c.guest_sees(3).await?;
-    wait_applied(c, &pod.name, &cg, want.at(3, memory)).await?;
+    wait_applied(c, &pod.name, &cg, at(3)).await?;
     let resumed = t0.elapsed().as_secs_f64();
 
     // Infeasible: a VM with more memory than the node has never boots.
@@ -482,18 +523,29 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         no_qemu,
         "{HUGE} got a QEMU process although the kubelet refused its memory"
     );
-    let at3 = want.at(3, memory);
+    let at3 = at(3);
     ensure!(
         near(spec.0, at3.0) && spec.2 == at3.2,
         "the refused VM left the launcher's spec at {spec:?}, not at {at3:?}"
     );
     ensure!(
-        host::one_qemu(VM_NS, VM)? == qemu,
-        "the VM's QEMU process changed (was {qemu:?})"
+        host::one_qemu(VM_NS, OWN)? == qemu,
+        "{OWN}'s QEMU process changed (was {qemu:?})"
     );
+
+    // A VM that goes gives its share back.
+    s.delete(VM_NS, OWN).await?;
+    s.wait_gone(VM_NS, OWN, Duration::from_secs(120)).await?;
+    let alone = want.at(other.0, other.1, 1);
+    let shared_cg = cpu_cgroup(host::one_qemu(VM_NS, VM)?.pid)?;
+    wait_applied(c, &pod.name, &shared_cg, alone)
+        .await
+        .context("after the VM was deleted")?;
     Ok(format!(
         "the agent's token resizes only its launcher container; {}; with a filler pod 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
-         a {huge_mi}Mi VM was Infeasible ({infeasible_msg:?}); one QEMU throughout",
-        steps.join(", ")
+         a {huge_mi}Mi VM was Infeasible ({infeasible_msg:?}); one QEMU throughout; deleted, back to {}m / {}m",
+        steps.join(", "),
+        alone.0,
+        alone.1
     ))
 }

@@ -211,6 +211,32 @@ pub struct Worker {
     max_vcpus: u32,
     /// The per-VM gauges as last set (set again only when they change).
     exported: std::sync::Mutex<Option<metrics::Gauges>>,
+    /// What the current step acted on, of the object.
+    seen: Option<Relevant>,
+}
+
+/// What of a VM object the worker acts on: a change in anything else (a status write of
+/// its own, the operator's conditions) does not wake it.
+#[derive(Debug, Clone, PartialEq)]
+struct Relevant {
+    uid: Option<String>,
+    spec: corescale_api::VirtualMachineSpec,
+    deleting: bool,
+    /// The placement the operator writes in status.
+    node: Option<String>,
+    topology: Option<corescale_api::Topology>,
+}
+
+impl Relevant {
+    fn of(vm: Option<&VirtualMachine>) -> Option<Self> {
+        vm.map(|vm| Relevant {
+            uid: vm.metadata.uid.clone(),
+            spec: vm.spec.clone(),
+            deleting: vm.metadata.deletion_timestamp.is_some(),
+            node: vm.status.as_ref().and_then(|s| s.node_name.clone()),
+            topology: vm.status.as_ref().and_then(|s| s.topology),
+        })
+    }
 }
 
 impl Worker {
@@ -230,6 +256,7 @@ impl Worker {
             last_event: None,
             max_vcpus: 0,
             exported: std::sync::Mutex::new(None),
+            seen: None,
         }
     }
 
@@ -237,6 +264,7 @@ impl Worker {
     pub async fn run(mut self) {
         loop {
             let vm = self.rx.borrow_and_update().clone();
+            self.seen = Relevant::of(vm.as_deref());
             if let Some(vm) = &vm {
                 self.seed_from(vm);
             }
@@ -316,20 +344,38 @@ impl Worker {
             Vmm(Option<VmEvent>),
             Other,
         }
-        let shared = self.shared.clone();
-        let vmm = &self.g.vmm;
-        let rx = &mut self.rx;
-        let event = async {
-            match vmm {
-                Some(v) => v.handle.next_event().await,
-                None => std::future::pending().await,
+        // The pending VMM event borrows the guest: it is dropped before acting on what woke.
+        let woke = {
+            let shared = self.shared.clone();
+            let vmm = &self.g.vmm;
+            let rx = &mut self.rx;
+            let seen = &self.seen;
+            let event = async {
+                match vmm {
+                    Some(v) => v.handle.next_event().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(event);
+            let deadline = tokio::time::Instant::now() + sleep;
+            loop {
+                let woke = tokio::select! {
+                    r = rx.changed() => Woke::Spec(r.is_ok()),
+                    ev = &mut event => Woke::Vmm(ev),
+                    _ = shared.budget.freed(), if budget => Woke::Other,
+                    _ = tokio::time::sleep_until(deadline) => Woke::Other,
+                };
+                // The object changed in nothing the worker acts on (its own status write
+                // coming back, the operator's conditions): keep waiting. Waking on those cut
+                // every backoff short (a failing resize retried at once, again and again) and
+                // ran a step for each status write.
+                if matches!(woke, Woke::Spec(true))
+                    && Relevant::of(rx.borrow_and_update().as_deref()) == *seen
+                {
+                    continue;
+                }
+                break woke;
             }
-        };
-        let woke = tokio::select! {
-            r = rx.changed() => Woke::Spec(r.is_ok()),
-            ev = event => Woke::Vmm(ev),
-            _ = shared.budget.freed(), if budget => Woke::Other,
-            _ = tokio::time::sleep(sleep) => Woke::Other,
         };
         match woke {
             // The dispatcher dropped the sender: the agent is shutting down.
