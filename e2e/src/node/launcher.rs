@@ -2,10 +2,12 @@
 //!
 //! A VM's QEMU runs in the launcher container's cgroup; as the VM goes 1 -> 4 -> 2
 //! vCPUs, the pod's `status.containerStatuses[launcher].resources` and the cgroup's own
-//! CPU quota on the node follow (the chart's `nodeVmm.launcher.followGuests`). Then the
-//! kubelet says no twice: a pod that takes the node's free CPU makes a grow `Deferred`
-//! (the VM's `ResizePending`, the guest untouched, resumed once the pod is gone), and a VM
-//! whose memory the node cannot hold is `Infeasible` before it boots.
+//! CPU quota on the node follow (the chart's `nodeVmm.launcher.followGuests`). A pod of
+//! lower priority holding the node's free CPU is evicted by the kubelet for a grow (the
+//! node-vmm pod is system-node-critical); then the kubelet says no twice: a pod of the same
+//! priority holding it makes a grow `Deferred` (the VM's `ResizePending`, the guest
+//! untouched, resumed once the pod is gone), and a VM whose memory the node cannot hold
+//! is `Infeasible` before it boots.
 
 use super::pods::{node_vmm_pod, PodView};
 use super::{host, Ctx, RELEASE, RELEASE_NS, VM, VM_NS};
@@ -263,14 +265,18 @@ async fn free_cpu(c: &Ctx) -> Result<u64> {
     Ok(alloc.saturating_sub(used))
 }
 
-/// A pause pod on the node requesting `cpu` millicores.
-async fn start_filler(c: &Ctx, cpu: u64) -> Result<()> {
-    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), VM_NS);
+/// A pause pod on the node requesting `cpu` millicores, in kube-system at
+/// `system-node-critical` when `critical` (the node-vmm pod's own priority, which the
+/// kubelet does not evict for it).
+async fn start_filler(c: &Ctx, cpu: u64, critical: bool) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), filler_ns(critical));
+    let priority = if critical { "system-node-critical" } else { "" };
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": FILLER},
         "spec": {
             "nodeName": c.node,
+            "priorityClassName": priority,
             "terminationGracePeriodSeconds": 0,
             "containers": [{"name": "pause", "image": PAUSE, "imagePullPolicy": "Never",
                 "resources": {"requests": {"cpu": format!("{cpu}m")}}}]
@@ -295,8 +301,26 @@ async fn start_filler(c: &Ctx, cpu: u64) -> Result<()> {
     }
 }
 
-async fn delete_filler(c: &Ctx) -> Result<()> {
-    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), VM_NS);
+fn filler_ns(critical: bool) -> &'static str {
+    if critical {
+        "kube-system"
+    } else {
+        VM_NS
+    }
+}
+
+/// The filler pod's status reason (`Evicted` once the kubelet took its room).
+async fn filler_reason(c: &Ctx, critical: bool) -> Result<Option<String>> {
+    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), filler_ns(critical));
+    Ok(pods
+        .get_opt(FILLER)
+        .await?
+        .and_then(|p| p.status)
+        .and_then(|s| s.reason))
+}
+
+async fn delete_filler(c: &Ctx, critical: bool) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), filler_ns(critical));
     let _ = pods
         .delete(FILLER, &DeleteParams::default().grace_period(0))
         .await;
@@ -467,9 +491,24 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         ));
     }
 
-    // Deferred: another pod takes the node's free CPU, so growing 2 -> 3 waits.
-    let free = free_cpu(c).await?;
-    start_filler(c, free).await?;
+    // The node-vmm pod is system-node-critical (the chart's default): for its grow the
+    // kubelet evicts a pod of lower priority that took the node's free CPU.
+    start_filler(c, free_cpu(c).await?, false).await?;
+    scale_to(c, OWN, 3)
+        .await
+        .context("growing 2 -> 3 past a normal pod that holds the node's free CPU")?;
+    let evicted = filler_reason(c, false).await?;
+    delete_filler(c, false).await?;
+    ensure!(
+        evicted.as_deref() == Some("Evicted"),
+        "the kubelet made room for the launcher without evicting the filler pod (reason {evicted:?})"
+    );
+    wait_applied(c, &pod.name, &cg, at(3)).await?;
+    scale_to(c, OWN, 2).await?;
+    wait_applied(c, &pod.name, &cg, at(2)).await?;
+
+    // Deferred: a pod of the same priority takes the node's free CPU, so 2 -> 3 waits.
+    start_filler(c, free_cpu(c).await?, true).await?;
     let t0 = Instant::now();
     let (ok, _, err) = s.kubectl(&["scale", "-n", VM_NS, &format!("cvm/{OWN}"), "--replicas=3"])?;
     ensure!(ok, "kubectl scale --replicas=3: {err}");
@@ -487,7 +526,7 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         Ok::<_, anyhow::Error>(msg)
     }
     .await;
-    delete_filler(c).await?;
+    delete_filler(c, true).await?;
     let deferred_msg = checked?;
     s.wait_online(VM_NS, OWN, 3, Duration::from_secs(120))
         .await
@@ -542,7 +581,7 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         .await
         .context("after the VM was deleted")?;
     Ok(format!(
-        "the agent's token resizes only its launcher container; {}; with a filler pod 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
+        "the agent's token resizes only its launcher container; {}; 2 -> 3 evicted a normal pod holding the node's CPU; with a system-node-critical one 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
          a {huge_mi}Mi VM was Infeasible ({infeasible_msg:?}); one QEMU throughout; deleted, back to {}m / {}m",
         steps.join(", "),
         alone.0,
