@@ -309,14 +309,31 @@ fn filler_ns(critical: bool) -> &'static str {
     }
 }
 
-/// The filler pod's status reason (`Evicted` once the kubelet took its room).
-async fn filler_reason(c: &Ctx, critical: bool) -> Result<Option<String>> {
+/// Wait (30 s at most) until the kubelet has failed the filler pod to take its room back;
+/// returns its status reason and message (the kubelet's `Preempting`).
+async fn filler_preempted(c: &Ctx, critical: bool) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), filler_ns(critical));
-    Ok(pods
-        .get_opt(FILLER)
-        .await?
-        .and_then(|p| p.status)
-        .and_then(|s| s.reason))
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = pods.get_opt(FILLER).await?.and_then(|p| p.status);
+        let phase = st
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if phase == "Failed" {
+            let st = st.unwrap_or_default();
+            return Ok(format!(
+                "{}: {}",
+                st.reason.unwrap_or_default(),
+                st.message.unwrap_or_default()
+            ));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the kubelet made room for the launcher but the filler pod is still {phase:?} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn delete_filler(c: &Ctx, critical: bool) -> Result<()> {
@@ -497,12 +514,9 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     scale_to(c, OWN, 3)
         .await
         .context("growing 2 -> 3 past a normal pod that holds the node's free CPU")?;
-    let evicted = filler_reason(c, false).await?;
+    let evicted = filler_preempted(c, false).await;
     delete_filler(c, false).await?;
-    ensure!(
-        evicted.as_deref() == Some("Evicted"),
-        "the kubelet made room for the launcher without evicting the filler pod (reason {evicted:?})"
-    );
+    let evicted = evicted?;
     wait_applied(c, &pod.name, &cg, at(3)).await?;
     scale_to(c, OWN, 2).await?;
     wait_applied(c, &pod.name, &cg, at(2)).await?;
@@ -581,7 +595,7 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
         .await
         .context("after the VM was deleted")?;
     Ok(format!(
-        "the agent's token resizes only its launcher container; {}; 2 -> 3 evicted a normal pod holding the node's CPU; with a system-node-critical one 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
+        "the agent's token resizes only its launcher container; {}; 2 -> 3 evicted a normal pod holding the node's CPU ({evicted:?}); with a system-node-critical one 2 -> 3 was Deferred ({deferred_msg:?}) and went on {resumed:.1} s after the request once it left; \
          a {huge_mi}Mi VM was Infeasible ({infeasible_msg:?}); one QEMU throughout; deleted, back to {}m / {}m",
         steps.join(", "),
         alone.0,
