@@ -309,8 +309,9 @@ fn filler_ns(critical: bool) -> &'static str {
     }
 }
 
-/// Wait (30 s at most) until the kubelet has failed the filler pod to take its room back;
-/// returns its status reason and message (the kubelet's `Preempting`).
+/// Wait (30 s at most) until the kubelet has stopped the filler pod for good to take its
+/// room back (a terminal phase: the pause process exits 0 on the kubelet's SIGTERM, so
+/// it may end Succeeded); returns the phase and the kubelet's DisruptionTarget reason.
 async fn filler_preempted(c: &Ctx, critical: bool) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(c.stack.client.clone(), filler_ns(critical));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -320,13 +321,21 @@ async fn filler_preempted(c: &Ctx, critical: bool) -> Result<String> {
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
-        if phase == "Failed" {
-            let st = st.unwrap_or_default();
-            return Ok(format!(
-                "{}: {}",
-                st.reason.unwrap_or_default(),
-                st.message.unwrap_or_default()
-            ));
+        if phase == "Failed" || phase == "Succeeded" {
+            let why = st
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "DisruptionTarget")
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            return Ok(format!("{phase}, {why}"));
         }
         ensure!(
             Instant::now() < deadline,
