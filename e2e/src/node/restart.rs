@@ -134,6 +134,8 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
     );
     // Status still shows the stopped guest Ready until the new agent writes: wait for
     // Ready to turn True again after the deletion (it is False while the guest boots).
+    // Strictly after the second of the deletion: a resize just before it (helm-upgrade
+    // ends with one) turns Ready True in that same second, and the boot takes seconds.
     let vm = s
         .wait_vm(
             VM_NS,
@@ -144,7 +146,7 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
                 crate::online(v) == cpus
                     && v.status.as_ref().is_some_and(|st| st.cpus == Some(cpus))
                     && crate::condition(v, "Ready").is_some_and(|c| {
-                        c.status == "True" && c.last_transition_time.0.as_second() >= since
+                        c.status == "True" && c.last_transition_time.0.as_second() > since
                     })
             },
         )
