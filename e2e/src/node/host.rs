@@ -1,13 +1,14 @@
 //! What the node's host shows, read without the API server: the QEMU process of a VM
 //! (host pid and start time, so "the same process" means the same), the guest's own count
-//! of online CPUs through its console socket, and containerd's tasks.
+//! of online CPUs through its console socket, containerd's tasks, and the CPU quota of the
+//! cgroup a process runs in.
 //!
 //! The chart keeps per-VM state in a hostPath (`nodeVmm.stateDir`, by default
 //! `/var/lib/corescale/vms`), so root on the node reaches a guest's console there.
 
 use crate::console::Console;
 use anyhow::{bail, ensure, Context as _, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -166,6 +167,52 @@ pub fn tag_image(socket: &str, from: &str, to: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// The cgroup v1 `cpu` directory (or the v2 directory) a process is in, from
+/// `/proc/<pid>/cgroup`.
+pub fn cpu_cgroup(pid: i32) -> Result<(PathBuf, bool)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
+        if let (Some(ctrls), Some(path)) = (ctrls, path) {
+            if ctrls.split(',').any(|c| c == "cpu") {
+                let base = if ctrls == "cpu" { "cpu" } else { ctrls };
+                return Ok((PathBuf::from(format!("/sys/fs/cgroup/{base}{path}")), false));
+            }
+        }
+    }
+    let v2 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cpu controller in /proc/<pid>/cgroup")?;
+    Ok((PathBuf::from(format!("/sys/fs/cgroup{v2}")), true))
+}
+
+/// The CPU quota of a cgroup directory in millicores (None: unlimited).
+pub fn quota_millis(dir: &Path, v2: bool) -> Result<Option<u64>> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
+    };
+    let (quota, period) = if v2 {
+        let max = read("cpu.max")?;
+        let mut it = max.split_whitespace();
+        (
+            it.next().unwrap_or("max").to_string(),
+            it.next().unwrap_or("100000").to_string(),
+        )
+    } else {
+        (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?)
+    };
+    let (quota, period) = (quota.trim(), period.trim());
+    if quota == "max" || quota.starts_with('-') {
+        return Ok(None);
+    }
+    let q: u64 = quota.parse()?;
+    let p: u64 = period.parse()?;
+    Ok(Some(q * 1000 / p.max(1)))
 }
 
 #[cfg(test)]

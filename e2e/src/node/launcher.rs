@@ -18,7 +18,7 @@ use corescale_node_vmm::agent::launcher_size::parse_cpu_millis;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// How long the kubelet may take to show a resize in the pod and the cgroup.
@@ -96,52 +96,6 @@ impl Expected {
     }
 }
 
-/// The cgroup v1 `cpu` directory (or the v2 directory) a process is in, from
-/// `/proc/<pid>/cgroup`.
-fn cpu_cgroup(pid: i32) -> Result<(PathBuf, bool)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
-        if let (Some(ctrls), Some(path)) = (ctrls, path) {
-            if ctrls.split(',').any(|c| c == "cpu") {
-                let base = if ctrls == "cpu" { "cpu" } else { ctrls };
-                return Ok((PathBuf::from(format!("/sys/fs/cgroup/{base}{path}")), false));
-            }
-        }
-    }
-    let v2 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("no cpu controller in /proc/<pid>/cgroup")?;
-    Ok((PathBuf::from(format!("/sys/fs/cgroup{v2}")), true))
-}
-
-/// The CPU quota of a cgroup directory in millicores (None: unlimited).
-fn quota_millis(dir: &Path, v2: bool) -> Result<Option<u64>> {
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
-            .with_context(|| format!("reading {}", dir.join(f).display()))
-    };
-    let (quota, period) = if v2 {
-        let max = read("cpu.max")?;
-        let mut it = max.split_whitespace();
-        (
-            it.next().unwrap_or("max").to_string(),
-            it.next().unwrap_or("100000").to_string(),
-        )
-    } else {
-        (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?)
-    };
-    let (quota, period) = (quota.trim(), period.trim());
-    if quota == "max" || quota.starts_with('-') {
-        return Ok(None);
-    }
-    let q: u64 = quota.parse()?;
-    let p: u64 = period.parse()?;
-    Ok(Some(q * 1000 / p.max(1)))
-}
-
 /// The launcher container's resources as the kubelet reports them: (CPU request, CPU
 /// limit, memory request), and the spec's.
 async fn launcher_resources(c: &Ctx, pod: &str) -> Result<((u64, u64, u64), (u64, u64, u64))> {
@@ -199,7 +153,7 @@ async fn wait_applied(
     let deadline = Instant::now() + APPLIED;
     loop {
         let (status, _) = launcher_resources(c, pod).await?;
-        let quota = quota_millis(&cg.0, cg.1)?;
+        let quota = host::quota_millis(&cg.0, cg.1)?;
         if near(status.0, want.0)
             && near(status.1, want.1)
             && status.2 == want.2
@@ -490,7 +444,7 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     // (CPU request, CPU limit, memory request) with the own VM at `n` beside the shared one.
     let at = |n: u64| want.at(other.0 + n, other.1 + memory, 2);
     let qemu = host::one_qemu(VM_NS, OWN)?;
-    let cg = cpu_cgroup(qemu.pid)?;
+    let cg = host::cpu_cgroup(qemu.pid)?;
     let suffix = format!("/pod{}/{}", pod.uid, launcher.id);
     ensure!(
         cg.0.display().to_string().ends_with(&suffix),
@@ -599,7 +553,7 @@ pub(super) async fn launcher_resources_follow(c: &Ctx) -> Result<String> {
     s.delete(VM_NS, OWN).await?;
     s.wait_gone(VM_NS, OWN, Duration::from_secs(120)).await?;
     let alone = want.at(other.0, other.1, 1);
-    let shared_cg = cpu_cgroup(host::one_qemu(VM_NS, VM)?.pid)?;
+    let shared_cg = host::cpu_cgroup(host::one_qemu(VM_NS, VM)?.pid)?;
     wait_applied(c, &pod.name, &shared_cg, alone)
         .await
         .context("after the VM was deleted")?;
