@@ -4,12 +4,13 @@
 
 mod common;
 
+use common::agent::key;
 use common::mock_api::*;
 use common::{prerequisites, Env};
 use corescale_api::{VirtualMachine, FINALIZER};
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
 use corescale_node_vmm::backend::qemu::QemuBackend;
-use corescale_node_vmm::backend::{Backend, VmKey};
+use corescale_node_vmm::backend::Backend;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::metrics::Metrics;
 use serde_json::Value;
@@ -25,16 +26,9 @@ fn agent(env: &Env) -> (Arc<Shared>, Calls) {
     cfg.accel = "tcg".into();
     let backend: Arc<dyn Backend> = Arc::new(QemuBackend::new(cfg));
     let config = Config {
-        system_namespace: "corescale-system".into(),
-        lease_duration: Duration::from_secs(15),
-        overcommit: 8.0,
-        plug_timeout: Duration::from_secs(30),
-        stop_grace: Duration::from_secs(2),
-        in_progress_after: Duration::from_millis(250),
         // Short: the guest without an agent counts as such after 8 s.
         agent_grace: Duration::from_secs(8),
-        port_address: std::net::Ipv4Addr::LOCALHOST,
-        port_advertise: None,
+        ..common::agent::config()
     };
     let shared = agent::shared(
         client,
@@ -56,13 +50,6 @@ fn vm(name: &str, cpus: u32, generation: i64, boot: &str) -> Arc<VirtualMachine>
         ))
         .unwrap(),
     )
-}
-
-fn key(name: &str) -> VmKey {
-    VmKey {
-        namespace: "d".into(),
-        name: name.into(),
-    }
 }
 
 /// The state of each of the 4 slots as status.vcpus lists them.

@@ -6,12 +6,13 @@
 
 mod common;
 
+use common::agent::key;
 use common::mock_api::*;
-use corescale_api::{VirtualMachine, FINALIZER};
+use corescale_api::VirtualMachine;
 use corescale_node_vmm::agent::launcher_size::{LauncherSizer, Resources, Sizing};
 use corescale_node_vmm::agent::{self, Config, Dispatcher};
 use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
-use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity, VmKey};
+use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
 use corescale_node_vmm::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,19 +21,7 @@ use std::time::Duration;
 const MI: u64 = 1 << 20;
 
 fn vm(name: &str, spec: &str) -> Arc<VirtualMachine> {
-    Arc::new(
-        serde_yaml::from_str(&format!(
-            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  namespace: d\n  uid: uid-{name}\n  generation: 1\n  resourceVersion: '5'\n  finalizers: [{FINALIZER}]\nspec: {spec}\nstatus: {{nodeName: n1, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
-        ))
-        .unwrap(),
-    )
-}
-
-fn key(name: &str) -> VmKey {
-    VmKey {
-        namespace: "d".into(),
-        name: name.into(),
-    }
+    common::agent::placed(name, 1, spec, "", 4)
 }
 
 #[tokio::test]
@@ -73,15 +62,11 @@ async fn the_launcher_container_follows_the_guest_and_the_kubelet_has_the_last_w
         Duration::from_secs(5),
     ));
     let config = Config {
-        system_namespace: "corescale-system".into(),
-        lease_duration: Duration::from_secs(15),
         overcommit: 4.0,
         plug_timeout: Duration::from_secs(5),
         stop_grace: Duration::from_millis(100),
         in_progress_after: Duration::ZERO,
-        agent_grace: Duration::from_secs(30),
-        port_address: std::net::Ipv4Addr::LOCALHOST,
-        port_advertise: None,
+        ..common::agent::config()
     };
     let shared = agent::shared(
         client,

@@ -4,11 +4,12 @@
 
 mod common;
 
+use common::agent::key;
 use common::mock_api::*;
-use corescale_api::{VirtualMachine, FINALIZER};
+use corescale_api::VirtualMachine;
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
 use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
-use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity, VmKey};
+use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
 use corescale_node_vmm::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -45,15 +46,11 @@ fn setup_with(
     let sim = Arc::new(SimBackend::new(fast(), cap));
     let backend: Arc<dyn Backend> = sim.clone();
     let config = Config {
-        system_namespace: "corescale-system".into(),
-        lease_duration: Duration::from_secs(15),
         overcommit,
         plug_timeout: Duration::from_secs(5),
         stop_grace: Duration::from_millis(100),
         in_progress_after,
-        agent_grace: Duration::from_secs(30),
-        port_address: std::net::Ipv4Addr::LOCALHOST,
-        port_advertise: None,
+        ..common::agent::config()
     };
     let shared = agent::shared(
         client,
@@ -68,19 +65,7 @@ fn setup_with(
 }
 
 fn vm(name: &str, spec: &str, extra_meta: &str) -> Arc<VirtualMachine> {
-    Arc::new(
-        serde_yaml::from_str(&format!(
-            "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  namespace: d\n  uid: uid-{name}\n  generation: 1\n  resourceVersion: '5'\n  finalizers: [{FINALIZER}]\n{extra_meta}spec: {spec}\nstatus: {{nodeName: n1, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
-        ))
-        .unwrap(),
-    )
-}
-
-fn key(name: &str) -> VmKey {
-    VmKey {
-        namespace: "d".into(),
-        name: name.into(),
-    }
+    common::agent::placed(name, 1, spec, extra_meta, 4)
 }
 
 #[tokio::test]

@@ -4,13 +4,14 @@
 
 mod common;
 
+use common::agent::key;
 use common::mock_api::*;
 use common::{prerequisites, Env};
 use corescale_api::{VirtualMachine, FINALIZER};
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
 use corescale_node_vmm::backend::qemu::qmp::QmpClient;
 use corescale_node_vmm::backend::qemu::QemuBackend;
-use corescale_node_vmm::backend::{Backend, VmKey};
+use corescale_node_vmm::backend::Backend;
 use corescale_node_vmm::images::ImageDir;
 use corescale_node_vmm::launcher;
 use corescale_node_vmm::metrics::Metrics;
@@ -29,16 +30,9 @@ fn agent(env: &Env, extra_args: Vec<String>) -> (Arc<Shared>, Calls) {
     cfg.extra_args = extra_args;
     let backend: Arc<dyn Backend> = Arc::new(QemuBackend::new(cfg));
     let config = Config {
-        system_namespace: "corescale-system".into(),
-        lease_duration: Duration::from_secs(15),
-        overcommit: 8.0,
         // Long, so a test can tell "taken up at once" from "waited out the deadline".
         plug_timeout: Duration::from_secs(60),
-        stop_grace: Duration::from_secs(2),
-        in_progress_after: Duration::from_millis(250),
-        agent_grace: Duration::from_secs(30),
-        port_address: std::net::Ipv4Addr::LOCALHOST,
-        port_advertise: None,
+        ..common::agent::config()
     };
     let shared = agent::shared(
         client,
@@ -60,13 +54,6 @@ fn vm(name: &str, cpus: u32, generation: i64) -> Arc<VirtualMachine> {
         ))
         .unwrap(),
     )
-}
-
-fn key(name: &str) -> VmKey {
-    VmKey {
-        namespace: "d".into(),
-        name: name.into(),
-    }
 }
 
 /// The state of each of the first `n` slots; status.vcpus lists only slots that are not

@@ -3,6 +3,7 @@
 //! checks made inside the guest through its agent.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod mock_api;
 
 use corescale_api::{Arch, Granularity, Placement, Plan, PlanInput, SlotView, Topology, VcpuState};

@@ -8,22 +8,12 @@ use crate::backend::ResizeReport;
 use corescale_api::conditions as cond;
 use corescale_api::{Phase, ResizeMethod, VcpuState, VirtualMachine, VirtualMachineStatus};
 
-/// The `state` label of each figure of [`Gauges::vcpus`], in order.
-const VCPU_STATES: [&str; 7] = [
-    "desired",
-    "online",
-    "present",
-    "offline",
-    "plugging",
-    "unplugging",
-    "max",
-];
-
 /// The per-VM gauges as last set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Gauges {
     method: ResizeMethod,
-    vcpus: [i64; 7],
+    /// In the order of [`crate::metrics::VCPU_GAUGE_STATES`].
+    vcpus: [i64; crate::metrics::VCPU_GAUGE_STATES.len()],
     phase: Phase,
     pending: [bool; crate::metrics::PENDING_REASONS.len()],
 }
@@ -129,7 +119,7 @@ impl Worker {
         let m = &self.shared.metrics;
         let (ns, name) = (self.key.namespace.as_str(), self.key.name.as_str());
         let method = now.method.as_str();
-        for (state, v) in VCPU_STATES.into_iter().zip(now.vcpus) {
+        for (state, v) in crate::metrics::VCPU_GAUGE_STATES.into_iter().zip(now.vcpus) {
             m.vcpus.with_label_values(&[ns, name, method, state]).set(v);
         }
         m.set_phase(ns, name, now.phase);
