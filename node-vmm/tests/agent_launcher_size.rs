@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::agent::key;
+use common::agent::{fast, key};
 use common::mock_api::*;
 use corescale_api::VirtualMachine;
 use corescale_node_vmm::agent::launcher_size::{LauncherSizer, Resources, Sizing};
 use corescale_node_vmm::agent::{self, Config, Dispatcher};
-use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
+use corescale_node_vmm::backend::sim::SimBackend;
 use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
 use corescale_node_vmm::metrics::Metrics;
 use std::collections::HashMap;
@@ -34,15 +34,7 @@ async fn the_launcher_container_follows_the_guest_and_the_kubelet_has_the_last_w
         accel: Accel::Tcg,
         arches: [(corescale_api::Arch::X86_64, Accel::Tcg)].into(),
     };
-    let sim = Arc::new(SimBackend::new(
-        SimDelays {
-            boot: Duration::from_millis(20),
-            applied: Duration::from_millis(1),
-            acked: Duration::from_millis(5),
-            online: Duration::from_millis(5),
-        },
-        cap,
-    ));
+    let sim = Arc::new(SimBackend::new(fast(), cap));
     let backend: Arc<dyn Backend> = sim.clone();
     let sizer = Arc::new(LauncherSizer::new(
         kube::Api::namespaced(client.clone(), "corescale-system"),

@@ -4,26 +4,17 @@
 
 mod common;
 
-use common::agent::key;
+use common::agent::{fast, key};
 use common::mock_api::*;
 use corescale_api::VirtualMachine;
 use corescale_node_vmm::agent::{self, Config, Dispatcher, Shared};
-use corescale_node_vmm::backend::sim::{SimBackend, SimDelays};
+use corescale_node_vmm::backend::sim::SimBackend;
 use corescale_node_vmm::backend::{Accel, Backend, NodeCapacity};
 use corescale_node_vmm::metrics::Metrics;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn fast() -> SimDelays {
-    SimDelays {
-        boot: Duration::from_millis(20),
-        applied: Duration::from_millis(1),
-        acked: Duration::from_millis(5),
-        online: Duration::from_millis(5),
-    }
-}
 
 fn setup(host_cpus: u32, overcommit: f64) -> (Arc<Shared>, Arc<SimBackend>, Arc<Mutex<Vec<Call>>>) {
     // Every step here takes ~10 ms: write the in-progress status of each at once, so the

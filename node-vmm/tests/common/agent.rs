@@ -3,6 +3,7 @@
 
 use corescale_api::{VirtualMachine, FINALIZER};
 use corescale_node_vmm::agent::Config;
+use corescale_node_vmm::backend::sim::SimDelays;
 use corescale_node_vmm::backend::VmKey;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,4 +47,14 @@ pub fn placed(
         ))
         .expect("a VirtualMachine"),
     )
+}
+
+/// A simulated guest that boots in 20 ms and answers a plug in about 10 ms.
+pub fn fast() -> SimDelays {
+    SimDelays {
+        boot: Duration::from_millis(20),
+        applied: Duration::from_millis(1),
+        acked: Duration::from_millis(5),
+        online: Duration::from_millis(5),
+    }
 }

@@ -92,19 +92,8 @@ impl Worker {
         reason: &'static str,
         msg: String,
     ) -> Step {
-        let now = Utc::now();
-        let generation = vm.meta().generation;
-        set_condition(
-            &mut self.g.conds,
-            cond::RESIZE_PENDING,
-            true,
-            reason,
-            msg.clone(),
-            generation,
-            now,
-        );
-        self.set_ready(vm, before, now);
-        self.event(vm, EventType::Warning, reason, msg).await;
+        self.mark_pending(vm, before, (reason, EventType::Warning, msg), Utc::now())
+            .await;
         let next = if reason == cond::REASON_DEFERRED {
             Next::After(KUBELET_RETRY)
         } else {

@@ -147,18 +147,7 @@ impl Worker {
             },
         };
         if let Some((reason, type_, msg, next)) = pending {
-            set_condition(
-                &mut self.g.conds,
-                cond::RESIZE_PENDING,
-                true,
-                reason,
-                msg.clone(),
-                generation,
-                now,
-            );
-            self.set_ready(vm, &obs, now);
-            // The Event goes before the status: who waits for ResizePending finds it.
-            self.event(vm, type_, reason, msg).await;
+            self.mark_pending(vm, &obs, (reason, type_, msg), now).await;
             return Step::observed(next, obs).then_cpu_metrics();
         }
         set_condition(
@@ -342,6 +331,28 @@ impl Worker {
                 self.start_failed(vm, e).await
             }
         }
+    }
+
+    /// The target waits: `ResizePending` True with `reason`, Ready as `obs` says, and the
+    /// Event (before the status: who waits for ResizePending finds it).
+    pub(super) async fn mark_pending(
+        &mut self,
+        vm: &VirtualMachine,
+        obs: &Observation,
+        (reason, type_, msg): (&'static str, EventType, String),
+        now: DateTime<Utc>,
+    ) {
+        set_condition(
+            &mut self.g.conds,
+            cond::RESIZE_PENDING,
+            true,
+            reason,
+            msg.clone(),
+            vm.meta().generation,
+            now,
+        );
+        self.set_ready(vm, obs, now);
+        self.event(vm, type_, reason, msg).await;
     }
 
     /// The guest is not started: `ResizePending` and `Running` False with `reason`, the
