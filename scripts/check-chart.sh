@@ -335,6 +335,8 @@ sms = find(v, "ServiceMonitor")
 if sorted(s["metadata"]["name"] for s in sms) != ["corescale-node-vmm", "corescale-operator"]:
     fail("servicemonitor-rules: expected ServiceMonitors corescale-operator and corescale-node-vmm")
 for s in sms:
+    if s["spec"]["endpoints"][0].get("honorLabels") is not True:
+        fail(f"servicemonitor-rules: ServiceMonitor {s['metadata']['name']} must set honorLabels (the VM series' own namespace label)")
     job = [r for r in s["spec"]["endpoints"][0]["relabelings"] if r.get("targetLabel") == "job"]
     if not job or job[0]["replacement"] != s["metadata"]["name"]:
         fail(f"servicemonitor-rules: ServiceMonitor {s['metadata']['name']} must set job={s['metadata']['name']} (the alerts use it)")
@@ -358,6 +360,8 @@ if pr:
         fail("podmonitor-overrides: alert annotation templates were not kept verbatim")
 if len(find(v, "PodMonitor")) != 2 or find(v, "ServiceMonitor"):
     fail("podmonitor-overrides: expected two PodMonitors and no ServiceMonitor")
+if any(p["spec"]["podMetricsEndpoints"][0].get("honorLabels") is not True for p in find(v, "PodMonitor")):
+    fail("podmonitor-overrides: every PodMonitor must set honorLabels (the VM series' own namespace label)")
 
 v = load("no-leader-election")
 dep = one(v, "Deployment", "corescale-operator", "no-leader-election")
