@@ -74,5 +74,5 @@ node-up: node-deps ## A real kubelet node (containerd, kubelet, kube-scheduler, 
 node-down: ## Stop node-up's node and remove what it created
 	bash e2e/node/down.sh
 
-node-e2e: node-deps ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, then the node scenarios (scale, metrics, agent restart, helm upgrade, pod delete, uninstall); torn down (the last stage of make ci)
+node-e2e: node-deps guest ## helm install --wait of the chart on a real kubelet node from the Dockerfile's images, then the node scenarios (scale, launcher resources, metrics, agent restart, helm upgrade, pod delete, workload, uninstall); torn down (the last stage of make ci)
 	bash e2e/node/e2e.sh

@@ -10,18 +10,25 @@
 #                  names overridden to the local tags (pullPolicy Never: nothing is pulled),
 #                  KVM off (guests run under TCG here), without README's ServiceMonitor and
 #                  PrometheusRule (no Prometheus Operator CRDs here)
-#   5. scenarios  corescale-node-e2e (e2e/src/node/, one assertion each, in this order):
+#   5. autoscaler e2e/node/autoscaler.sh: Prometheus discovering the chart's pods as its
+#                 ServiceMonitors say, KEDA (e2e/cluster/keda.sh) against the node's API server
+#   6. scenarios  corescale-node-e2e (e2e/src/node/, one assertion each, in this order):
 #                 scale (1 -> 3 -> 1 -> 2, status and the guest's own /sys agree),
 #                 launcher-resources (the launcher container's requests, limits and cgroup
 #                 CPU quota follow the VM 1 -> 4 -> 2; kubelet Deferred and Infeasible
 #                 become the VM's ResizePending), metrics
 #                 (scraped from the pods behind the chart's Services), agent-restart (the
 #                 agent container SIGKILLed: same QEMU, re-adopted), helm-upgrade
-#                 (--wait=legacy, OnDelete: node-vmm pod and guest untouched), pod-delete
-#                 (guest stopped, booted again by the new pod), helm-uninstall (what is
-#                 gone and what remains, as README says)
-#   6. teardown   what the scenarios left (VM, release), e2e/node/down.sh
-# Prints the time of each stage. Needs root and the packages of scripts/install-deps.sh.
+#                 (--wait=legacy to new tags and the node's image directory, OnDelete:
+#                 node-vmm pod and guest untouched), pod-delete (guest stopped, booted
+#                 again by the new pod), workload (examples/workload.yaml's Debian VM in the
+#                 pod: Secret, pod-IP ports, a Service, ssh, console via kubectl exec, a job
+#                 over 1 -> 4 vCPUs, disks across the agent's SIGKILL), autoscale (KEDA
+#                 scales a VM from its load, Prometheus scraping the pods), helm-uninstall
+#                 (what is gone and what remains, as README says)
+#   7. teardown   what the scenarios left (VM, release), autoscaler.sh down, e2e/node/down.sh
+# Prints the time of each stage. Needs root, the packages of scripts/install-deps.sh and the
+# guest images of `make guest` (the node's image directory, scenario workload).
 # Starts from a clean node (DIR e2e/.run/node purged: containerd's store too) and purges
 # it again on success; caches (binaries, podman's store, cargo's) stay in CORESCALE_CACHE.
 #
@@ -113,6 +120,7 @@ teardown() {
 		exit "$rc"
 	fi
 	begin teardown
+	"$here/autoscaler.sh" down --dir "$dir" >&2 2>&1 || log "autoscaler.sh down failed; tearing the node down anyway"
 	if [[ -f "$dir/env" ]]; then
 		(
 			# shellcheck disable=SC1091
@@ -176,7 +184,12 @@ leases="$(kubectl -n "$ns" get leases -l corescale.dev/node-agent=true -o name |
 [[ "$leases" -ge 1 ]] || die "no node-agent Lease in $ns after helm install --wait"
 end
 
-# --- 5. the scenarios ----------------------------------------------------------------------
+# --- 5. the autoscaler's parts: Prometheus discovering the pods, KEDA ----------------------
+begin autoscaler
+"$here/autoscaler.sh" up --dir "$dir"
+end
+
+# --- 6. the scenarios ----------------------------------------------------------------------
 begin scenarios
 CORESCALE_STACK_DIR="$dir" CORESCALE_HELM="$helm" \
 	CORESCALE_OPERATOR_IMAGE="$operator_ref" CORESCALE_NODE_VMM_IMAGE="$node_vmm_ref" \

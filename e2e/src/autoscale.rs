@@ -11,6 +11,7 @@ use crate::console::{busy_jiffies, Console};
 use crate::{node_of, online, prom_value, Stack};
 use anyhow::{bail, ensure, Context as _, Result};
 use corescale_api::VcpuState;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Busy cores per vCPU the ScaledObject aims at (AverageValue).
@@ -185,17 +186,28 @@ fn worked(before: &str, after: &str) -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// Create the example's VM and ScaledObject in `ns`, attach to the guest's console and
-/// wait until KEDA's HPA reads the metric. Returns the loop, the console and the seconds
-/// the HPA took to become active.
-pub async fn setup<'a>(s: &'a Stack, ns: &'a str) -> Result<(Run<'a>, Console, f64)> {
+/// Where a node keeps its VMs' state directories (their console sockets): the stack's
+/// per-node directory for host-process agents, the node's hostPath for the chart's pods.
+pub type StateDirOf<'a> = &'a dyn Fn(&str) -> PathBuf;
+
+/// The host-process stack's state directory of `node` (e2e/stack.sh).
+pub fn stack_state_dir(s: &Stack, node: &str) -> PathBuf {
+    s.dir.join("nodes").join(node).join("vms")
+}
+
+/// Create the example's VM and ScaledObject in `ns`, attach to the guest's console (in
+/// `state_dir` of the VM's node) and wait until KEDA's HPA reads the metric. Returns the
+/// loop, the console and the seconds the HPA took to become active.
+pub async fn setup<'a>(
+    s: &'a Stack,
+    ns: &'a str,
+    state_dir: StateDirOf<'_>,
+) -> Result<(Run<'a>, Console, f64)> {
     let (vm_yaml, so) = example(s, ns)?;
     s.create(ns, &vm_yaml).await?;
     let vm = s.wait_online(ns, NAME, 1, Duration::from_secs(120)).await?;
     let node = node_of(&vm).context("no node")?;
-    let sock = s
-        .dir
-        .join(format!("nodes/{node}/vms/{ns}/{NAME}/console.sock"));
+    let sock = state_dir(&node).join(ns).join(NAME).join("console.sock");
     let mut console = Console::attach(&sock, Duration::from_secs(10)).await?;
     let hello = console.run("uname -r", Duration::from_secs(20)).await?;
     ensure!(
@@ -252,9 +264,10 @@ pub async fn teardown(s: &Stack, ns: &str) -> Result<()> {
     s.wait_gone(ns, NAME, Duration::from_secs(60)).await
 }
 
-/// Run the scenario in namespace `ns`; returns the summary line.
-pub async fn autoscale(s: &Stack, ns: &str) -> Result<String> {
-    let (mut run, mut console, hpa_ready) = setup(s, ns).await?;
+/// Run the scenario in namespace `ns`, the VMs' state in `state_dir` of their node;
+/// returns the summary line.
+pub async fn autoscale(s: &Stack, ns: &str, state_dir: StateDirOf<'_>) -> Result<String> {
+    let (mut run, mut console, hpa_ready) = setup(s, ns, state_dir).await?;
 
     // One busy loop: about one core busy, ceil(1.0 / 0.6) = 2 vCPUs, and not more.
     let mut pids = Vec::new();

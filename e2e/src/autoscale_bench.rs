@@ -43,7 +43,8 @@ fn first_after(samples: &[Sample], from: f64, pred: impl Fn(&Sample) -> bool) ->
 /// Run `steps` load steps on the stack and print the figures; returns them as JSON.
 pub async fn bench(s: &Stack, ns: &str, steps: usize) -> Result<serde_json::Value> {
     s.namespace(ns)?;
-    let (mut run, mut console, hpa_ready) = setup(s, ns).await?;
+    let (mut run, mut console, hpa_ready) =
+        setup(s, ns, &|node| crate::autoscale::stack_state_dir(s, node)).await?;
     let (mut ups, mut downs) = (Vec::new(), Vec::new());
     for step in 1..=steps {
         let pid = start_loop(&mut console).await?;

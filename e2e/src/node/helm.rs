@@ -37,6 +37,9 @@ pub(super) async fn upgrade(c: &Ctx) -> Result<String> {
             .unwrap_or_default()
     };
 
+    // The node's image directory (`make guest-disk`'s Debian image beside the test kernel
+    // and initramfs) replaces the image's own from the next pod on: scenario `workload`.
+    let image_dir = crate::scenarios::workload::image_dir();
     let t0 = Instant::now();
     c.helm(&[
         "upgrade",
@@ -49,6 +52,8 @@ pub(super) async fn upgrade(c: &Ctx) -> Result<String> {
         &format!("operator.image.tag={}", tag(&op_new)),
         "--set",
         &format!("nodeVmm.image.tag={}", tag(&nv_new)),
+        "--set",
+        &format!("nodeVmm.guestImages.hostPath={}", image_dir.display()),
         "--wait=legacy",
         "--timeout",
         "3m",
@@ -76,6 +81,17 @@ pub(super) async fn upgrade(c: &Ctx) -> Result<String> {
     ensure!(
         images.iter().all(|i| *i == nv_new),
         "DaemonSet template images {images:?}, expected {nv_new}"
+    );
+    let host_paths: Vec<&str> = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("DaemonSet without volumes")?
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    ensure!(
+        host_paths.contains(&image_dir.to_string_lossy().as_ref()),
+        "the DaemonSet template does not mount the node's image directory {}: hostPaths {host_paths:?}",
+        image_dir.display()
     );
     ensure!(
         ds["spec"]["updateStrategy"]["type"] == "OnDelete",

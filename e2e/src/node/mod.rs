@@ -1,9 +1,11 @@
 //! The scenarios of `make node-e2e` (e2e/node/e2e.sh): corescale installed with Helm on a
 //! real kubelet node from the Dockerfile's images, and what README promises there: resizes
 //! the guest itself sees, metrics scraped from the pods, guests that survive the agent
-//! container's restart and `helm upgrade`, are restarted when their pod is deleted, and
-//! what `helm uninstall` leaves. One registry, [`SCENARIOS`], in the order they run: each
-//! builds on the state the previous one left (one VM, [`VM`], lives through all of them).
+//! container's restart and `helm upgrade`, are restarted when their pod is deleted, a real
+//! workload (examples/workload.yaml) in the pod, KEDA scaling a VM from its load through
+//! Prometheus scraping the pods, and what `helm uninstall` leaves. One
+//! registry, [`SCENARIOS`], in the order they run: each builds on the state the previous
+//! one left (one VM, [`VM`], lives through all of them).
 //!
 //! e2e.sh brings the node up, builds and loads the images and runs `helm install --wait`;
 //! the binary `corescale-node-e2e` runs these against it; e2e.sh tears everything down.
@@ -15,6 +17,7 @@ mod metrics;
 pub mod pods;
 mod restart;
 mod scale;
+mod workload;
 
 use crate::Stack;
 use anyhow::{ensure, Context as _, Result};
@@ -177,13 +180,27 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "helm-upgrade",
-        what: "helm upgrade --wait=legacy to new image tags (OnDelete): the operator rolls, the node-vmm pod and its guest stay untouched",
+        what: "helm upgrade --wait=legacy to new image tags and the node's image directory (OnDelete): the operator rolls, the node-vmm pod and its guest stay untouched",
         run: |c| Box::pin(helm::upgrade(c)),
     },
     Scenario {
         name: "pod-delete",
         what: "the node-vmm pod deleted: its guest stops; the new pod (new template) boots the VM again at spec.cpus",
         run: |c| Box::pin(restart::pod_delete(c)),
+    },
+    Scenario {
+        name: "workload",
+        what: "examples/workload.yaml in the launcher container: Debian boots from the node's image directory (guestImages.hostPath), the Secret readable only once the Role lets the chart's ServiceAccount, HTTP at the pod IP and through a selectorless Service, ssh, the console through kubectl exec, a job spreads 1 -> 4 vCPUs, disks kept across the agent's SIGKILL and removed with the VM",
+        run: |c| Box::pin(workload::workload(c)),
+    },
+    Scenario {
+        name: "autoscale",
+        what: "examples/autoscale-keda.yaml against the chart's pods: Prometheus discovers them as the chart's ServiceMonitor says (honorLabels), KEDA's HPA writes spec.cpus through /scale from the guest's load (1 loop -> 2 vCPUs, 2 loops -> 3-4, none -> 1), the launcher's QEMU plugs them",
+        run: |c| {
+            Box::pin(async move {
+                crate::autoscale::autoscale(&c.stack, VM_NS, &|_| host::STATE_DIR.into()).await
+            })
+        },
     },
     Scenario {
         name: "helm-uninstall",
@@ -208,6 +225,8 @@ mod tests {
                 "agent-restart",
                 "helm-upgrade",
                 "pod-delete",
+                "workload",
+                "autoscale",
                 "helm-uninstall"
             ]
         );

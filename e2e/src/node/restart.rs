@@ -3,7 +3,7 @@
 //! (they belong to the launcher container) and the new agent re-adopts them; deleting the
 //! node-vmm pod stops them, and the new pod boots the VMs still placed on the node.
 
-use super::pods::{node_vmm_pod, wait_pod, NODE_VMM_PODS};
+use super::pods::{node_vmm_pod, wait_pod, PodView, NODE_VMM_PODS};
 use super::{host, Ctx, BOOT, SLOTS, VM, VM_NS};
 use anyhow::{ensure, Context as _, Result};
 use corescale_api::Phase;
@@ -12,45 +12,13 @@ use std::time::{Duration, Instant};
 /// `agent-restart`: SIGKILL the agent container's process through containerd, as a crash
 /// or the OOM killer would.
 pub(super) async fn agent_restart(c: &Ctx) -> Result<String> {
-    let s = &c.stack;
     let pod = node_vmm_pod(c).await?;
-    let agent = pod.container("agent")?.clone();
     let launcher = pod.container("launcher")?.clone();
     let qemu = host::one_qemu(VM_NS, VM)?;
     let cpus = c.spec_cpus().await?;
     let started_before = started_events(c)?.len();
 
-    let t0 = Instant::now();
-    host::kill_container(&c.containerd, &agent.id, "SIGKILL")?;
-    // Until the kubelet has a new agent Ready, watch the VM: it must stay Running all along.
-    let deadline = t0 + Duration::from_secs(120);
-    let back = loop {
-        let vm = s.vms(VM_NS).get(VM).await?;
-        let phase = vm.status.as_ref().and_then(|st| st.phase);
-        ensure!(
-            phase == Some(Phase::Running),
-            "the VM left Running while its agent restarted: phase {phase:?}"
-        );
-        let p = node_vmm_pod(c).await?;
-        let a = p.container("agent")?;
-        if a.restarts > agent.restarts && a.ready {
-            break p;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the agent container did not come back Ready within 120 s (restarts {}, ready {})",
-            a.restarts,
-            a.ready
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    ensure!(
-        back.uid == pod.uid,
-        "the pod was replaced ({} -> {})",
-        pod.uid,
-        back.uid
-    );
+    let (back, secs) = kill_agent(c, &[VM]).await?;
     let l = back.container("launcher")?;
     ensure!(
         l.restarts == launcher.restarts && l.id == launcher.id,
@@ -173,6 +141,46 @@ pub(super) async fn pod_delete(c: &Ctx) -> Result<String> {
         "guest stopped after {stopped:.1} s, new pod {} Ready at {pod_ready:.1} s, VM Ready again with {cpus} vCPUs (new QEMU pid {}) at {running:.1} s",
         new_pod.name, new_qemu.pid
     ))
+}
+
+/// SIGKILL the node-vmm pod's agent container and wait (up to 120 s) until the kubelet has
+/// a new one Ready; the VMs `vms` (in [`VM_NS`]) must stay Running all along. Returns the
+/// pod and the seconds it took.
+pub(super) async fn kill_agent(c: &Ctx, vms: &[&str]) -> Result<(PodView, f64)> {
+    let s = &c.stack;
+    let pod = node_vmm_pod(c).await?;
+    let agent = pod.container("agent")?.clone();
+    let t0 = Instant::now();
+    host::kill_container(&c.containerd, &agent.id, "SIGKILL")?;
+    let deadline = t0 + Duration::from_secs(120);
+    loop {
+        for vm in vms {
+            let v = s.vms(VM_NS).get(vm).await?;
+            let phase = v.status.as_ref().and_then(|st| st.phase);
+            ensure!(
+                phase == Some(Phase::Running),
+                "{VM_NS}/{vm} left Running while its agent restarted: phase {phase:?}"
+            );
+        }
+        let p = node_vmm_pod(c).await?;
+        let a = p.container("agent")?;
+        if a.restarts > agent.restarts && a.ready {
+            ensure!(
+                p.uid == pod.uid,
+                "the pod was replaced ({} -> {})",
+                pod.uid,
+                p.uid
+            );
+            return Ok((p, t0.elapsed().as_secs_f64()));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the agent container did not come back Ready within 120 s (restarts {}, ready {})",
+            a.restarts,
+            a.ready
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The notes of the VM's `Started` and `VmmRestarted` Events, oldest first.

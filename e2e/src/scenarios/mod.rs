@@ -14,13 +14,13 @@ mod example;
 mod foreign_arch;
 mod granularity;
 mod guest_faults;
-mod guest_ssh;
+pub(crate) mod guest_ssh;
 mod metrics;
 pub mod no_agent;
 mod ppc64le;
 mod storm;
 mod support;
-mod workload;
+pub(crate) mod workload;
 
 pub(crate) use support::{metric_sum, resized_events};
 
@@ -130,7 +130,12 @@ pub const SCENARIOS: &[Scenario] = &[
         what: "KEDA + the HPA drive spec.cpus from busy loops in the guest: 1 -> 2 -> 3|4 -> 1, Events name the HPA",
         group: Main,
         // It lives in crate::autoscale, next to the loop machinery the autoscale benchmark shares.
-        run: |s, _| Box::pin(crate::autoscale::autoscale(s, NS)),
+        run: |s, _| {
+            Box::pin(async move {
+                crate::autoscale::autoscale(s, NS, &|node| crate::autoscale::stack_state_dir(s, node))
+                    .await
+            })
+        },
     },
     Scenario {
         name: "workload",
