@@ -59,6 +59,10 @@ chart-check: ## Helm lint/template + values schema, promtool check/test of the a
 scale: ## Scale benchmarks on simulated nodes: 100/300/1000 VMs, 10 agents (figures + JSON + docs/scale-growth.png; not part of ci)
 	bash e2e/scale.sh
 
+.PHONY: bench-cel
+bench-cel: ## The CRD's validation cost: kube-apiserver CPU per write under the old CRD, the same without CEL, and crds/ (ratios; own control plane; not part of ci)
+	bash e2e/crd-cost-bench.sh
+
 .PHONY: node-deps images node-up node-down node-e2e
 node-deps: ## Install what a real kubelet node needs too (containerd, runc, CNI plugins, podman, buildah, mmdebstrap, ...)
 	bash scripts/install-deps.sh --node

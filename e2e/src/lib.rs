@@ -5,6 +5,7 @@
 pub mod autoscale;
 pub mod autoscale_bench;
 pub mod console;
+pub mod crd_cost_bench;
 pub mod node;
 pub mod plot;
 pub mod procs;

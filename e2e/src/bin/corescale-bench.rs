@@ -12,6 +12,10 @@
 //! makes (the user's spec change by `/scale` or by a PATCH, the agent's status report as a
 //! server-side apply, a merge patch or a JSON patch), from the request until a watcher sees
 //! it; N of each (default 50), with a typical status of a 2-vCPU guest.
+//!
+//! `corescale-bench crd-cost BASELINE.yaml IMPROVED.yaml [BATCHES] [STATUS_WRITES]`: the API
+//! server's CPU per write under each of three CRDs (see `corescale_e2e::crd_cost_bench`;
+//! `e2e/crd-cost-bench.sh` brings up a bare control plane for it).
 
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -51,8 +55,24 @@ async fn main() -> Result<()> {
             println!("figures written to {}", path.display());
             Ok(())
         }
+        Some("crd-cost") => {
+            let path = |i: usize| -> Result<std::path::PathBuf> {
+                args.get(i)
+                    .map(std::path::PathBuf::from)
+                    .context("crd-cost needs BASELINE.yaml and IMPROVED.yaml")
+            };
+            let batches = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(20);
+            let writes = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(4000);
+            let figures =
+                corescale_e2e::crd_cost_bench::bench(&stack, &path(1)?, &path(2)?, batches, writes)
+                    .await?;
+            let out = stack.dir.join("bench-crd-cost.json");
+            std::fs::write(&out, serde_json::to_string_pretty(&figures)? + "\n")?;
+            println!("figures written to {}", out.display());
+            Ok(())
+        }
         _ => bail!(
-            "usage: corescale-bench overhead [ROUNDS] [PER_ROUND] | floor [N] | autoscale [STEPS]"
+            "usage: corescale-bench overhead [ROUNDS] [PER_ROUND] | floor [N] | autoscale [STEPS] | crd-cost BASELINE.yaml IMPROVED.yaml [BATCHES] [STATUS_WRITES]"
         ),
     }
 }
