@@ -393,6 +393,36 @@ async fn a_dead_vmm_is_noticed_and_restarted() {
     assert!(events(&calls).iter().any(|(r, _)| r == "VmmExited"));
 }
 
+/// A start refused before the guest ever ran (its host port is taken) is not a restart:
+/// once the port is free the guest is `Started`; only a VMM that ran and died makes the
+/// next start a `VmmRestarted`.
+#[tokio::test]
+async fn a_first_start_after_a_refused_one_is_started_not_restarted() {
+    let (shared, sim, calls) = setup(4, 2.0);
+    let held = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = held.local_addr().unwrap().port();
+    let mut d = Dispatcher::new(shared, HashMap::new());
+    let spec = format!("{{cpus: 1, ports: [{{name: http, guestPort: 80, hostPort: {port}}}]}}");
+    d.dispatch(key("p"), Some(vm("p", &spec, "")));
+    until(&calls, "refused", |c| {
+        events(c).iter().any(|(r, _)| r == "StartFailed")
+    })
+    .await;
+    drop(held);
+    until(&calls, "running", |c| {
+        last_status_has(c, "p", |s| s["phase"] == "Running")
+    })
+    .await;
+    let ev = events(&calls);
+    assert!(ev.iter().any(|(r, _)| r == "Started"), "{ev:?}");
+    assert!(!ev.iter().any(|(r, _)| r == "VmmRestarted"), "{ev:?}");
+    sim.vm(&key("p")).unwrap().crash();
+    until(&calls, "restarted after the crash", |c| {
+        events(c).iter().any(|(r, _)| r == "VmmRestarted")
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn guests_without_an_object_are_stopped_after_the_first_list() {
     let (shared, sim, _calls) = setup(4, 2.0);

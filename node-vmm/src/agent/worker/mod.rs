@@ -168,6 +168,10 @@ struct GuestState {
     phase: Phase,
     /// Failed attempts in a row (starts, resizes, VMM losses): the backoff.
     failures: u32,
+    /// A VMM of this guest exited (not by the guest's reboot) since its last start: the
+    /// next start is a restart (`VmmRestarted`), where a start that failed before the
+    /// guest ever ran is not.
+    lost: bool,
     /// The status body last applied, None when the last write failed.
     last_applied: Option<serde_json::Value>,
     /// Per-vCPU CPU seconds last read, by slot.
@@ -188,6 +192,7 @@ impl GuestState {
             last_resize: None,
             phase: Phase::Scheduled,
             failures: 0,
+            lost: false,
             last_applied: None,
             cpu_seen: HashMap::new(),
             ports: Vec::new(),
@@ -439,6 +444,7 @@ impl Worker {
         // A reboot is the guest's own doing, not a failure: no backoff grows from it.
         if !reboot {
             self.g.failures += 1;
+            self.g.lost = true;
         }
         self.count_vmm_restart();
         status::set_stopped(

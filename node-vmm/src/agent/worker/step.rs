@@ -262,9 +262,10 @@ impl Worker {
                 .not_started(vm, reason, msg, Next::After(KUBELET_RETRY))
                 .await;
         }
-        let restarted = self.g.failures > 0;
+        let restarted = self.g.lost;
         match self.shared.backend.start(&spec).await {
             Ok(h) => {
+                self.g.lost = false;
                 // The slots a previous status recorded (after an agent restart) seed the
                 // new guest's book.
                 let seed = std::mem::take(&mut self.g.seed);
