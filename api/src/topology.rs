@@ -1,21 +1,25 @@
 //! A VM's vCPU topology, which both its spec and its status carry.
+//!
+//! Its bounds are OpenAPI `minimum`/`maximum`, not CEL: the status carries the same type,
+//! and the API server validates the whole object on every status write, so a CEL rule here
+//! would run on each of the node agents' status reports.
 
-use kube::KubeSchema;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// vCPU topology of a VM: sockets x cores x threads slots.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub struct Topology {
     /// Sockets (1-16); each socket is one virtual NUMA node of the guest.
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("spec.topology.sockets must be between 1 and 16").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 16))]
     pub sockets: u32,
     /// Cores per socket (1-255).
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 255").message("spec.topology.cores must be between 1 and 255").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 255))]
     pub cores: u32,
     /// Threads per core (1-8).
     #[serde(default = "default_threads")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 8").message("spec.topology.threads must be between 1 and 8").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 8))]
     pub threads: u32,
 }
 

@@ -25,6 +25,9 @@ pub const VM_LABEL: &str = "corescale.dev/vm";
 pub const FINALIZER: &str = "corescale.dev/guest-stopped";
 
 /// Desired state of a virtual machine whose vCPUs corescale scales in place.
+// Clippy's duplicated_attributes takes the keys repeated across printcolumn(...) entries
+// (type_ = "integer" twice) for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "corescale.dev",
@@ -41,38 +44,73 @@ pub const FINALIZER: &str = "corescale.dev/guest-stopped";
         status_replicas_path = ".status.cpus",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "CPUS", type_ = "integer", json_path = ".spec.cpus", description = "vCPUs wanted online"),
-    printcolumn(name = "ONLINE", type_ = "integer", json_path = ".status.cpus", description = "vCPUs the guest has online"),
-    printcolumn(name = "MAX", type_ = "integer", json_path = ".status.maxCpus", description = "vCPU slots of the VM"),
-    printcolumn(name = "NODE", type_ = "string", json_path = ".status.nodeName", description = "node running the guest"),
-    printcolumn(name = "PHASE", type_ = "string", json_path = ".status.phase", description = "lifecycle phase"),
-    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it is used as a label value").reason(Reason::FieldValueInvalid)
+    printcolumn(
+        name = "CPUS",
+        type_ = "integer",
+        json_path = ".spec.cpus",
+        description = "vCPUs wanted online"
+    ),
+    printcolumn(
+        name = "ONLINE",
+        type_ = "integer",
+        json_path = ".status.cpus",
+        description = "vCPUs the guest has online"
+    ),
+    printcolumn(
+        name = "MAX",
+        type_ = "integer",
+        json_path = ".status.maxCpus",
+        description = "vCPU slots of the VM"
+    ),
+    printcolumn(
+        name = "NODE",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        description = "node running the guest"
+    ),
+    printcolumn(
+        name = "PHASE",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "lifecycle phase"
+    ),
+    printcolumn(
+        name = "AGE",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
+// Rules on the whole spec run on every write of the object, the agents' status writes
+// included, and each `self.<field>` here costs the API server a copy of the spec's whole
+// property list (18 entries; apiextensions-apiserver's model.Structural.Properties, per field
+// access): so only rules that need two fields live here, each reads as few fields as it can
+// (`[self.topology].all(t, ...)` reads spec.topology once, not three times), and a field's
+// own rules (immutability included) sit on the field. `arch`, `granularity`
+// and `resizeMethod` have defaults, so they are always set and need no `has()`.
 #[x_kube(
     validation = Rule::new("self.minCpus <= self.cpus").message("spec.minCpus must not exceed spec.cpus").reason(Reason::FieldValueInvalid).field_path(".minCpus"),
-    validation = Rule::new("!has(self.topology) || self.cpus <= self.topology.sockets * self.topology.cores * self.topology.threads").message("spec.cpus must not exceed the VM's maximum, spec.topology sockets*cores*threads").reason(Reason::FieldValueInvalid).field_path(".cpus"),
-    validation = Rule::new("!has(self.topology) || self.topology.sockets * self.topology.cores * self.topology.threads <= 255").message("spec.topology: sockets*cores*threads must be at most 255").reason(Reason::FieldValueInvalid).field_path(".topology"),
+    validation = Rule::new("!has(self.topology) || [self.topology].all(t, self.cpus <= t.sockets * t.cores * t.threads)").message("spec.cpus must not exceed the VM's maximum, spec.topology sockets*cores*threads").reason(Reason::FieldValueInvalid).field_path(".cpus"),
     validation = Rule::new("self.granularity != 'Core' || !has(self.topology) || (self.cpus % self.topology.threads == 0 && self.minCpus % self.topology.threads == 0)").message("spec.cpus and spec.minCpus must be multiples of spec.topology.threads when spec.granularity is Core").reason(Reason::FieldValueInvalid).field_path(".cpus"),
-    validation = Rule::new("!has(oldSelf.topology) || (has(self.topology) && self.topology == oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
-    validation = Rule::new("!has(oldSelf.arch) || (has(self.arch) && self.arch == oldSelf.arch)").message("spec.arch is immutable").reason(Reason::FieldValueForbidden).field_path(".arch"),
-    validation = Rule::new("has(self.disks) == has(oldSelf.disks) && (!has(self.disks) || self.disks == oldSelf.disks)").message("spec.disks is immutable").reason(Reason::FieldValueForbidden).field_path(".disks"),
-    validation = Rule::new("has(self.cloudInit) == has(oldSelf.cloudInit) && (!has(self.cloudInit) || self.cloudInit == oldSelf.cloudInit)").message("spec.cloudInit is immutable").reason(Reason::FieldValueForbidden).field_path(".cloudInit"),
-    validation = Rule::new("has(self.ports) == has(oldSelf.ports) && (!has(self.ports) || self.ports == oldSelf.ports)").message("spec.ports is immutable").reason(Reason::FieldValueForbidden).field_path(".ports"),
-    validation = Rule::new("!has(self.arch) || self.arch != 'aarch64' || (has(self.resizeMethod) && self.resizeMethod == 'GuestOnline')").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs (it is with spec.resizeMethod GuestOnline)").reason(Reason::FieldValueInvalid).field_path(".arch"),
-    validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
-    validation = Rule::new("!has(self.arch) || self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
+    validation = Rule::new("has(self.topology) || !has(oldSelf.topology)").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden).field_path(".topology"),
+    validation = Rule::new("has(self.disks) == has(oldSelf.disks)").message("spec.disks is immutable").reason(Reason::FieldValueForbidden).field_path(".disks"),
+    validation = Rule::new("has(self.cloudInit) == has(oldSelf.cloudInit)").message("spec.cloudInit is immutable").reason(Reason::FieldValueForbidden).field_path(".cloudInit"),
+    validation = Rule::new("has(self.ports) == has(oldSelf.ports)").message("spec.ports is immutable").reason(Reason::FieldValueForbidden).field_path(".ports"),
+    validation = Rule::new("self.arch != 'aarch64' || self.resizeMethod == 'GuestOnline'").message("spec.arch aarch64 is not supported: QEMU's arm64 'virt' machine cannot hot-plug CPUs (it is with spec.resizeMethod GuestOnline)").reason(Reason::FieldValueInvalid).field_path(".arch"),
+    validation = Rule::new("self.arch != 'ppc64le' || !has(self.topology) || self.topology.threads in [1, 2, 4, 8]").message("spec.topology.threads must be 1, 2, 4 or 8 when spec.arch is ppc64le (POWER SMT modes)").reason(Reason::FieldValueInvalid).field_path(".topology.threads"),
+    validation = Rule::new("self.arch != 'ppc64le' || self.granularity == 'Core' || !has(self.topology) || self.topology.threads == 1").message("spec.granularity must be Core when spec.arch is ppc64le and spec.topology.threads > 1: POWER hot-plugs whole cores, every SMT thread at once").reason(Reason::FieldValueInvalid).field_path(".granularity"),
 )]
 pub struct VirtualMachineSpec {
     /// vCPUs the guest should have online. Written by people, `kubectl scale` and autoscalers
     /// (through the /scale subresource). At least minCpus, at most sockets*cores*threads.
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 255").message("spec.cpus must be between 1 and 255").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 255))]
     pub cpus: u32,
 
     /// The vCPU topology; its product sockets*cores*threads is the VM's maximum vCPU count,
     /// fixed for the VM's life. When omitted the operator sets sockets=1, cores=cpus, threads=1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.sockets * self.cores * self.threads <= 255").message("spec.topology: sockets*cores*threads must be at most 255").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.topology is immutable once set").reason(Reason::FieldValueForbidden))]
     pub topology: Option<Topology>,
 
     /// Unit of a plug or unplug: Thread (one vCPU) or Core (a whole core with all its SMT
@@ -94,7 +132,7 @@ pub struct VirtualMachineSpec {
 
     /// The floor an autoscaler may not go under (default 1).
     #[serde(default = "default_min_cpus")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.minCpus must be at least 1").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1))]
     pub min_cpus: u32,
 
     /// Which free slots a plug fills first: Packed (lowest socket first) or Spread (balanced
@@ -113,7 +151,7 @@ pub struct VirtualMachineSpec {
     /// GuestOnline only). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "arch_schema")]
-    #[x_kube(validation = Rule::new("self in ['x86_64', 'ppc64le', 'aarch64']").message("spec.arch must be x86_64, ppc64le or aarch64").reason(Reason::FieldValueInvalid))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.arch is immutable").reason(Reason::FieldValueForbidden))]
     pub arch: Option<Arch>,
 
     /// What to boot. Paths are resolved inside the node's guest image directory; empty means
@@ -128,11 +166,13 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.disks is immutable").reason(Reason::FieldValueForbidden))]
     pub disks: Vec<crate::workload::Disk>,
 
     /// cloud-init NoCloud data for the guest (user data, network config, SSH keys), from
     /// the manifest or from Secrets of the VM's namespace. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.cloudInit is immutable").reason(Reason::FieldValueForbidden))]
     pub cloud_init: Option<crate::workload::CloudInit>,
 
     /// Guest ports forwarded from the node (at most 16); status.ports gives the addresses.
@@ -140,6 +180,7 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.ports is immutable").reason(Reason::FieldValueForbidden))]
     pub ports: Vec<crate::workload::Port>,
 
     /// Always: keep the guest running (restart it if its VMM dies, reschedule it if its node
@@ -150,20 +191,18 @@ pub struct VirtualMachineSpec {
     /// Seconds to wait for the guest to release a vCPU on unplug before the attempt counts
     /// as failed and the vCPU stays (1-600, default 10).
     #[serde(default = "default_unplug_timeout")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 600").message("spec.unplugTimeoutSeconds must be between 1 and 600").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 600))]
     pub unplug_timeout_seconds: u32,
 
     /// Run on this node (a DNS subdomain, like a Pod's nodeName); skips placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253))]
-    #[x_kube(validation = Rule::new(crate::names::NODE_NAME_RULE).message("spec.nodeName must be a node name: a DNS subdomain of lowercase letters, digits, '-' and '.', at most 253 characters").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 253), pattern(crate::names::DNS_SUBDOMAIN_PATTERN))]
     pub node_name: Option<String>,
 
     /// Run only on nodes whose labels match all of these (label keys and values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "node_selector_schema")]
     #[x_kube(validation = Rule::new(crate::names::NODE_SELECTOR_KEYS_RULE).message("spec.nodeSelector keys must be label keys: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.' that start and end alphanumeric, the prefix a DNS subdomain").reason(Reason::FieldValueInvalid))]
-    #[x_kube(validation = Rule::new(crate::names::NODE_SELECTOR_VALUES_RULE).message("spec.nodeSelector values must be label values: empty, or at most 63 letters, digits, '-', '_' or '.' that start and end alphanumeric").reason(Reason::FieldValueInvalid))]
     pub node_selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
@@ -181,23 +220,29 @@ fn memory_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "description": "Guest memory, a quantity between 64Mi and 1Ti (default 256Mi). Immutable."
     })
 }
-/// A plain string checked by CEL rules (rather than an enum), so that an architecture
-/// corescale cannot hot-plug is refused with the reason, not only "unsupported value".
+/// Values are label values (OpenAPI `pattern`); keys, which OpenAPI cannot constrain, are
+/// checked by a CEL rule.
 fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "nullable": true,
         "maxProperties": 64,
-        "additionalProperties": { "type": "string", "maxLength": 63 },
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": crate::names::LABEL_VALUE_PATTERN
+        },
         "description": "Run only on nodes whose labels match all of these (label keys and values)."
     })
 }
 /// Always set: the API server writes the default into a VM created without it (and into
-/// older objects as it reads them), so the immutability rule holds from creation.
+/// older objects as it reads them), so the immutability rule holds from creation. An enum:
+/// an unknown architecture is refused as an unsupported value; a known one corescale cannot
+/// run with the rest of the spec (aarch64 with Hotplug) by a CEL rule that says why.
 fn arch_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
-        "maxLength": 16,
+        "enum": ["x86_64", "ppc64le", "aarch64"],
         "default": "x86_64",
         "description": "Guest CPU architecture: x86_64 (default), ppc64le or aarch64. Immutable. On ppc64le a core is the unit of hot-plug (granularity Core, or threads=1). aarch64 (QEMU's virt machine, which cannot hot-plug CPUs) needs resizeMethod GuestOnline."
     })
@@ -326,24 +371,21 @@ pub enum RunStrategy {
 }
 
 /// What to boot: paths relative to the node's guest image directory.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Boot {
     /// Kernel image (an uncompressed vmlinux with a PVH note, or a bzImage), relative to the
     /// node's image directory. Empty: the node's default kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("spec.boot.kernel must be a relative path inside the node's image directory, without '..'").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 1024), pattern(crate::names::RELATIVE_PATH_PATTERN))]
     pub kernel: Option<String>,
     /// Initial ramdisk, relative to the node's image directory. Empty: the node's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("spec.boot.initrd must be a relative path inside the node's image directory, without '..'").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 1024), pattern(crate::names::RELATIVE_PATH_PATTERN))]
     pub initrd: Option<String>,
     /// Extra kernel command line, appended to the node's console settings (at most 1024 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096))]
-    #[x_kube(validation = Rule::new("size(self) <= 1024").message("spec.boot.cmdline must be at most 1024 characters").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 1024))]
     pub cmdline: Option<String>,
 }
 

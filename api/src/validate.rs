@@ -180,7 +180,7 @@ pub fn validate_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError> {
             ("spec.boot.initrd", &boot.initrd),
         ] {
             if let Some(v) = value {
-                if v.starts_with('/') || v.contains("..") {
+                if !crate::names::is_relative_path(v) {
                     return Err(ValidationError::BootPath {
                         field,
                         value: v.clone(),
@@ -239,7 +239,7 @@ pub fn validate_workload(spec: &VirtualMachineSpec) -> Result<(), ValidationErro
                 ))
             }
             (Some(img), None) => {
-                if img.is_empty() || img.starts_with('/') || img.contains("..") {
+                if img.is_empty() || !crate::names::is_relative_path(img) {
                     return Err(workload_err(f("image"), format!("{img:?} must be a relative path inside the node's image directory, without '..'")));
                 }
             }

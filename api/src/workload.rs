@@ -17,8 +17,8 @@ pub const MAX_PORTS: usize = 16;
 pub const MAX_SSH_KEYS: usize = 32;
 /// Longest inline user or network data (bytes); larger data belongs in a Secret.
 pub const MAX_INLINE_DATA: usize = 32 * 1024;
-/// CEL rule of a DNS label (disk and port names).
-pub const DNS_LABEL_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
+/// OpenAPI `pattern` of a DNS label (disk and port names).
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 /// One disk of the VM, a virtio-blk device. Disks appear in the guest in this order
 /// (/dev/vda, /dev/vdb, ...) and by name as /dev/disk/by-id/virtio-<name>.
@@ -30,15 +30,13 @@ pub const DNS_LABEL_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'
 pub struct Disk {
     /// Name of the disk, unique in the VM (a DNS label, at most 20 characters: it is the
     /// disk's serial number in the guest).
-    #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new(DNS_LABEL_RULE).message("spec.disks[].name must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 20), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// A qcow2 or raw image file, relative to the node's image directory. The VM gets a
     /// copy-on-write overlay of it in its state directory: the image is shared by every VM
     /// that uses it and never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("spec.disks[].image must be a relative path inside the node's image directory, without '..'").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 1024), pattern(crate::names::RELATIVE_PATH_PATTERN))]
     pub image: Option<String>,
     /// Size of an empty disk (a quantity between 1Mi and 2Ti), created on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,12 +54,11 @@ fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 /// A Secret in the VM's own namespace (a VM cannot name a Secret of another namespace).
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     /// Name of the Secret, in the VM's namespace.
-    #[schemars(length(max = 253))]
-    #[x_kube(validation = Rule::new(crate::names::NODE_NAME_RULE).message("secretRef.name must be a Secret name: a DNS subdomain").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 253), pattern(crate::names::DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
 }
 
@@ -121,21 +118,20 @@ impl Protocol {
 
 /// A guest port forwarded from the node. The guest's first NIC is on QEMU's user-mode
 /// network (the guest reaches out through the node; nothing reaches in except these ports).
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Port {
     /// Name of the port, unique in the VM (a DNS label, at most 15 characters, like a
     /// container port's name).
-    #[schemars(length(max = 15))]
-    #[x_kube(validation = Rule::new(DNS_LABEL_RULE).message("spec.ports[].name must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric").reason(Reason::FieldValueInvalid))]
+    #[schemars(length(max = 15), pattern(DNS_LABEL_PATTERN))]
     pub name: String,
     /// The port the guest listens on.
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports[].guestPort must be between 1 and 65535").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 65535))]
     pub guest_port: u32,
     /// The node port to forward from (1-65535). Omitted: a free port chosen at each start
     /// (status.ports says which); give one for an address that stays the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports[].hostPort must be between 1 and 65535").reason(Reason::FieldValueInvalid))]
+    #[schemars(range(min = 1, max = 65535))]
     pub host_port: Option<u32>,
     /// TCP (default) or UDP.
     #[serde(default)]

@@ -3,17 +3,16 @@
 //! `good/` must pass; each file under `bad/` must be refused with the message in its
 //! `# expect:` line; each file under `bad-updates/` holds two documents, and updating the
 //! first into the second must be refused. The CEL rules run in kube-cel (the same rules the
-//! API server runs); types, enums and required fields are checked by a small structural
-//! walker that reports errors the way the API server words them. The e2e suite sends the
+//! API server runs); types, enums, required fields, lengths, patterns and ranges are checked
+//! by a small structural walker that reports errors the way the API server words them. The e2e suite sends the
 //! same files to a real kube-apiserver.
 
 use corescale_api::{validate_spec, VirtualMachine};
-use kube::CustomResourceExt;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn schema() -> Value {
-    let crd = VirtualMachine::crd();
+    let crd = corescale_api::crd();
     let s = crd.spec.versions[0]
         .schema
         .as_ref()
@@ -56,7 +55,8 @@ fn docs(path: &Path) -> (Vec<Value>, Option<String>) {
     (docs, expect)
 }
 
-/// Structural checks the API server makes before CEL: type, enum, required, maxLength.
+/// The OpenAPI checks the API server makes besides CEL: type, enum, required, maxLength,
+/// pattern, minimum and maximum, worded as it words them.
 fn structural(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
     let ty = schema.get("type").and_then(Value::as_str);
     if v.is_null() {
@@ -91,6 +91,38 @@ fn structural(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             ));
         }
     }
+    if let (Some(p), Some(s)) = (schema.get("pattern").and_then(Value::as_str), v.as_str()) {
+        if !regex::Regex::new(p).unwrap().is_match(s) {
+            errs.push(format!(
+                "{path}: Invalid value: {v}: {path} in body should match '{p}'"
+            ));
+        }
+    }
+    // The schema holds bounds as JSON numbers (255.0), which print as the API server prints
+    // them (255).
+    let bound = |k: &str| schema.get(k).and_then(Value::as_f64);
+    if let (Some(n), Some(x)) = (v.as_i64(), v.as_f64()) {
+        if let Some(min) = bound("minimum").filter(|m| x < *m) {
+            errs.push(format!(
+                "{path}: Invalid value: {n}: {path} in body should be greater than or equal to {min}"
+            ));
+        }
+        if let Some(max) = bound("maximum").filter(|m| x > *m) {
+            errs.push(format!(
+                "{path}: Invalid value: {n}: {path} in body should be less than or equal to {max}"
+            ));
+        }
+    }
+    if let (Some(each), Some(obj)) = (schema.get("additionalProperties"), v.as_object()) {
+        for (k, child) in obj {
+            structural(each, child, &join(path, k), errs);
+        }
+    }
+    if let (Some(each), Some(items)) = (schema.get("items"), v.as_array()) {
+        for (i, child) in items.iter().enumerate() {
+            structural(each, child, &format!("{path}[{i}]"), errs);
+        }
+    }
     if let (Some(props), Some(obj)) = (
         schema.get("properties").and_then(Value::as_object),
         v.as_object(),
@@ -111,7 +143,9 @@ fn structural(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
                 Some(s) => structural(s, child, &join(path, k), errs),
                 // Strict field validation (kubectl's default) refuses unknown fields.
                 // (The API server adds apiVersion, kind and metadata to every root schema.)
+                // ObjectMeta's own fields are the API server's: the CRD only bounds the name.
                 None if schema.get("x-kubernetes-preserve-unknown-fields").is_none()
+                    && path != "metadata"
                     && !(path.is_empty()
                         && matches!(k.as_str(), "apiVersion" | "kind" | "metadata")) =>
                 {
@@ -289,7 +323,7 @@ fn every_field_has_a_description_for_kubectl_explain() {
 
 #[test]
 fn scale_subresource_and_columns() {
-    let crd = VirtualMachine::crd();
+    let crd = corescale_api::crd();
     let v = &crd.spec.versions[0];
     let scale = v.subresources.as_ref().unwrap().scale.as_ref().unwrap();
     assert_eq!(scale.spec_replicas_path, ".spec.cpus");
