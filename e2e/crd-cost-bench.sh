@@ -7,7 +7,7 @@
 # with VMs created and written to like the node agents do, batch by batch in turns; the API
 # server's CPU per write and the ratios (c)/(a), (b)/(a).
 #
-#   e2e/crd-cost-bench.sh        BATCHES=20 STATUS_WRITES=4000 BASELINE_REV=d3a45b0 (defaults)
+#   e2e/crd-cost-bench.sh        BATCHES=40 STATUS_WRITES=8000 BASELINE_REV=d3a45b0 (defaults)
 #
 # Results: $DIR/bench-crd-cost.json (DIR = e2e/.run/crd-cost).
 set -euo pipefail
@@ -31,4 +31,4 @@ bash e2e/cluster/up.sh --dir "$dir/cluster" >&2
 echo "# Written by e2e/crd-cost-bench.sh: the cluster's env is cluster/env" >"$dir/env"
 echo "crd-cost: baseline $crd at $rev, improved $crd at $(git rev-parse --short HEAD)$(git diff --quiet -- "$crd" || echo ' (modified)')"
 CORESCALE_STACK_DIR="$dir" "$bin/corescale-bench" crd-cost \
-	"$dir/crd-baseline.yaml" "$repo/$crd" "${BATCHES:-20}" "${STATUS_WRITES:-4000}"
+	"$dir/crd-baseline.yaml" "$repo/$crd" "${BATCHES:-40}" "${STATUS_WRITES:-8000}"

@@ -11,8 +11,9 @@
 //! [`SPEC_WRITES`] spec writes (merge patches of `spec.cpus`), [`PARALLEL`] in flight. The
 //! variants take turns batch by batch (a b c a b c ...), so whatever else the host does hits
 //! them alike; each batch is one sample of CPU per write. It prints, per kind of write and
-//! variant, the median over the batches with the lowest and highest batch, and the ratios of
-//! the medians (c)/(a) and (b)/(a).
+//! variant, the median over the batches with the lowest and highest batch, and the ratios
+//! (c)/(a) and (b)/(a): of the medians, and the median of the ratios of batches that ran
+//! one after the other.
 
 use crate::Stack;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -28,7 +29,7 @@ const NS: &str = "crd-cost";
 /// VMs per variant.
 pub const VMS: usize = 200;
 /// Spec writes per variant.
-pub const SPEC_WRITES: usize = 1000;
+pub const SPEC_WRITES: usize = 2000;
 /// Requests in flight at once.
 pub const PARALLEL: usize = 8;
 /// Writes per batch (one sample) of creates and of spec writes.
@@ -152,19 +153,33 @@ fn report(variants: &[Variant], samples: &[[Vec<f64>; 3]]) -> Result<serde_json:
         );
         json.insert(variant.label.into(), kinds.into());
     }
+    // Two views of each ratio: of the medians, and the median of the ratios of batches that
+    // ran one after the other (a drift of the host's load cancels out in those pairs).
     let mut ratios = serde_json::Map::new();
+    let mut paired = serde_json::Map::new();
     for (num, name) in [(2, "(c)/(a)"), (1, "(b)/(a)")] {
         let r: Vec<f64> = (0..KINDS.len()).map(|k| med(num, k) / med(0, k)).collect();
+        let p: Vec<f64> = (0..KINDS.len())
+            .map(|k| {
+                let pairs = samples[num][k].iter().zip(&samples[0][k]);
+                median(pairs.map(|(x, a)| x / a).collect())
+            })
+            .collect();
         println!(
-            "  {name} of the medians: {} {:.2}, {} {:.2}, {} {:.2}",
-            KINDS[0], r[0], KINDS[1], r[1], KINDS[2], r[2]
+            "  {name}: of the medians {} {:.2}, {} {:.2}, {} {:.2}; median of paired batches {} {:.2}, {} {:.2}, {} {:.2}",
+            KINDS[0], r[0], KINDS[1], r[1], KINDS[2], r[2], KINDS[0], p[0], KINDS[1], p[1], KINDS[2], p[2]
         );
         ratios.insert(
             name.into(),
             serde_json::json!({KINDS[0]: r[0], KINDS[1]: r[1], KINDS[2]: r[2]}),
         );
+        paired.insert(
+            name.into(),
+            serde_json::json!({KINDS[0]: p[0], KINDS[1]: p[1], KINDS[2]: p[2]}),
+        );
     }
     json.insert("ratios".into(), ratios.into());
+    json.insert("paired_ratios".into(), paired.into());
     json.insert("benchmark".into(), "crd-validation-cost".into());
     json.insert("machine".into(), crate::machine().into());
     Ok(json.into())

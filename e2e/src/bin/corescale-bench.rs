@@ -61,8 +61,8 @@ async fn main() -> Result<()> {
                     .map(std::path::PathBuf::from)
                     .context("crd-cost needs BASELINE.yaml and IMPROVED.yaml")
             };
-            let batches = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(20);
-            let writes = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(4000);
+            let batches = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(40);
+            let writes = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(8000);
             let figures =
                 corescale_e2e::crd_cost_bench::bench(&stack, &path(1)?, &path(2)?, batches, writes)
                     .await?;
