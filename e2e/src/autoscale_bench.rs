@@ -8,6 +8,7 @@
 //! and when the guest had the vCPUs online or gone (corescale's own share).
 
 use crate::autoscale::{setup, start_loop, teardown, Sample, HPA_SYNC_SECONDS, TARGET};
+use crate::procs::median;
 use crate::Stack;
 use anyhow::Result;
 use std::time::Duration;
@@ -21,15 +22,6 @@ pub struct Reaction {
     pub written: f64,
     /// The guest has the vCPUs (online or gone).
     pub done: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// When (seconds after `from`) the first sample after `from` satisfied `pred`.

@@ -15,8 +15,9 @@
 //! (c)/(a) and (b)/(a): of the medians, and the median of the ratios of batches that ran
 //! one after the other.
 
+use crate::procs::median;
 use crate::Stack;
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use corescale_api::VirtualMachineStatus;
 use futures::{stream, StreamExt, TryStreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -89,7 +90,7 @@ pub async fn bench(
             .var("CORESCALE_APISERVER_PID")?
             .parse()
             .context("CORESCALE_APISERVER_PID in the cluster's env is not a pid")?,
-        ticks: clock_ticks(),
+        ticks: crate::procs::clock_ticks(),
     };
     s.namespace(NS)?;
     for v in &variants {
@@ -183,15 +184,6 @@ fn report(variants: &[Variant], samples: &[[Vec<f64>; 3]]) -> Result<serde_json:
     json.insert("benchmark".into(), "crd-validation-cost".into());
     json.insert("machine".into(), crate::machine().into());
     Ok(json.into())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// A CRD from a YAML file.
@@ -309,33 +301,10 @@ fn api(s: &Stack, v: &Variant) -> Api<DynamicObject> {
     Api::namespaced_with(s.client.clone(), NS, &v.ar)
 }
 
-/// The clock ticks per second of `/proc/<pid>/stat`'s times.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// User + system CPU seconds of the process so far.
+/// User + system CPU seconds of the kube-apiserver so far.
 fn cpu_seconds(cpu: Cpu) -> Result<f64> {
-    let pid = cpu.pid;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("kube-apiserver (pid {pid}) is gone"))?;
-    // utime and stime are fields 14 and 15: the 12th and 13th after the command name's ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no ')'"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|x| x.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("/proc/{pid}/stat: field {} unreadable", i + 3))
-    };
-    Ok((num(11)? + num(12)?) / cpu.ticks)
+    crate::procs::cpu_seconds(cpu.pid, cpu.ticks)
+        .with_context(|| format!("kube-apiserver (pid {})", cpu.pid))
 }
 
 fn vm_name(i: usize) -> String {

@@ -1,5 +1,8 @@
-//! QEMU processes of this host, found through /proc: what the scenarios check a guest's
-//! VMM by (still the same process, gone after a delete).
+//! Processes of this host, found through /proc: the QEMU processes the scenarios check a
+//! guest's VMM by (still the same process, gone after a delete), and the CPU time the
+//! benchmarks measure a process by.
+
+use anyhow::{anyhow, Context as _, Result};
 
 /// Field 22 (starttime) and the state of a `/proc/<pid>/stat` line; the command name (field
 /// 2) may hold spaces and parentheses, so fields are counted after its last `)`.
@@ -47,6 +50,45 @@ pub fn qemu_pids(needles: &[&str]) -> Vec<(i32, u64)> {
         }
     }
     out
+}
+
+/// The clock ticks per second of `/proc/<pid>/stat`'s times (`getconf CLK_TCK`, else 100).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds process `pid` has used so far, `ticks` clock ticks a second.
+pub fn cpu_seconds(pid: u32, ticks: f64) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name (which may hold spaces): state is field 3, so utime
+    // (field 14) and stime (field 15) are the 12th and 13th after ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no ')'"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat: field {} unreadable", i + 3))
+    };
+    Ok((num(11)? + num(12)?) / ticks)
+}
+
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 #[cfg(test)]

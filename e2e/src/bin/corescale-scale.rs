@@ -70,36 +70,8 @@ struct Sample {
     hwm_mib: f64,
 }
 
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(100.0)
-}
-
 fn sample(pid: u32, ticks: f64) -> Result<Sample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    // Fields after the command name (which may hold spaces): state is field 3, so utime
-    // (field 14) and stime (field 15) are the 12th and 13th after ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no ')'"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|s| s.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("/proc/{pid}/stat: field {} unreadable", i + 3))
-    };
-    let cpu_seconds = (num(11)? + num(12)?) / ticks;
+    let cpu_seconds = corescale_e2e::procs::cpu_seconds(pid, ticks)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm_kib = status
         .lines()
@@ -362,7 +334,7 @@ fn report(
 
 async fn run(s: &Stack, n: usize) -> Result<()> {
     s.namespace(NS)?;
-    let ticks = clock_ticks();
+    let ticks = corescale_e2e::procs::clock_ticks();
     let procs = processes(s)?;
     let api = s.vms(NS);
     let views = watch_all(s);
