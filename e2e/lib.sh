@@ -40,7 +40,7 @@ rbac_from_chart() {
 	"$helm" template corescale "$repo/charts/corescale" --namespace "$ns" >"$out/chart.yaml"
 	/usr/bin/python3 - "$out/chart.yaml" "$out/rbac.yaml" <<'PY'
 import sys, yaml
-keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "FlowSchema",
         "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") in keep]
 if not any(d["kind"] == "ClusterRole" for d in docs):

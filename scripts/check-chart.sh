@@ -58,7 +58,7 @@ valid_sets=(
 	"podmonitor-overrides|--set metrics.podMonitor.enabled=true --set prometheusRule.enabled=true --set prometheusRule.disabled={CorescaleOperatorDown} --set prometheusRule.for.CorescaleResizeStuck=30m --set prometheusRule.alertLabels.team=virt"
 	"no-leader-election|--set operator.leaderElection.enabled=false --set rbac.aggregateToDefaultRoles=false --set dashboards.enabled=false"
 	"follow-off|--set nodeVmm.launcher.followGuests.enabled=false --set nodeVmm.launcher.resources.limits.memory=8Gi"
-	"other-release|--set fullnameOverride=cs --set operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	"other-release|--set apiPriorityAndFairness.enabled=false --set fullnameOverride=cs --set operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 )
 for entry in "${valid_sets[@]}"; do
 	name="${entry%%|*}"
@@ -385,10 +385,36 @@ if ds:
     if cs["launcher"]["resources"]["limits"].get("memory") != "8Gi":
         fail("follow-off: launcher.resources not applied")
 
+# FlowSchemas: the agents' and the operator's Lease renewals in their own priority levels.
+def flow(docs, name, sa, level, where):
+    fs = one(docs, "FlowSchema", name, where)
+    if not fs:
+        return
+    spec = fs["spec"]
+    if spec["priorityLevelConfiguration"]["name"] != level:
+        fail(f"{where}: FlowSchema {name} goes to {spec['priorityLevelConfiguration']['name']}, want {level}")
+    if not spec["matchingPrecedence"] < 9000:
+        fail(f"{where}: FlowSchema {name} loses to the built-in service-accounts FlowSchema (9000)")
+    (rule,) = spec["rules"]
+    subj = [s["serviceAccount"] for s in rule["subjects"]]
+    if subj != [{"name": sa, "namespace": "corescale-system"}]:
+        fail(f"{where}: FlowSchema {name} matches {subj}, want only ServiceAccount {sa}")
+    rr = rule["resourceRules"]
+    if [(r["apiGroups"], r["resources"], r["namespaces"]) for r in rr] != [(["coordination.k8s.io"], ["leases"], ["corescale-system"])]:
+        fail(f"{where}: FlowSchema {name} matches more or other than the release's Leases: {rr}")
+
+
+flow(d, "corescale-node-vmm-leases", "corescale-node-vmm", "node-high", W)
+flow(d, "corescale-operator-leader-election", "corescale-operator", "leader-election", W)
+if find(load("no-leader-election"), "FlowSchema", "corescale-operator-leader-election"):
+    fail("no-leader-election: the operator's leader-election FlowSchema is still rendered")
+
 v = load("other-release")
 names = sorted({x["metadata"]["name"] for x in v if x["kind"] in rbac_kinds})
 if names != ["cs-edit", "cs-node-vmm", "cs-operator", "cs-view"]:
     fail(f"other-release: fullnameOverride names are {names}")
+if find(v, "FlowSchema"):
+    fail("other-release: apiPriorityAndFairness.enabled=false still renders FlowSchemas")
 dep = one(v, "Deployment", "cs-operator", "other-release")
 if dep and not dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"):
     fail("other-release: operator.image.digest not used")
