@@ -8,9 +8,13 @@
 #
 #   e2e/scale.sh                    SIZES="100 300 1000" NODES=10 (defaults)
 #   SIZES=1000 e2e/scale.sh         one size
+#   REPEAT=3 e2e/scale.sh           each size 3 times (a fresh cluster each); the growth
+#                                   table and plot take each size's medians
+#   IDLE=9000 SIZES=1000 e2e/scale.sh   first 9000 halted VMs in a namespace of their own:
+#                                   the same 1000 VMs against a store of 10,000
 #   KEEP=1 e2e/scale.sh             leave the last stack running (e2e/scale.sh down stops it)
 #
-# Results: $DIR/scale-<size>.json (DIR = e2e/.run/scale), docs/scale-growth.png when
+# Results: $DIR/scale-<size>[-idle<M>][-r<k>].json (DIR = e2e/.run/scale), docs/scale-growth.png when
 # PLOT_OUT is unset (PLOT_OUT= disables the plot).
 set -euo pipefail
 
@@ -22,6 +26,9 @@ cache="${CORESCALE_CACHE:-$HOME/.cache/corescale}"
 ns=corescale-system
 nnodes="${NODES:-10}"
 sizes="${SIZES:-100 300 1000}"
+repeat="${REPEAT:-1}"
+[[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "scale: error: REPEAT must be a positive number, not '$repeat'" >&2; exit 1; }
+[[ "${IDLE:-0}" =~ ^[0-9]+$ ]] || { echo "scale: error: IDLE must be a number of VMs, not '${IDLE}'" >&2; exit 1; }
 # Simulated host CPUs per node: SIM_HOST_CPUS, or enough for the storm (every VM at 2
 # vCPUs, overcommit 4) with a quarter to spare, at least 64. A fixed 64 capped the cluster
 # at 2,560 single-vCPU VMs (10 nodes x 64 x 4): the rest stayed Unschedulable.
@@ -103,14 +110,19 @@ run() {
 	down >/dev/null 2>&1 || true
 	rm -rf "$dir"
 	[[ "${KEEP:-0}" == 1 ]] || trap 'down >/dev/null 2>&1 || true' EXIT
-	local size results=()
+	local size k tag results=()
 	for size in $sizes; do
-		down >/dev/null 2>&1 || true
-		rm -rf "$dir/nodes" "$dir"/*.log
-		host_cpus=$(sim_host_cpus "$size")
-		up
-		"$bin/corescale-scale" run "$size"
-		results+=("$dir/scale-$size.json")
+		for ((k = 1; k <= repeat; k++)); do
+			down >/dev/null 2>&1 || true
+			rm -rf "$dir/nodes" "$dir"/*.log
+			host_cpus=$(sim_host_cpus "$((size + ${IDLE:-0}))")
+			up
+			tag=""
+			((${IDLE:-0} == 0)) || tag="-idle$IDLE"
+			((repeat == 1)) || tag+="-r$k"
+			IDLE="${IDLE:-0}" "$bin/corescale-scale" run "$size" "$tag"
+			results+=("$dir/scale-$size$tag.json")
+		done
 	done
 	"$bin/corescale-scale" growth "${results[@]}"
 	local png="${PLOT_OUT-$repo/docs/scale-growth.png}"

@@ -363,7 +363,10 @@ if [[ -n "$node_ip" ]]; then
 fi
 # shellcheck disable=SC2206
 apiserver_args+=(${CORESCALE_APISERVER_ARGS:-})
-start kube-apiserver "$apiserver_bin" "${apiserver_args[@]}"
+# CORESCALE_APISERVER_ENV: environment of the kube-apiserver alone, e.g. GOGC=400 (its Go
+# garbage collector's target; see docs/benchmarks.md for what it changes at 10,000 VMs).
+# shellcheck disable=SC2086
+start kube-apiserver env ${CORESCALE_APISERVER_ENV:-} "$apiserver_bin" "${apiserver_args[@]}"
 apiserver_pid="$last_pid"
 wait_for kube-apiserver "$apiserver_pid" "$apiserver_url/readyz" \
 	--cacert "$pki/ca.crt" -H "Authorization: Bearer $admin_token"

@@ -9,6 +9,7 @@ pub mod crd_cost_bench;
 pub mod node;
 pub mod plot;
 pub mod procs;
+pub mod scale_growth;
 pub mod scenarios;
 
 use anyhow::{anyhow, bail, Context as _, Result};

@@ -1,18 +1,22 @@
 //! Scale benchmarks (issue 7) against a stack of simulated nodes that `e2e/scale.sh` brings
 //! up. Each prints its figures and writes JSON under the stack directory; none is pass/fail.
 //!
-//! `corescale-scale run N`: N VMs (`cpus: 1`, topology 1x4x1) applied at once; time until
+//! `corescale-scale run N [TAG]`: N VMs (`cpus: 1`, topology 1x4x1) applied at once; time until
 //! all are Running; then every VM gets `spec.cpus: 2` at once (a resize storm); time until
 //! every status matches. For each phase: CPU seconds and peak RSS (VmHWM) of the operator,
 //! the node agents, kube-apiserver and etcd, and the API requests counted by the
-//! apiserver's `apiserver_request_total`.
+//! apiserver's `apiserver_request_total`. With `IDLE=M` in the environment, M halted VMs
+//! are created first in a namespace of their own: the same N VMs then run against a store
+//! of N + M (what a bigger store alone costs). Results: `scale-<N><TAG>.json`.
 //!
-//! `corescale-scale growth A.json B.json ...`: how time and memory grow with N.
+//! `corescale-scale growth A.json B.json ...`: how time and memory grow with N (medians
+//! of the runs of each size; `scale_growth`).
 //!
 //! `corescale-scale plot OUT.png A.json B.json ...`: the same as a PNG.
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use corescale_api::{Phase, VirtualMachine};
+use corescale_e2e::scale_growth as growth;
 use corescale_e2e::Stack;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Patch, PatchParams, PostParams};
@@ -25,6 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NS: &str = "scale";
+/// Where `IDLE` halted VMs wait (their own namespace: the measured watch does not see them).
+const IDLE_NS: &str = "scale-idle";
 /// Requests the benchmark sends at once (creates, patches).
 const PARALLEL: usize = 64;
 /// Goals of issue 7.
@@ -43,15 +49,26 @@ async fn main() -> Result<()> {
                 .transpose()
                 .context("N must be a number")?
                 .unwrap_or(1000);
+            let idle: usize = std::env::var("IDLE")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| v.parse())
+                .transpose()
+                .context("IDLE must be a number")?
+                .unwrap_or(0);
+            let tag = args.get(2).cloned().unwrap_or_default();
             let stack = Stack::from_env("scale").await?;
-            run(&stack, n).await
+            run(&stack, n, idle, &tag).await
         }
-        Some("growth") => growth(&load(&args[1..])?),
+        Some("growth") => {
+            growth::growth(&growth::load(&args[1..])?);
+            Ok(())
+        }
         Some("plot") => {
             let out = args.get(1).ok_or_else(|| anyhow!("plot needs OUT.png"))?;
-            plot(Path::new(out), &load(&args[2..])?)
+            growth::plot(Path::new(out), &growth::load(&args[2..])?)
         }
-        _ => bail!("usage: corescale-scale run N | growth JSON... | plot OUT.png JSON..."),
+        _ => bail!("usage: corescale-scale run N [TAG] | growth JSON... | plot OUT.png JSON..."),
     }
 }
 
@@ -128,8 +145,16 @@ fn samples(procs: &[Proc], ticks: f64) -> Result<Vec<Sample>> {
 
 // --- the apiserver's request counter -------------------------------------------
 
-/// apiserver_request_total summed by (verb, resource, subresource).
-fn api_requests(s: &Stack) -> Result<BTreeMap<String, f64>> {
+/// The API server's counters the benchmark reads.
+struct ApiCounters {
+    /// apiserver_request_total summed by (verb, resource, subresource).
+    requests: BTreeMap<String, f64>,
+    /// API Priority and Fairness: for the requests that ran, by "flow schema (priority
+    /// level)", their number ("... requests") and their seconds queued ("... wait").
+    apf: BTreeMap<String, f64>,
+}
+
+fn api_counters(s: &Stack) -> Result<ApiCounters> {
     let token = std::fs::read_to_string(s.var("CORESCALE_ADMIN_TOKEN_FILE")?)?;
     let url = format!("{}/metrics", s.var("CORESCALE_APISERVER_URL")?);
     let out = std::process::Command::new("curl")
@@ -142,9 +167,13 @@ fn api_requests(s: &Stack) -> Result<BTreeMap<String, f64>> {
         bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut m = BTreeMap::new();
+    let mut c = ApiCounters {
+        requests: BTreeMap::new(),
+        apf: BTreeMap::new(),
+    };
+    const WAIT: &str = "apiserver_flowcontrol_request_wait_duration_seconds_";
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some((name, rest)) = line.split_once('{') else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -157,14 +186,47 @@ fn api_requests(s: &Stack) -> Result<BTreeMap<String, f64>> {
                 .map(|v| v.trim_end_matches('"').to_string())
                 .unwrap_or_default()
         };
-        let mut key = format!("{} {}", label("verb"), label("resource"));
-        let sub = label("subresource");
-        if !sub.is_empty() {
-            key = format!("{key}/{sub}");
+        let value = value.trim().parse::<f64>().unwrap_or(0.0);
+        if name == "apiserver_request_total" {
+            let mut key = format!("{} {}", label("verb"), label("resource"));
+            let sub = label("subresource");
+            if !sub.is_empty() {
+                key = format!("{key}/{sub}");
+            }
+            *c.requests.entry(key).or_insert(0.0) += value;
+        } else if let Some(what) = name.strip_prefix(WAIT) {
+            let what = match what {
+                "count" => "requests",
+                "sum" => "wait",
+                _ => continue,
+            };
+            if label("execute") != "true" {
+                continue;
+            }
+            let key = format!(
+                "{} ({}) {what}",
+                label("flow_schema"),
+                label("priority_level")
+            );
+            *c.apf.entry(key).or_insert(0.0) += value;
         }
-        *m.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
     }
-    Ok(m)
+    Ok(c)
+}
+
+/// The APF figures of a phase as (flow schema (priority level), requests, mean wait s),
+/// most requests first.
+fn apf_rows(apf: &BTreeMap<String, f64>) -> Vec<(String, f64, f64)> {
+    let mut rows: Vec<_> = apf
+        .iter()
+        .filter_map(|(k, n)| {
+            let flow = k.strip_suffix(" requests")?;
+            let wait = apf.get(&format!("{flow} wait")).copied().unwrap_or(0.0);
+            Some((flow.to_string(), *n, wait / n))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows
 }
 
 fn delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
@@ -187,8 +249,12 @@ struct View {
 type Views = Arc<Mutex<HashMap<String, View>>>;
 
 fn watch_all(s: &Stack) -> Views {
+    watch_ns(s, NS)
+}
+
+fn watch_ns(s: &Stack, ns: &str) -> Views {
     let views: Views = Arc::default();
-    let api = s.vms(NS);
+    let api = s.vms(ns);
     let v = views.clone();
     tokio::spawn(async move {
         let mut st = std::pin::pin!(watcher(api, watcher::Config::default())
@@ -254,6 +320,7 @@ struct Phase1Or2 {
     before: Vec<Sample>,
     after: Vec<Sample>,
     requests: BTreeMap<String, f64>,
+    apf: BTreeMap<String, f64>,
     own_requests: usize,
 }
 
@@ -296,6 +363,11 @@ fn report(
     for (k, v) in top.iter().take(8) {
         println!("      {v:>8.0}  {k}");
     }
+    let apf = apf_rows(&p.apf);
+    println!("    API Priority and Fairness (requests that ran, mean time queued):");
+    for (flow, n, wait) in apf.iter().take(6) {
+        println!("      {n:>8.0}  {flow}: {:.1} ms", wait * 1000.0);
+    }
     println!(
         "    {:<16} {:>12} {:>14}",
         "process", "CPU seconds", "peak RSS MiB"
@@ -321,6 +393,7 @@ fn report(
         "benchmark_own_requests": p.own_requests,
         "api_requests_per_vm_excluding_benchmark": (requests - own) / nf,
         "api_requests_by_verb_resource": p.requests,
+        "apf": apf.iter().map(|(flow, n, wait)| (flow.clone(), json!({"requests": n, "mean_wait_seconds": wait}))).collect::<serde_json::Map<_, _>>(),
         "cpu_seconds": roles.iter().map(|(r, (c, _))| (r.to_string(), json!(c))).collect::<serde_json::Map<_, _>>(),
         "peak_rss_mib": roles.iter().map(|(r, (_, h))| (r.to_string(), json!(h))).collect::<serde_json::Map<_, _>>(),
         "agents": agents,
@@ -332,7 +405,50 @@ fn report(
     })
 }
 
-async fn run(s: &Stack, n: usize) -> Result<()> {
+/// Fill the cluster with `idle` halted VMs in a namespace of their own (placed, Stopped,
+/// no guest), so that the measured phases run against a store of `idle + n` VMs.
+async fn prefill(s: &Stack, idle: usize) -> Result<()> {
+    if idle == 0 {
+        return Ok(());
+    }
+    s.namespace(IDLE_NS)?;
+    let api = s.vms(IDLE_NS);
+    let t0 = Instant::now();
+    futures::stream::iter(0..idle)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let yaml = format!(
+                    "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\n\
+                     metadata: {{name: idle-{i:05}}}\n\
+                     spec: {{cpus: 1, runStrategy: Halted, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
+                );
+                let vm: VirtualMachine = serde_yaml::from_str(&yaml)?;
+                api.create(&PostParams::default(), &vm)
+                    .await
+                    .with_context(|| format!("creating idle-{i:05}"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let views = watch_ns(s, IDLE_NS);
+    let seconds = wait_all(&views, idle, t0, "Stopped", |v| {
+        v.phase == Some(Phase::Stopped)
+    })
+    .await?;
+    println!(
+        "  prefilled {idle} halted VMs in namespace {IDLE_NS}: all Stopped in {:.2} s",
+        seconds.0
+    );
+    // Let the write burst's after-effects (watch cache, GC) settle.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
+    prefill(s, idle).await?;
     s.namespace(NS)?;
     let ticks = corescale_e2e::procs::clock_ticks();
     let procs = processes(s)?;
@@ -352,7 +468,7 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
     println!("  load average before: {loadavg_at_start}");
     // 1. Placement and start.
     let before = samples(&procs, ticks)?;
-    let req0 = api_requests(s)?;
+    let c0 = api_counters(s)?;
     let t0 = Instant::now();
     println!("  applying at {}", chrono::Utc::now().to_rfc3339());
     futures::stream::iter(0..n)
@@ -379,11 +495,14 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
         v.phase == Some(Phase::Running) && v.status_cpus == 1
     })
     .await?;
+    let after = samples(&procs, ticks)?;
+    let c1 = api_counters(s)?;
     let start = Phase1Or2 {
         seconds,
-        after: samples(&procs, ticks)?,
+        after,
         before,
-        requests: delta(&req0, &api_requests(s)?),
+        requests: delta(&c0.requests, &c1.requests),
+        apf: delta(&c0.apf, &c1.apf),
         own_requests: n,
     };
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
@@ -398,7 +517,7 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
     // 2. Resize storm: every VM to 2 vCPUs at once.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = samples(&procs, ticks)?;
-    let req0 = api_requests(s)?;
+    let c0 = api_counters(s)?;
     let t0 = Instant::now();
     println!("  resizing at {}", chrono::Utc::now().to_rfc3339());
     futures::stream::iter(0..n)
@@ -423,11 +542,14 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
         v.spec_cpus == 2 && v.status_cpus == 2
     })
     .await?;
+    let after = samples(&procs, ticks)?;
+    let c1 = api_counters(s)?;
     let storm = Phase1Or2 {
         seconds,
-        after: samples(&procs, ticks)?,
+        after,
         before,
-        requests: delta(&req0, &api_requests(s)?),
+        requests: delta(&c0.requests, &c1.requests),
+        apf: delta(&c0.apf, &c1.apf),
         own_requests: n,
     };
     let storm_json = report("resize storm (1 -> 2 vCPUs)", n, &procs, &storm, &per_node);
@@ -435,6 +557,7 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
     let out = json!({
         "benchmark": "scale",
         "vms": n,
+        "idle_vms": idle,
         "nodes": per_node.len(),
         "machine": corescale_e2e::machine(),
         "date": chrono::Utc::now().to_rfc3339(),
@@ -444,147 +567,8 @@ async fn run(s: &Stack, n: usize) -> Result<()> {
         "start": start_json,
         "resize_storm": storm_json,
     });
-    let path = s.dir.join(format!("scale-{n}.json"));
+    let path = s.dir.join(format!("scale-{n}{tag}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("  written to {}", path.display());
-    Ok(())
-}
-
-// --- growth -------------------------------------------------------------------
-
-fn load(paths: &[String]) -> Result<Vec<Value>> {
-    let mut v: Vec<Value> = paths
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {p}"))
-        })
-        .collect::<Result<_>>()?;
-    if v.is_empty() {
-        bail!("no result files given");
-    }
-    v.sort_by_key(|r| r["vms"].as_u64().unwrap_or(0));
-    Ok(v)
-}
-
-fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_f64()
-        .unwrap_or(f64::NAN)
-}
-
-fn growth(results: &[Value]) -> Result<()> {
-    println!("growth (each row against the first):");
-    println!(
-        "  {:>5} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9}",
-        "VMs", "start s", "resize s", "op RSS", "agent RSS", "op CPU s", "req/VM", "x VMs"
-    );
-    let first = &results[0];
-    for r in results {
-        let vms = f(r, &["vms"]);
-        println!(
-            "  {:>5} {:>9.2} {:>9.2} {:>10.1} {:>10.1} {:>11.2} {:>9.2} {:>9.1}",
-            vms,
-            f(r, &["start", "seconds"]),
-            f(r, &["resize_storm", "seconds"]),
-            f(r, &["resize_storm", "peak_rss_mib", "operator"]),
-            f(r, &["resize_storm", "peak_rss_mib", "agent"]),
-            f(r, &["start", "cpu_seconds", "operator"])
-                + f(r, &["resize_storm", "cpu_seconds", "operator"]),
-            f(r, &["start", "api_requests_per_vm"]),
-            vms / f(first, &["vms"]),
-        );
-    }
-    if results.len() > 1 {
-        let last = &results[results.len() - 1];
-        let x = f(last, &["vms"]) / f(first, &["vms"]);
-        let ratio = |p: &[&str]| f(last, p) / f(first, p);
-        println!(
-            "  {}x the VMs: start {:.1}x, resize {:.1}x, operator RSS {:.2}x, agent RSS {:.2}x (linear or better: <= {x:.0}x)",
-            x,
-            ratio(&["start", "seconds"]),
-            ratio(&["resize_storm", "seconds"]),
-            ratio(&["resize_storm", "peak_rss_mib", "operator"]),
-            ratio(&["resize_storm", "peak_rss_mib", "agent"]),
-        );
-    }
-    Ok(())
-}
-
-fn plot(out: &Path, results: &[Value]) -> Result<()> {
-    use plotters::prelude::*;
-    corescale_e2e::register_plot_font()?;
-    let xs: Vec<f64> = results.iter().map(|r| f(r, &["vms"])).collect();
-    let xmax = xs.iter().copied().fold(0.0, f64::max) * 1.05;
-    let root = BitMapBackend::new(out, (1100, 450)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(550);
-    type Series<'a> = (&'a str, &'a [&'a str], RGBColor);
-    let panels: [(&DrawingArea<_, _>, &str, &str, Vec<Series>); 2] = [
-        (
-            &left,
-            "Time until all VMs match (s)",
-            "seconds",
-            vec![
-                ("placement + start", &["start", "seconds"], BLUE),
-                ("resize storm", &["resize_storm", "seconds"], RED),
-            ],
-        ),
-        (
-            &right,
-            "Peak RSS (MiB)",
-            "MiB",
-            vec![
-                (
-                    "operator",
-                    &["resize_storm", "peak_rss_mib", "operator"],
-                    BLUE,
-                ),
-                (
-                    "node agent (max)",
-                    &["resize_storm", "peak_rss_mib", "agent"],
-                    RED,
-                ),
-                (
-                    "kube-apiserver",
-                    &["resize_storm", "peak_rss_mib", "kube-apiserver"],
-                    RGBColor(0, 140, 0),
-                ),
-            ],
-        ),
-    ];
-    for (area, title, unit, series) in panels {
-        let ymax = series
-            .iter()
-            .flat_map(|(_, p, _)| results.iter().map(|r| f(r, p)))
-            .filter(|v| v.is_finite())
-            .fold(0.0, f64::max)
-            * 1.15;
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0.0..xmax, 0.0..ymax.max(1.0))?;
-        chart
-            .configure_mesh()
-            .x_desc("VMs (10 simulated nodes)")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .y_desc(unit)
-            .draw()?;
-        for (label, p, color) in series {
-            let pts: Vec<(f64, f64)> = results.iter().map(|r| (f(r, &["vms"]), f(r, p))).collect();
-            corescale_e2e::plot::line(&mut chart, label, pts.clone(), color)?;
-            chart.draw_series(
-                pts.iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
-            )?;
-        }
-        corescale_e2e::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
-    }
-    root.present()?;
-    println!("plot written to {}", out.display());
     Ok(())
 }

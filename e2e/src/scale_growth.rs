@@ -1,0 +1,224 @@
+//! How the scale benchmark's figures grow with the number of VMs (`corescale-scale growth`
+//! and `plot`): the result files of one run, grouped by size; a size run more than once
+//! (`REPEAT` in e2e/scale.sh) counts by the median of its runs, figure by figure, so one
+//! slow run of the small baseline does not set every ratio.
+
+use anyhow::{bail, Context as _, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::path::Path;
+
+/// The runs of one size.
+pub struct Size {
+    pub vms: f64,
+    /// VMs already in the store, halted, while these ran (`IDLE`).
+    pub idle: f64,
+    pub runs: Vec<Value>,
+}
+
+impl Size {
+    /// The median over the runs of the figure at `path` (NaN when no run has it).
+    pub fn median(&self, path: &[&str]) -> f64 {
+        crate::procs::median(
+            self.runs
+                .iter()
+                .map(|r| figure(r, path))
+                .filter(|x| x.is_finite())
+                .collect(),
+        )
+    }
+
+    /// The range over the runs of the figure at `path`, as "lo-hi" (or the one value).
+    fn spread(&self, path: &[&str], digits: usize) -> String {
+        let v: Vec<f64> = self.runs.iter().map(|r| figure(r, path)).collect();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if self.runs.len() < 2 {
+            format!("{lo:.digits$}")
+        } else {
+            format!("{lo:.digits$}-{hi:.digits$}")
+        }
+    }
+
+    /// The kube-apiserver's CPU milliseconds per VM in a phase (median of the runs).
+    pub fn apiserver_ms_per_vm(&self, phase: &str) -> f64 {
+        self.median(&[phase, "cpu_seconds", "kube-apiserver"]) * 1000.0 / self.vms
+    }
+}
+
+/// Read result files and group them by size (VMs, then idle VMs), smallest first.
+pub fn load(paths: &[String]) -> Result<Vec<Size>> {
+    if paths.is_empty() {
+        bail!("no result files given");
+    }
+    let mut sizes: Vec<Size> = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {p}"))?;
+        let (vms, idle) = (figure(&v, &["vms"]), figure(&v, &["idle_vms"]).max(0.0));
+        if !vms.is_finite() {
+            bail!("{p}: no \"vms\"");
+        }
+        match sizes.iter_mut().find(|s| s.vms == vms && s.idle == idle) {
+            Some(s) => s.runs.push(v),
+            None => sizes.push(Size {
+                vms,
+                idle,
+                runs: vec![v],
+            }),
+        }
+    }
+    sizes.sort_by(|a, b| {
+        (a.vms, a.idle)
+            .partial_cmp(&(b.vms, b.idle))
+            .expect("finite")
+    });
+    Ok(sizes)
+}
+
+/// The number at `path` in a result (NaN when absent).
+pub fn figure(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+/// Print the growth table: each size's medians (and the spread of the two times), then the
+/// largest size against the smallest.
+pub fn growth(sizes: &[Size]) {
+    println!("growth (medians of each size's runs; spread of the times in brackets):");
+    println!(
+        "  {:>5} {:>5} {:>4} {:>22} {:>22} {:>8} {:>8} {:>9} {:>10} {:>7}",
+        "VMs",
+        "idle",
+        "runs",
+        "start s",
+        "resize s",
+        "op RSS",
+        "agt RSS",
+        "op CPU s",
+        "api ms/VM",
+        "req/VM"
+    );
+    for s in sizes {
+        println!(
+            "  {:>5} {:>5} {:>4} {:>22} {:>22} {:>8.1} {:>8.1} {:>9.2} {:>10} {:>7.2}",
+            s.vms,
+            s.idle,
+            s.runs.len(),
+            format!(
+                "{:.2} [{}]",
+                s.median(&["start", "seconds"]),
+                s.spread(&["start", "seconds"], 1)
+            ),
+            format!(
+                "{:.2} [{}]",
+                s.median(&["resize_storm", "seconds"]),
+                s.spread(&["resize_storm", "seconds"], 1)
+            ),
+            s.median(&["resize_storm", "peak_rss_mib", "operator"]),
+            s.median(&["resize_storm", "peak_rss_mib", "agent"]),
+            s.median(&["start", "cpu_seconds", "operator"])
+                + s.median(&["resize_storm", "cpu_seconds", "operator"]),
+            format!(
+                "{:.1} / {:.1}",
+                s.apiserver_ms_per_vm("start"),
+                s.apiserver_ms_per_vm("resize_storm")
+            ),
+            s.median(&["start", "api_requests_per_vm"]),
+        );
+    }
+    let (first, last) = (&sizes[0], &sizes[sizes.len() - 1]);
+    if sizes.len() > 1 && last.vms > first.vms {
+        let x = last.vms / first.vms;
+        let ratio = |p: &[&str]| last.median(p) / first.median(p);
+        println!(
+            "  {x}x the VMs: start {:.1}x, resize {:.1}x, operator CPU {:.1}x, operator RSS {:.2}x, agent RSS {:.2}x; \
+             kube-apiserver CPU per VM {:.2}x (start) and {:.2}x (storm) (linear or better: times <= {x:.0}x, per VM <= 1x)",
+            ratio(&["start", "seconds"]),
+            ratio(&["resize_storm", "seconds"]),
+            ratio(&["start", "cpu_seconds", "operator"]),
+            ratio(&["resize_storm", "peak_rss_mib", "operator"]),
+            ratio(&["resize_storm", "peak_rss_mib", "agent"]),
+            last.apiserver_ms_per_vm("start") / first.apiserver_ms_per_vm("start"),
+            last.apiserver_ms_per_vm("resize_storm") / first.apiserver_ms_per_vm("resize_storm"),
+        );
+    }
+}
+
+/// The growth as a PNG: times (left) and peak RSS (right) against the number of VMs.
+pub fn plot(out: &Path, sizes: &[Size]) -> Result<()> {
+    crate::register_plot_font()?;
+    let xmax = sizes.iter().map(|s| s.vms).fold(0.0, f64::max) * 1.05;
+    let root = BitMapBackend::new(out, (1100, 450)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(550);
+    type Series<'a> = (&'a str, &'a [&'a str], RGBColor);
+    let panels: [(&DrawingArea<_, _>, &str, &str, Vec<Series>); 2] = [
+        (
+            &left,
+            "Time until all VMs match (s)",
+            "seconds",
+            vec![
+                ("placement + start", &["start", "seconds"], BLUE),
+                ("resize storm", &["resize_storm", "seconds"], RED),
+            ],
+        ),
+        (
+            &right,
+            "Peak RSS (MiB)",
+            "MiB",
+            vec![
+                (
+                    "operator",
+                    &["resize_storm", "peak_rss_mib", "operator"],
+                    BLUE,
+                ),
+                (
+                    "node agent (max)",
+                    &["resize_storm", "peak_rss_mib", "agent"],
+                    RED,
+                ),
+                (
+                    "kube-apiserver",
+                    &["resize_storm", "peak_rss_mib", "kube-apiserver"],
+                    RGBColor(0, 140, 0),
+                ),
+            ],
+        ),
+    ];
+    for (area, title, unit, series) in panels {
+        let ymax = series
+            .iter()
+            .flat_map(|(_, p, _)| sizes.iter().map(|s| s.median(p)))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..xmax, 0.0..ymax.max(1.0))?;
+        chart
+            .configure_mesh()
+            .x_desc("VMs (10 simulated nodes)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_desc(unit)
+            .draw()?;
+        for (label, p, color) in series {
+            let pts: Vec<(f64, f64)> = sizes.iter().map(|s| (s.vms, s.median(p))).collect();
+            crate::plot::line(&mut chart, label, pts.clone(), color)?;
+            chart.draw_series(
+                pts.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )?;
+        }
+        crate::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    }
+    root.present()?;
+    println!("plot written to {}", out.display());
+    Ok(())
+}
