@@ -1,4 +1,5 @@
-//! Scenario `chart`: the rendered Helm chart validates on the API server.
+//! Scenario `chart`: the rendered Helm chart validates on the API server, and its
+//! FlowSchemas classify the stack's Lease renewals.
 
 use crate::Stack;
 use anyhow::{ensure, Context as _, Result};
@@ -49,7 +50,36 @@ pub(super) async fn chart(s: &Stack) -> Result<String> {
         ensure!(ok, "the chart {extra:?} does not validate: {err}");
         objects += stdout.lines().count();
     }
+    let flows = lease_flows(s)?;
     Ok(format!(
-        "{objects} objects validated by the API server (2 value sets)"
+        "{objects} objects validated by the API server (2 value sets); {flows}"
     ))
+}
+
+/// The chart's FlowSchemas (applied with its RBAC by e2e/stack.sh) match what the agents
+/// and the operator really send: the API server has dispatched their Lease renewals under
+/// them, in the priority levels the chart names.
+fn lease_flows(s: &Stack) -> Result<String> {
+    let (ok, text, err) = s.kubectl(&["get", "--raw", "/metrics"])?;
+    ensure!(ok, "reading the API server's /metrics: {err}");
+    let mut said = vec![];
+    for (schema, level) in [
+        ("corescale-node-vmm-leases", "node-high"),
+        ("corescale-operator-leader-election", "leader-election"),
+    ] {
+        let want = format!("flow_schema=\"{schema}\",priority_level=\"{level}\"");
+        let n: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+            .filter(|l| l.contains(&want))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        ensure!(
+            n > 0.0,
+            "the API server dispatched no request under FlowSchema {schema} (priority level {level}): \
+             the chart's FlowSchema does not match the Lease renewals it is for"
+        );
+        said.push(format!("{n:.0} Lease requests via {schema} ({level})"));
+    }
+    Ok(said.join(", "))
 }
