@@ -51,13 +51,23 @@ pub fn load(paths: &[String]) -> Result<Vec<Size>> {
     if paths.is_empty() {
         bail!("no result files given");
     }
+    let results = paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {p}"))
+        })
+        .collect::<Result<Vec<Value>>>()?;
+    group(results)
+}
+
+/// Group results by size (VMs, then idle VMs), smallest first.
+pub fn group(results: Vec<Value>) -> Result<Vec<Size>> {
     let mut sizes: Vec<Size> = Vec::new();
-    for p in paths {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {p}"))?;
+    for v in results {
         let (vms, idle) = (figure(&v, &["vms"]), figure(&v, &["idle_vms"]).max(0.0));
         if !vms.is_finite() {
-            bail!("{p}: no \"vms\"");
+            bail!("a result without \"vms\": {v}");
         }
         match sizes.iter_mut().find(|s| s.vms == vms && s.idle == idle) {
             Some(s) => s.runs.push(v),
@@ -221,4 +231,51 @@ pub fn plot(out: &Path, sizes: &[Size]) -> Result<()> {
     root.present()?;
     println!("plot written to {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn run(vms: u64, idle: Option<u64>, start: f64) -> Value {
+        let mut v = json!({"vms": vms, "start": {"seconds": start,
+            "cpu_seconds": {"kube-apiserver": start * 2.0}}});
+        if let Some(i) = idle {
+            v["idle_vms"] = json!(i);
+        }
+        v
+    }
+
+    #[test]
+    fn runs_group_by_size_and_idle_store_and_count_by_their_median() {
+        let sizes = group(vec![
+            run(10000, None, 150.0),
+            run(1000, None, 10.0),
+            run(1000, Some(9000), 13.0),
+            run(1000, None, 30.0),
+            run(1000, Some(0), 11.0),
+            run(10000, None, 130.0),
+        ])
+        .unwrap();
+        let got: Vec<_> = sizes
+            .iter()
+            .map(|s| (s.vms, s.idle, s.runs.len()))
+            .collect();
+        // idle_vms 0 and no idle_vms are the same store.
+        assert_eq!(
+            got,
+            [(1000.0, 0.0, 3), (1000.0, 9000.0, 1), (10000.0, 0.0, 2)]
+        );
+        // One slow run of three does not move the median.
+        assert_eq!(sizes[0].median(&["start", "seconds"]), 11.0);
+        assert_eq!(sizes[2].median(&["start", "seconds"]), 140.0);
+        assert_eq!(sizes[0].apiserver_ms_per_vm("start"), 22.0);
+        assert!(sizes[0].median(&["resize_storm", "seconds"]).is_nan());
+    }
+
+    #[test]
+    fn a_result_without_its_size_is_refused() {
+        assert!(group(vec![json!({"start": {}})]).is_err());
+    }
 }
