@@ -187,7 +187,7 @@ pub(super) async fn uninstall(c: &Ctx) -> Result<String> {
     }
     let (ok, out, err) = s.kubectl(&[
         "get",
-        "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+        "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings,flowschemas",
         "-l",
         &selector,
         "-o",
