@@ -21,7 +21,7 @@ use corescale_e2e::Stack;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::ResourceExt;
+use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -405,6 +405,36 @@ fn report(
     })
 }
 
+/// Create `n` VMs named `name(i)` (`cpus: 1`, topology 1x4x1, and the `spec` fields in
+/// `extra`, flow-style YAML ending in ", "), PARALLEL requests at once.
+async fn create_vms(
+    api: &Api<VirtualMachine>,
+    n: usize,
+    name: impl Fn(usize) -> String,
+    extra: &str,
+) -> Result<()> {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (api, name) = (api.clone(), name(i));
+            async move {
+                let yaml = format!(
+                    "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\n\
+                     metadata: {{name: {name}}}\n\
+                     spec: {{cpus: 1, {extra}topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
+                );
+                let vm: VirtualMachine = serde_yaml::from_str(&yaml)?;
+                api.create(&PostParams::default(), &vm)
+                    .await
+                    .with_context(|| format!("creating {name}"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
 /// Fill the cluster with `idle` halted VMs in a namespace of their own (placed, Stopped,
 /// no guest), so that the measured phases run against a store of `idle + n` VMs.
 async fn prefill(s: &Stack, idle: usize) -> Result<()> {
@@ -414,25 +444,13 @@ async fn prefill(s: &Stack, idle: usize) -> Result<()> {
     s.namespace(IDLE_NS)?;
     let api = s.vms(IDLE_NS);
     let t0 = Instant::now();
-    futures::stream::iter(0..idle)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let yaml = format!(
-                    "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\n\
-                     metadata: {{name: idle-{i:05}}}\n\
-                     spec: {{cpus: 1, runStrategy: Halted, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
-                );
-                let vm: VirtualMachine = serde_yaml::from_str(&yaml)?;
-                api.create(&PostParams::default(), &vm)
-                    .await
-                    .with_context(|| format!("creating idle-{i:05}"))?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<_>>()
-        .await?;
+    create_vms(
+        &api,
+        idle,
+        |i| format!("idle-{i:05}"),
+        "runStrategy: Halted, ",
+    )
+    .await?;
     let views = watch_ns(s, IDLE_NS);
     let seconds = wait_all(&views, idle, t0, "Stopped", |v| {
         v.phase == Some(Phase::Stopped)
@@ -471,25 +489,7 @@ async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
     let c0 = api_counters(s)?;
     let t0 = Instant::now();
     println!("  applying at {}", chrono::Utc::now().to_rfc3339());
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let yaml = format!(
-                    "apiVersion: corescale.dev/v1alpha1\nkind: VirtualMachine\n\
-                     metadata: {{name: vm-{i:04}}}\n\
-                     spec: {{cpus: 1, topology: {{sockets: 1, cores: 4, threads: 1}}}}\n"
-                );
-                let vm: VirtualMachine = serde_yaml::from_str(&yaml)?;
-                api.create(&PostParams::default(), &vm)
-                    .await
-                    .with_context(|| format!("creating vm-{i:04}"))?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<_>>()
-        .await?;
+    create_vms(&api, n, |i| format!("vm-{i:04}"), "").await?;
     let applied = t0.elapsed().as_secs_f64();
     let seconds = wait_all(&views, n, t0, "Running", |v| {
         v.phase == Some(Phase::Running) && v.status_cpus == 1
