@@ -17,7 +17,7 @@ use super::decide::{self, SlotBook, Want};
 use super::Shared;
 use crate::backend::{Observation, VmEvent, VmHandle, VmKey};
 use corescale_api::conditions as cond;
-use corescale_api::{LastResize, Phase, VcpuState, VirtualMachine};
+use corescale_api::{LastResize, Phase, VcpuState, VirtualMachine, VirtualMachineStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::events::EventType;
 use kube::Resource;
@@ -172,8 +172,10 @@ struct GuestState {
     /// next start is a restart (`VmmRestarted`), where a start that failed before the
     /// guest ever ran is not.
     lost: bool,
-    /// The status body last applied, None when the last write failed.
-    last_applied: Option<serde_json::Value>,
+    /// The status last applied, None when the last write failed. Compared as the typed
+    /// status: each idle observation (every 5 s per guest) builds one, and most are
+    /// unchanged, so the JSON body is made only for a write.
+    last_applied: Option<VirtualMachineStatus>,
     /// Per-vCPU CPU seconds last read, by slot.
     cpu_seen: HashMap<u32, f64>,
     /// The forwarded ports of the guest's last start: a restart takes them again while

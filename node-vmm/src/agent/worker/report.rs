@@ -4,7 +4,7 @@
 use super::status::{self, Facts};
 use super::{Worker, MANAGER};
 use crate::backend::Observation;
-use corescale_api::VirtualMachine;
+use corescale_api::{VirtualMachine, VirtualMachineStatus};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -48,17 +48,18 @@ impl Worker {
     /// Build the status from what was observed and apply it (server-side apply, manager
     /// `node-vmm`), unless it equals what was applied last.
     pub(super) async fn report(&mut self, vm: &VirtualMachine, obs: Option<&Observation>) {
-        let body = self.status_body(vm, obs);
-        if self.g.last_applied.as_ref() == Some(&body) {
+        let status = self.status_now(vm, obs);
+        if self.g.last_applied.as_ref() == Some(&status) {
             return;
         }
+        let body = corescale_api::status_apply_body(&status);
         let pp = PatchParams::apply(MANAGER).force();
         match self
             .api(vm)
             .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
             .await
         {
-            Ok(_) => self.g.last_applied = Some(body),
+            Ok(_) => self.g.last_applied = Some(status),
             Err(e) => {
                 // The API server may be down: the guest is untouched, and the next step
                 // applies the status again.
@@ -68,12 +69,12 @@ impl Worker {
         }
     }
 
-    /// The server-side-apply body of the status, with the metrics gauges updated to match.
-    pub(super) fn status_body(
+    /// The status as observed now, with the metrics gauges updated to match.
+    pub(super) fn status_now(
         &self,
         vm: &VirtualMachine,
         obs: Option<&Observation>,
-    ) -> serde_json::Value {
+    ) -> VirtualMachineStatus {
         let facts = Facts {
             book: self.g.vmm.as_ref().map(|v| &v.book),
             // The VM's own accelerator: a guest of another architecture runs under TCG
@@ -107,6 +108,6 @@ impl Worker {
         };
         let status = status::status(vm, obs, &facts);
         self.export_gauges(vm, &status);
-        corescale_api::status_apply_body(&status)
+        status
     }
 }

@@ -59,11 +59,12 @@ impl Worker {
         }
         let begun = self.begin(vm, before, &plan);
         // The status while in progress (slots Plugging/Unplugging, lastResize InProgress).
-        let body = self.status_body(vm, Some(before));
+        let status = self.status_now(vm, Some(before));
+        let body = corescale_api::status_apply_body(&status);
         match self.act(vm, &begun, &plan, &body).await {
             Acted::Done { applied, report } => {
                 match applied {
-                    Some(Ok(_)) => self.g.last_applied = Some(body),
+                    Some(Ok(_)) => self.g.last_applied = Some(status),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "cannot apply status");
                         self.g.last_applied = None;
