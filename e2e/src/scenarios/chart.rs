@@ -67,13 +67,15 @@ fn lease_flows(s: &Stack) -> Result<String> {
         ("corescale-node-vmm-leases", "node-high"),
         ("corescale-operator-leader-election", "leader-election"),
     ] {
-        let want = format!("flow_schema=\"{schema}\",priority_level=\"{level}\"");
-        let n: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
-            .filter(|l| l.contains(&want))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum();
+        let n = super::support::metric_sum(
+            &text,
+            "apiserver_flowcontrol_dispatched_requests_total",
+            &[
+                format!("flow_schema=\"{schema}\""),
+                format!("priority_level=\"{level}\""),
+            ],
+        )
+        .unwrap_or(0.0);
         ensure!(
             n > 0.0,
             "the API server dispatched no request under FlowSchema {schema} (priority level {level}): \
