@@ -38,24 +38,29 @@ pub fn set_condition(
     observed_generation: Option<i64>,
     now: DateTime<Utc>,
 ) {
-    let status_s = if status { "True" } else { "False" }.to_string();
-    let transition = conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .filter(|c| c.status == status_s)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(to_timestamp(now)));
-    let new = Condition {
-        type_: type_.to_string(),
-        status: status_s,
-        reason: reason.to_string(),
-        message: message.into(),
-        observed_generation,
-        last_transition_time: transition,
-    };
+    let status_s = if status { "True" } else { "False" };
+    // Updated in place: an agent re-sets the same conditions on every observation of every
+    // guest, and most of the time nothing in them changes.
     match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => *c = new,
-        None => conditions.push(new),
+        Some(c) => {
+            if c.status != status_s {
+                c.status = status_s.to_string();
+                c.last_transition_time = Time(to_timestamp(now));
+            }
+            if c.reason != reason {
+                c.reason = reason.to_string();
+            }
+            c.message = message.into();
+            c.observed_generation = observed_generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status: status_s.to_string(),
+            reason: reason.to_string(),
+            message: message.into(),
+            observed_generation,
+            last_transition_time: Time(to_timestamp(now)),
+        }),
     }
 }
 
@@ -87,9 +92,18 @@ mod tests {
         set_condition(&mut c, READY, false, "Booting", "b", Some(2), t1);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].message, "b");
+        assert_eq!(c[0].observed_generation, Some(2));
         assert_eq!(c[0].last_transition_time.0.as_second(), 1_000);
         set_condition(&mut c, READY, true, "Running", "c", Some(2), t1);
         assert_eq!(c[0].last_transition_time.0.as_second(), 2_000);
+        assert_eq!(
+            (c[0].reason.as_str(), c[0].message.as_str()),
+            ("Running", "c")
+        );
         assert!(is_true(&c, READY));
+        // Another type is added beside it, with its own time.
+        set_condition(&mut c, RUNNING, true, "Running", "d", Some(2), t0);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].last_transition_time.0.as_second(), 1_000);
     }
 }

@@ -12,6 +12,7 @@ mod report;
 mod resize;
 mod status;
 mod step;
+mod wake;
 
 use super::decide::{self, SlotBook, Want};
 use super::Shared;
@@ -364,7 +365,7 @@ impl Worker {
                 }
             };
             tokio::pin!(event);
-            let deadline = tokio::time::Instant::now() + sleep;
+            let deadline = wake::deadline(tokio::time::Instant::now(), sleep);
             loop {
                 let woke = tokio::select! {
                     r = rx.changed() => Woke::Spec(r.is_ok()),
