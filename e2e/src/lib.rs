@@ -10,6 +10,7 @@ pub mod node;
 pub mod plot;
 pub mod procs;
 pub mod scale_growth;
+pub mod scale_watch;
 pub mod scenarios;
 
 use anyhow::{anyhow, bail, Context as _, Result};

@@ -40,6 +40,16 @@ impl Size {
         }
     }
 
+    /// corescale's own CPU milliseconds per VM in a phase: the operator's, and the agents'
+    /// beyond the steady cost of their running guests (median of the runs; NaN for results
+    /// without the steady phase).
+    pub fn corescale_ms_per_vm(&self, phase: &str) -> f64 {
+        (self.median(&[phase, "cpu_seconds", "operator"])
+            + self.median(&[phase, "agents_cpu_seconds_beyond_steady"]))
+            * 1000.0
+            / self.vms
+    }
+
     /// The kube-apiserver's CPU milliseconds per VM in a phase (median of the runs).
     pub fn apiserver_ms_per_vm(&self, phase: &str) -> f64 {
         self.median(&[phase, "cpu_seconds", "kube-apiserver"]) * 1000.0 / self.vms
@@ -154,6 +164,25 @@ pub fn growth(sizes: &[Size]) {
             last.apiserver_ms_per_vm("start") / first.apiserver_ms_per_vm("start"),
             last.apiserver_ms_per_vm("resize_storm") / first.apiserver_ms_per_vm("resize_storm"),
         );
+        let own = |s: &Size| {
+            (
+                s.corescale_ms_per_vm("start"),
+                s.corescale_ms_per_vm("resize_storm"),
+            )
+        };
+        let steady = |s: &Size| s.median(&["steady", "agents_cpu_seconds_per_vm_second"]) * 1e6;
+        let ((a0, b0), (a1, b1)) = (own(first), own(last));
+        if [a0, b0, a1, b1].iter().all(|x| x.is_finite()) {
+            println!(
+                "  corescale's own CPU per VM (operator, and agents beyond the steady cost of running guests): \
+                 start {a0:.2} -> {a1:.2} ms ({:.2}x), storm {b0:.2} -> {b1:.2} ms ({:.2}x); \
+                 agents' steady cost {:.1} -> {:.1} us per guest per second",
+                a1 / a0,
+                b1 / b0,
+                steady(first),
+                steady(last),
+            );
+        }
     }
 }
 

@@ -17,15 +17,14 @@
 use anyhow::{anyhow, bail, Context as _, Result};
 use corescale_api::{Phase, VirtualMachine};
 use corescale_e2e::scale_growth as growth;
+use corescale_e2e::scale_watch::{wait_all, watch_ns, Waited};
 use corescale_e2e::Stack;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, ResourceExt};
+use kube::Api;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NS: &str = "scale";
@@ -33,6 +32,8 @@ const NS: &str = "scale";
 const IDLE_NS: &str = "scale-idle";
 /// Requests the benchmark sends at once (creates, patches).
 const PARALLEL: usize = 64;
+/// How long the agents are watched with nothing changing, after the storm.
+const STEADY: Duration = Duration::from_secs(15);
 /// Goals of issue 7.
 const GOAL_SECONDS: f64 = 30.0;
 const GOAL_OPERATOR_MIB: f64 = 150.0;
@@ -129,6 +130,8 @@ fn processes(s: &Stack) -> Result<Vec<Proc>> {
     for (role, var) in [
         ("kube-apiserver", "CORESCALE_APISERVER_PID"),
         ("etcd", "CORESCALE_ETCD_PID"),
+        // Its garbage collector watches every resource, VMs and Events included.
+        ("kube-controller-manager", "CORESCALE_KCM_PID"),
     ] {
         out.push(Proc {
             role: role.into(),
@@ -238,85 +241,8 @@ fn delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<Strin
 
 // --- the benchmark ----------------------------------------------------------
 
-#[derive(Clone, Default)]
-struct View {
-    phase: Option<Phase>,
-    node: Option<String>,
-    spec_cpus: u32,
-    status_cpus: u32,
-}
-
-type Views = Arc<Mutex<HashMap<String, View>>>;
-
-fn watch_all(s: &Stack) -> Views {
-    watch_ns(s, NS)
-}
-
-fn watch_ns(s: &Stack, ns: &str) -> Views {
-    let views: Views = Arc::default();
-    let api = s.vms(ns);
-    let v = views.clone();
-    tokio::spawn(async move {
-        let mut st = std::pin::pin!(watcher(api, watcher::Config::default())
-            .default_backoff()
-            .applied_objects());
-        while let Some(ev) = st.next().await {
-            let Ok(vm): Result<VirtualMachine, _> = ev else {
-                continue;
-            };
-            let status = vm.status.as_ref();
-            let view = View {
-                phase: status.and_then(|s| s.phase),
-                node: status.and_then(|s| s.node_name.clone()),
-                spec_cpus: vm.spec.cpus,
-                status_cpus: status.and_then(|s| s.cpus).unwrap_or(0),
-            };
-            v.lock().expect("not poisoned").insert(vm.name_any(), view);
-        }
-    });
-    views
-}
-
-/// Wait until `pred` holds for all `n` VMs; returns seconds from `t0` to when it held,
-/// and the seconds when half and 90 % of them held.
-async fn wait_all(
-    views: &Views,
-    n: usize,
-    t0: Instant,
-    what: &str,
-    pred: impl Fn(&View) -> bool,
-) -> Result<(f64, f64, f64)> {
-    let (mut half, mut ninety) = (None, None);
-    let deadline = Duration::from_secs(600);
-    loop {
-        let done = views
-            .lock()
-            .expect("not poisoned")
-            .values()
-            .filter(|v| pred(v))
-            .count();
-        let t = t0.elapsed().as_secs_f64();
-        if half.is_none() && done * 2 >= n {
-            half = Some(t);
-        }
-        if ninety.is_none() && done * 10 >= n * 9 {
-            ninety = Some(t);
-        }
-        if done >= n {
-            return Ok((t, half.unwrap_or(t), ninety.unwrap_or(t)));
-        }
-        if t0.elapsed() > deadline {
-            bail!(
-                "{what}: only {done} of {n} VMs after {} s",
-                deadline.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Phase1Or2 {
-    seconds: (f64, f64, f64),
+    seconds: Waited,
     before: Vec<Sample>,
     after: Vec<Sample>,
     requests: BTreeMap<String, f64>,
@@ -331,7 +257,12 @@ fn report(
     p: &Phase1Or2,
     per_node: &BTreeMap<String, usize>,
 ) -> Value {
-    let (total, half, ninety) = p.seconds;
+    let Waited {
+        all: total,
+        half,
+        ninety,
+        ..
+    } = p.seconds;
     let cpu = |i: usize| p.after[i].cpu_seconds - p.before[i].cpu_seconds;
     let requests: f64 = p.requests.values().sum();
     let own = f64::from(u32::try_from(p.own_requests).unwrap_or(u32::MAX));
@@ -458,7 +389,7 @@ async fn prefill(s: &Stack, idle: usize) -> Result<()> {
     .await?;
     println!(
         "  prefilled {idle} halted VMs in namespace {IDLE_NS}: all Stopped in {:.2} s",
-        seconds.0
+        seconds.all
     );
     // Let the write burst's after-effects (watch cache, GC) settle.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -471,7 +402,7 @@ async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
     let ticks = corescale_e2e::procs::clock_ticks();
     let procs = processes(s)?;
     let api = s.vms(NS);
-    let views = watch_all(s);
+    let views = watch_ns(s, NS);
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
         "scale: {n} VMs on {} simulated nodes ({})",
@@ -512,7 +443,7 @@ async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
             .or_insert(0) += 1;
     }
     println!("  all {n} created in {applied:.2} s; VMs per node: {per_node:?}");
-    let start_json = report("placement and start", n, &procs, &start, &per_node);
+    let mut start_json = report("placement and start", n, &procs, &start, &per_node);
 
     // 2. Resize storm: every VM to 2 vCPUs at once.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -552,7 +483,39 @@ async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
         apf: delta(&c0.apf, &c1.apf),
         own_requests: n,
     };
-    let storm_json = report("resize storm (1 -> 2 vCPUs)", n, &procs, &storm, &per_node);
+    let mut storm_json = report("resize storm (1 -> 2 vCPUs)", n, &procs, &storm, &per_node);
+
+    // 3. Steady: nothing changes. What the agents use now is what a running guest costs
+    // them per second (its observations), in any phase: the longer a phase, the more of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = samples(&procs, ticks)?;
+    tokio::time::sleep(STEADY).await;
+    let after = samples(&procs, ticks)?;
+    let steady_cpu: f64 = (0..procs.len())
+        .filter(|&i| procs[i].node.is_some())
+        .map(|i| after[i].cpu_seconds - before[i].cpu_seconds)
+        .sum();
+    let nf = f64::from(u32::try_from(n).unwrap_or(u32::MAX));
+    let per_vm_second = steady_cpu / (nf * STEADY.as_secs_f64());
+    println!(
+        "  steady ({} s, {n} guests running, nothing changing): agents used {steady_cpu:.2} CPU s, {:.1} us per guest per second",
+        STEADY.as_secs(),
+        per_vm_second * 1e6
+    );
+    // The guests ran for the part of the start after each was Running, and for the whole
+    // storm.
+    let beyond = |phase: &mut Value, vm_seconds: f64| {
+        let cpu = phase["cpu_seconds"]["agent"].as_f64().unwrap_or(f64::NAN);
+        let b = cpu - per_vm_second * vm_seconds;
+        phase["running_vm_seconds"] = json!(vm_seconds);
+        phase["agents_cpu_seconds_beyond_steady"] = json!(b);
+        b * 1000.0 / nf
+    };
+    println!(
+        "  agents' CPU beyond that steady cost, per VM: start {:.2} ms, storm {:.2} ms",
+        beyond(&mut start_json, start.seconds.vm_seconds),
+        beyond(&mut storm_json, nf * storm.seconds.all)
+    );
 
     let out = json!({
         "benchmark": "scale",
@@ -566,6 +529,8 @@ async fn run(s: &Stack, n: usize, idle: usize, tag: &str) -> Result<()> {
         "vms_per_node": per_node,
         "start": start_json,
         "resize_storm": storm_json,
+        "steady": {"seconds": STEADY.as_secs_f64(), "agents_cpu_seconds": steady_cpu,
+            "agents_cpu_seconds_per_vm_second": per_vm_second},
     });
     let path = s.dir.join(format!("scale-{n}{tag}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
