@@ -438,6 +438,7 @@ invalid_sets=(
 	"/nodeVmm/launcher/followGuests/cpuLimitPerVcpu|--set-string nodeVmm.launcher.followGuests.cpuLimitPerVcpu=1Gi"
 	"/nodeVmm/launcher/followGuests/memoryPerVm|--set nodeVmm.launcher.followGuests.memoryPerVm=lots"
 	"/nodeVmm/agent/leaseSeconds|--set-string nodeVmm.agent.leaseSeconds=twenty"
+	"/nodeVmm/agent/maxWritesInFlight|--set nodeVmm.agent.maxWritesInFlight=-1"
 	"/operator/replicas|--set operator.replicas=-1"
 	"/operator/resources/limits/memory|--set operator.resources.limits.memory=lots"
 	"/operator/image/digest|--set operator.image.digest=latest"

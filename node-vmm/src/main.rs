@@ -98,6 +98,10 @@ struct AgentArgs {
     /// (Starting) is written; a quicker one is reported once, done.
     #[arg(long, default_value_t = 250)]
     in_progress_after_ms: u64,
+    /// Status writes and Events of this node's VMs in flight to the API server at once;
+    /// the others wait in the agent (0: no limit). Lease renewals are not counted.
+    #[arg(long, env = "CORESCALE_MAX_WRITES_IN_FLIGHT", default_value_t = 16)]
+    max_writes_in_flight: usize,
     /// Seconds a booting guest's agent may stay silent before the VM runs as a guest
     /// without an agent (Running; vCPUs reported Present; Ready reason NoGuestAgent).
     #[arg(long, env = "CORESCALE_AGENT_GRACE_SECONDS", default_value_t = 30)]
@@ -209,6 +213,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         agent_grace: Duration::from_secs(args.guest_agent_grace_seconds),
         port_address: args.port_address,
         port_advertise: args.port_advertise_address.filter(|a| !a.is_empty()),
+        writes_in_flight: args.max_writes_in_flight,
     };
     let shared = agent::shared(
         client,

@@ -21,6 +21,7 @@ pub fn config() -> Config {
         agent_grace: Duration::from_secs(30),
         port_address: std::net::Ipv4Addr::LOCALHOST,
         port_advertise: None,
+        writes_in_flight: 16,
     }
 }
 

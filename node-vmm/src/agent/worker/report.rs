@@ -35,6 +35,7 @@ impl Worker {
             return;
         }
         self.last_event = Some(key);
+        let _permit = self.shared.write_permit().await;
         if let Err(e) = self
             .shared
             .recorder
@@ -54,11 +55,13 @@ impl Worker {
         }
         let body = corescale_api::status_apply_body(&status);
         let pp = PatchParams::apply(MANAGER).force();
-        match self
+        let permit = self.shared.write_permit().await;
+        let written = self
             .api(vm)
             .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
-            .await
-        {
+            .await;
+        drop(permit);
+        match written {
             Ok(_) => self.g.last_applied = Some(status),
             Err(e) => {
                 // The API server may be down: the guest is untouched, and the next step
