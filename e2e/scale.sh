@@ -13,6 +13,7 @@
 #   IDLE=9000 SIZES=1000 e2e/scale.sh   first 9000 halted VMs in a namespace of their own:
 #                                   the same 1000 VMs against a store of 10,000
 #   KEEP=1 e2e/scale.sh             leave the last stack running (e2e/scale.sh down stops it)
+#   AGENT_ARGS="--max-writes-in-flight 0" e2e/scale.sh   extra flags of every node agent
 #
 # Results: $DIR/scale-<size>[-idle<M>][-r<k>].json (DIR = e2e/.run/scale), docs/scale-growth.png when
 # PLOT_OUT is unset (PLOT_OUT= disables the plot).
@@ -70,10 +71,11 @@ up() {
 		mkdir -p "$d/vms" && chmod 700 "$d" "$d/vms"
 		port=$(free_port)
 		echo "$port" >"$d/agent.port"
+		# shellcheck disable=SC2086 # AGENT_ARGS: flags, split on purpose
 		NODE_NAME=$n POD_NAMESPACE=$ns KUBECONFIG="$dir/node-vmm.kubeconfig" RUST_LOG="${RUST_LOG:-warn}" \
 			setsid "$bin/corescale-node-vmm" agent --backend simulator --sim-host-cpus "$host_cpus" \
 			--state-dir "$d/vms" --launcher-socket "$d/launcher.sock" \
-			--metrics-addr "127.0.0.1:$port" --log-format text \
+			--metrics-addr "127.0.0.1:$port" --log-format text ${AGENT_ARGS:-} \
 			>>"$d/agent.log" 2>&1 </dev/null &
 		echo $! >"$d/agent.pid"
 	done

@@ -153,7 +153,9 @@ struct ApiCounters {
     /// apiserver_request_total summed by (verb, resource, subresource).
     requests: BTreeMap<String, f64>,
     /// API Priority and Fairness: for the requests that ran, by "flow schema (priority
-    /// level)", their number ("... requests") and their seconds queued ("... wait").
+    /// level)", their number ("... requests"), their seconds queued ("... wait"), and the
+    /// requests refused with 429 ("... rejected": queues full or waited too long; kube's
+    /// client sends them again after a backoff).
     apf: BTreeMap<String, f64>,
 }
 
@@ -175,6 +177,7 @@ fn api_counters(s: &Stack) -> Result<ApiCounters> {
         apf: BTreeMap::new(),
     };
     const WAIT: &str = "apiserver_flowcontrol_request_wait_duration_seconds_";
+    const REJECTED: &str = "apiserver_flowcontrol_rejected_requests_total";
     for line in text.lines() {
         let Some((name, rest)) = line.split_once('{') else {
             continue;
@@ -197,6 +200,13 @@ fn api_counters(s: &Stack) -> Result<ApiCounters> {
                 key = format!("{key}/{sub}");
             }
             *c.requests.entry(key).or_insert(0.0) += value;
+        } else if name == REJECTED {
+            let key = format!(
+                "{} ({}) rejected",
+                label("flow_schema"),
+                label("priority_level")
+            );
+            *c.apf.entry(key).or_insert(0.0) += value;
         } else if let Some(what) = name.strip_prefix(WAIT) {
             let what = match what {
                 "count" => "requests",
@@ -217,15 +227,16 @@ fn api_counters(s: &Stack) -> Result<ApiCounters> {
     Ok(c)
 }
 
-/// The APF figures of a phase as (flow schema (priority level), requests, mean wait s),
-/// most requests first.
-fn apf_rows(apf: &BTreeMap<String, f64>) -> Vec<(String, f64, f64)> {
+/// The APF figures of a phase as (flow schema (priority level), requests, mean wait s,
+/// rejected), most requests first.
+fn apf_rows(apf: &BTreeMap<String, f64>) -> Vec<(String, f64, f64, f64)> {
     let mut rows: Vec<_> = apf
         .iter()
         .filter_map(|(k, n)| {
             let flow = k.strip_suffix(" requests")?;
             let wait = apf.get(&format!("{flow} wait")).copied().unwrap_or(0.0);
-            Some((flow.to_string(), *n, wait / n))
+            let rejected = apf.get(&format!("{flow} rejected")).copied().unwrap_or(0.0);
+            Some((flow.to_string(), *n, wait / n, rejected))
         })
         .collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -295,9 +306,14 @@ fn report(
         println!("      {v:>8.0}  {k}");
     }
     let apf = apf_rows(&p.apf);
-    println!("    API Priority and Fairness (requests that ran, mean time queued):");
-    for (flow, n, wait) in apf.iter().take(6) {
-        println!("      {n:>8.0}  {flow}: {:.1} ms", wait * 1000.0);
+    println!(
+        "    API Priority and Fairness (requests that ran, mean time queued, refused with 429):"
+    );
+    for (flow, n, wait, rejected) in apf.iter().take(6) {
+        println!(
+            "      {n:>8.0}  {flow}: {:.1} ms, {rejected:.0} refused",
+            wait * 1000.0
+        );
     }
     println!(
         "    {:<16} {:>12} {:>14}",
@@ -324,7 +340,7 @@ fn report(
         "benchmark_own_requests": p.own_requests,
         "api_requests_per_vm_excluding_benchmark": (requests - own) / nf,
         "api_requests_by_verb_resource": p.requests,
-        "apf": apf.iter().map(|(flow, n, wait)| (flow.clone(), json!({"requests": n, "mean_wait_seconds": wait}))).collect::<serde_json::Map<_, _>>(),
+        "apf": apf.iter().map(|(flow, n, wait, rejected)| (flow.clone(), json!({"requests": n, "mean_wait_seconds": wait, "rejected": rejected}))).collect::<serde_json::Map<_, _>>(),
         "cpu_seconds": roles.iter().map(|(r, (c, _))| (r.to_string(), json!(c))).collect::<serde_json::Map<_, _>>(),
         "peak_rss_mib": roles.iter().map(|(r, (_, h))| (r.to_string(), json!(h))).collect::<serde_json::Map<_, _>>(),
         "agents": agents,
