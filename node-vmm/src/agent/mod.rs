@@ -13,6 +13,7 @@ pub mod launcher_size;
 pub mod requester;
 pub mod worker;
 pub mod workload;
+pub mod write_bound;
 
 use crate::backend::{Backend, BackendError, NodeCapacity, VmHandle, VmKey, VmSpec};
 use crate::images::ImageDir;
@@ -67,10 +68,7 @@ pub struct Config {
     /// differs from `port_address` (which may be 0.0.0.0).
     pub port_advertise: Option<String>,
     /// Status writes and Events the node's workers may have in flight at once (0: no
-    /// limit). The rest wait in the agent, in order. Without a bound, a resize storm sent
-    /// one write per guest at once: past the API server's queues for the agents' flow,
-    /// API Priority and Fairness refused them (429), and each came back after its own
-    /// growing backoff, which made a long tail. Lease renewals do not wait on it.
+    /// bound; see [`write_bound`]).
     pub writes_in_flight: usize,
 }
 
@@ -97,18 +95,10 @@ pub struct Shared {
     /// Settings.
     pub config: Config,
     /// Bounds the workers' API writes in flight (`Config::writes_in_flight`).
-    writes: Option<tokio::sync::Semaphore>,
+    pub writes: write_bound::WriteBound,
 }
 
 impl Shared {
-    /// Wait for room for one more API write (None: no limit); the write holds it.
-    pub async fn write_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        match &self.writes {
-            Some(s) => s.acquire().await.ok(),
-            None => None,
-        }
-    }
-
     /// The node's budget: host CPUs times the overcommit ratio.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn budget_of(capacity: &NodeCapacity, overcommit: f64) -> u32 {
@@ -407,8 +397,7 @@ pub fn shared(
         recorder,
         budget,
         sizer,
-        writes: (config.writes_in_flight > 0)
-            .then(|| tokio::sync::Semaphore::new(config.writes_in_flight)),
+        writes: write_bound::WriteBound::new(config.writes_in_flight),
         config,
     })
 }

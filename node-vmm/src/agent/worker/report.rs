@@ -35,7 +35,7 @@ impl Worker {
             return;
         }
         self.last_event = Some(key);
-        let _permit = self.shared.write_permit().await;
+        let _permit = self.shared.writes.permit().await;
         if let Err(e) = self
             .shared
             .recorder
@@ -55,7 +55,7 @@ impl Worker {
         }
         let body = corescale_api::status_apply_body(&status);
         let pp = PatchParams::apply(MANAGER).force();
-        let permit = self.shared.write_permit().await;
+        let permit = self.shared.writes.permit().await;
         let written = self
             .api(vm)
             .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
