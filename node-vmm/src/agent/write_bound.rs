@@ -6,6 +6,7 @@
 //! refused them (429) and each came back after its own growing backoff. Lease renewals do
 //! not take a permit: they must never wait behind the writes.
 
+use std::future::Future;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// The bound (or none).
@@ -18,9 +19,15 @@ impl WriteBound {
         WriteBound((n > 0).then(|| Semaphore::new(n)))
     }
 
-    /// Wait for room for one more write; the write holds the permit until it is done
-    /// (None: no bound).
-    pub async fn permit(&self) -> Option<SemaphorePermit<'_>> {
+    /// Send `write` once there is room, and hold the room until it is done: every status
+    /// write and Event of the node's workers goes through here.
+    pub async fn send<T>(&self, write: impl Future<Output = T>) -> T {
+        let _permit = self.permit().await;
+        write.await
+    }
+
+    /// Wait for room for one more write (None: no bound).
+    async fn permit(&self) -> Option<SemaphorePermit<'_>> {
         match &self.0 {
             Some(s) => s.acquire().await.ok(),
             None => None,

@@ -35,13 +35,9 @@ impl Worker {
             return;
         }
         self.last_event = Some(key);
-        let _permit = self.shared.writes.permit().await;
-        if let Err(e) = self
-            .shared
-            .recorder
-            .note(&vm.object_ref(&()), type_, reason, note)
-            .await
-        {
+        let (shared, object) = (&self.shared, vm.object_ref(&()));
+        let note = shared.recorder.note(&object, type_, reason, note);
+        if let Err(e) = shared.writes.send(note).await {
             tracing::warn!(error = %e, reason, "cannot publish event");
         }
     }
@@ -55,13 +51,13 @@ impl Worker {
         }
         let body = corescale_api::status_apply_body(&status);
         let pp = PatchParams::apply(MANAGER).force();
-        let permit = self.shared.writes.permit().await;
-        let written = self
-            .api(vm)
-            .patch_status(&vm.name_any(), &pp, &Patch::Apply(&body))
-            .await;
-        drop(permit);
-        match written {
+        let (api, name, patch) = (self.api(vm), vm.name_any(), Patch::Apply(&body));
+        match self
+            .shared
+            .writes
+            .send(api.patch_status(&name, &pp, &patch))
+            .await
+        {
             Ok(_) => self.g.last_applied = Some(status),
             Err(e) => {
                 // The API server may be down: the guest is untouched, and the next step

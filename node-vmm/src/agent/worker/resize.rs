@@ -163,6 +163,7 @@ impl Worker {
         let handle = &self.g.vmm.as_ref().expect("resize needs a guest").handle;
         let name = vm.name_any();
         let patch = Patch::Apply(body);
+        let writes = &self.shared.writes;
         // The VMM may die mid-step: then its events say so at once, while the step's
         // own calls could wait out their deadlines. Drop the step and handle the loss.
         // A newer target (or a deletion, a halt) does not wait for a guest that does not
@@ -196,7 +197,7 @@ impl Worker {
                     report = &mut step => (None, report),
                     () = tokio::time::sleep(in_progress_after) => {
                         let (applied, report) =
-                            tokio::join!(api.patch_status(&name, &pp, &patch), step);
+                            tokio::join!(writes.send(api.patch_status(&name, &pp, &patch)), step);
                         (Some(applied.map(|_| ())), report)
                     }
                 }
